@@ -1,0 +1,30 @@
+"""The mathematics of the mimic score: plain torch, no Ray.
+
+* :class:`MimicProbe` captures one weight matrix's activations and output gradients during
+  an ordinary forward/backward and answers per-sample inner products exactly.
+* :mod:`raymimic.mimic.scores` turns those into mimic scores, gradient norms, alignments and
+  the re-weighted gradient with the paper's scaling.
+* :mod:`raymimic.mimic.weighting` holds Grad-Mimic and the baseline weightings.
+* :mod:`raymimic.mimic.params` finds the mimic layer and the reference direction.
+"""
+from raymimic.mimic.params import check_same_architecture, get_parameter, reference_direction, unwrap
+from raymimic.mimic.probe import MimicProbe
+from raymimic.mimic.scores import alignment, grad_norms, gram, mean_batch_grad, mimic_scores, reweighted_grad
+from raymimic.mimic.weighting import (
+    AGRA,
+    WEIGHTINGS,
+    GradMatch,
+    GradMimic,
+    GraNd,
+    RHOLoss,
+    Uniform,
+    Weighting,
+    make_weighting,
+    softmax_weights,
+)
+
+__all__ = [
+    "AGRA", "GradMatch", "GradMimic", "GraNd", "MimicProbe", "RHOLoss", "Uniform", "WEIGHTINGS", "Weighting",
+    "alignment", "check_same_architecture", "get_parameter", "grad_norms", "gram", "make_weighting",
+    "mean_batch_grad", "mimic_scores", "reference_direction", "reweighted_grad", "softmax_weights", "unwrap",
+]

@@ -1,0 +1,62 @@
+"""Per-sample statistics of the mimic layer, scaled to the paper's definitions.
+
+Conventions (SPEC.md section 1): the batch loss ``L`` is a mean over the *global* batch of
+size ``B``; sample i's gradient is ``g_i = B * G_i`` where ``G_i`` is its own-path
+contribution to ``dL/dW``, so ``mean_i g_i`` is the batch gradient and uniform weights
+reproduce standard training. ``grad_scale`` converts what the probe captured into ``dL/dy``
+when the backward pass ran on a scaled loss (e.g. ``world_size * L`` under DDP averaging).
+"""
+from __future__ import annotations
+
+import torch
+
+from raymimic.mimic.probe import MimicProbe
+
+SCORE_KINDS = ("proj", "cos")
+_EPS = 1e-12
+
+
+def mimic_scores(
+    probe: MimicProbe,
+    direction: torch.Tensor,
+    global_batch: int,
+    kind: str = "proj",
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
+    """``proj``: ``<-g_i, V>/||V||``; ``cos``: ``<-g_i, V>/(||g_i|| ||V||)``; one value per local sample."""
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"score kind {kind!r} is not one of {SCORE_KINDS}")
+    v_norm = direction.float().norm().clamp_min(_EPS)
+    dot = probe.dot(direction)
+    if kind == "proj":
+        return -global_batch * grad_scale * dot / v_norm
+    return -dot / (probe.sq_norms().clamp_min(0).sqrt().clamp_min(_EPS) * v_norm)
+
+
+def grad_norms(probe: MimicProbe, global_batch: int, grad_scale: float = 1.0) -> torch.Tensor:
+    """``||g_i||`` of the mimic layer for every local sample (GraNd restricted to that layer)."""
+    return global_batch * abs(grad_scale) * probe.sq_norms().clamp_min(0).sqrt()
+
+
+def alignment(probe: MimicProbe, comparison: torch.Tensor) -> torch.Tensor:
+    """``cos(g_i, comparison)``: AGRA's agreement with another batch's mean gradient."""
+    dot = probe.dot(comparison)
+    return dot / (probe.sq_norms().clamp_min(0).sqrt().clamp_min(_EPS) * comparison.float().norm().clamp_min(_EPS))
+
+
+def gram(probe: MimicProbe, global_batch: int, grad_scale: float = 1.0) -> torch.Tensor:
+    """``<g_i, g_j>`` between the local samples (Grad-Match)."""
+    return (global_batch * grad_scale) ** 2 * probe.gram()
+
+
+def reweighted_grad(probe: MimicProbe, weights: torch.Tensor, global_batch: int, grad_scale: float = 1.0) -> torch.Tensor:
+    """``sum_i w_i g_i`` over the local samples, in the parameter's shape.
+
+    Summed over all workers (all-reduce SUM) it is the global re-weighted gradient.
+    """
+    return probe.weighted_grad(weights * (global_batch * grad_scale))
+
+
+def mean_batch_grad(probe: MimicProbe, grad_scale: float = 1.0) -> torch.Tensor:
+    """The local part of the plain batch gradient ``dL/dW`` (uniform weights)."""
+    return probe.weighted_grad(torch.full((probe.batch_size,), grad_scale))
