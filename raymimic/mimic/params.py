@@ -25,16 +25,26 @@ def get_parameter(model: nn.Module, name: str) -> nn.Parameter:
     raise KeyError(f"model has no parameter {name!r}; {hint}")
 
 
-def check_same_architecture(model: nn.Module, reference: nn.Module) -> None:
-    """Raise ``ValueError`` naming every tensor whose presence or shape differs."""
-    mine = {n: tuple(p.shape) for n, p in unwrap(model).named_parameters()}
-    theirs = {n: tuple(p.shape) for n, p in unwrap(reference).named_parameters()}
+def _shapes(model: nn.Module | dict) -> dict[str, tuple]:
+    if isinstance(model, nn.Module):
+        return {n: tuple(p.shape) for n, p in unwrap(model).named_parameters()}
+    return {n: tuple(t.shape) for n, t in model.items()}
+
+
+def check_same_architecture(model: nn.Module | dict, reference: nn.Module | dict, what: str = "reference model") -> None:
+    """Raise ``ValueError`` naming every tensor whose presence or shape differs.
+
+    Either side may be a module or a state dict; buffers only in a state dict are ignored.
+    """
+    mine, theirs = _shapes(model), _shapes(reference)
+    if not isinstance(reference, nn.Module):
+        theirs = {n: s for n, s in theirs.items() if n in mine or n.endswith(("weight", "bias", "embedding", "proj", "projection", "scale", "class_embedding"))}
     problems = [f"{n}: model {mine[n]} vs reference {theirs[n]}" for n in mine if n in theirs and mine[n] != theirs[n]]
     problems += [f"{n}: only in the model" for n in mine if n not in theirs]
     problems += [f"{n}: only in the reference" for n in theirs if n not in mine]
     if problems:
         shown = "; ".join(problems[:10]) + (f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise ValueError(f"reference model does not match the trained architecture ({len(problems)} tensors differ): {shown}")
+        raise ValueError(f"{what} does not match the trained architecture ({len(problems)} tensors differ): {shown}")
 
 
 def reference_weight(reference: nn.Module | dict, name: str) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""CLIP's contrastive loss with explicit distributed semantics.
+
+Every rank computes the loss rows of its *local* samples against the *global* batch
+(features all-gathered WITH gradient), as open_clip's ``local_loss=True,
+gather_with_grad=True``. Summed over ranks these local losses are ``world_size * L`` with
+``L`` the mean loss over the global batch; DDP's gradient averaging then yields exactly
+``dL/dtheta``. Consequence for the mimic scores: the output gradients a rank's hooks see are
+``world_size * dL/dy``, so scores use ``grad_scale = 1 / world_size`` (:func:`grad_scale`).
+Sample i's role as a negative for every other sample reaches its own features through the
+gather's backward, as SPEC.md asks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def grad_scale() -> float:
+    """Factor from the output gradients one rank sees to ``dL/dy`` of the global mean loss."""
+    return 1.0 / _distributed()[1]
+
+
+def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
+    """All ranks' features concatenated in rank order; gradients flow back to their owners."""
+    rank, world = _distributed()
+    if world == 1:
+        return features
+    sizes = [torch.zeros(1, dtype=torch.long, device=features.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([features.shape[0]], device=features.device))
+    if len({int(s) for s in sizes}) != 1:
+        raise ValueError(f"every worker needs the same local batch size; got {[int(s) for s in sizes]} (use drop_last batches)")
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(features), dim=0)
+
+
+def per_sample_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Each local sample's symmetric InfoNCE loss against the global batch, shape (local N,).
+
+    Features are expected L2-normalised and ``logit_scale`` already exponentiated, as an
+    open_clip model's forward returns them.
+    """
+    rank, _ = _distributed()
+    all_image = gather_with_grad(image_features)
+    all_text = gather_with_grad(text_features)
+    n = image_features.shape[0]
+    labels = torch.arange(n, device=image_features.device) + rank * n
+    logits_per_image = logit_scale * image_features @ all_text.t()
+    logits_per_text = logit_scale * text_features @ all_image.t()
+    return 0.5 * (F.cross_entropy(logits_per_image, labels, reduction="none") + F.cross_entropy(logits_per_text, labels, reduction="none"))
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Mean of the local samples' losses: the quantity each rank back-propagates."""
+    return per_sample_contrastive_loss(image_features, text_features, logit_scale).mean()

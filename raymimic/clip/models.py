@@ -1,0 +1,135 @@
+"""open_clip models: creation by name, reference models, checkpoints.
+
+Architectures are data: besides open_clip's own names (``ViT-B-32`` ...), raymimic registers
+small JSON configs from ``model_configs/`` (``raymimic-tiny`` for tests, ``raymimic-small``
+for the toy pool) with open_clip's registry, so every open_clip API accepts them by name.
+
+A *reference* is given as ``MODEL:TAG`` (an open_clip pretrained tag, e.g.
+``ViT-B-32:datacomp_m_s128m_b4k``), a bare ``TAG`` for the trained architecture, a local
+checkpoint path, or any fsspec URI (``s3://...``, ``gs://...``), copied to a local cache
+first because open_clip loads from local files.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import fsspec
+import open_clip
+import torch
+from torch import nn
+
+CONFIG_DIR = Path(__file__).with_name("model_configs")
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make raymimic's configs known to open_clip (idempotent, per process)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def check_model_name(name: str) -> None:
+    register_model_configs()
+    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+        import difflib
+
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
+        raise ValueError(f"unknown open_clip model {name!r}; closest names: {close}")
+
+
+def create_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu", precision: str = "fp32", **kwargs):
+    """``(model, preprocess_train, preprocess_val)`` for an open_clip model name.
+
+    ``pretrained`` is a tag of that model, a local checkpoint or an fsspec URI.
+    """
+    check_model_name(name)
+    if pretrained and not _is_tag(name, pretrained):
+        pretrained = local_copy(pretrained)
+    return open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device, precision=precision, **kwargs)
+
+
+def get_tokenizer(name: str):
+    register_model_configs()
+    return open_clip.get_tokenizer(name)
+
+
+def _is_tag(model_name: str, value: str) -> bool:
+    return value in open_clip.list_pretrained_tags_by_model(model_name)
+
+
+def local_copy(uri: str, cache_dir: str | None = None) -> str:
+    """A local path for ``uri``: local files as they are, remote files copied once into a cache."""
+    if os.path.isfile(uri):
+        return uri
+    if uri.startswith("file://") and os.path.isfile(uri[len("file://"):]):
+        return uri[len("file://"):]
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"checkpoint {uri!r} does not exist (expected an open_clip checkpoint file)")
+    cache = Path(cache_dir or os.environ.get("RAYMIMIC_CACHE", Path.home() / ".cache" / "raymimic"))
+    target = cache / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(path).name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(target.suffix + ".part")
+        fs.get(path, str(tmp))
+        tmp.rename(target)
+    return str(target)
+
+
+def parse_reference(spec: str, model_name: str) -> tuple[str, str]:
+    """``(model name, tag or local checkpoint path)`` for a reference spec."""
+    register_model_configs()
+    if "://" in spec or os.path.exists(spec):
+        return model_name, local_copy(spec)
+    if ":" in spec:
+        ref_model, tag = spec.split(":", 1)
+        check_model_name(ref_model)
+        return ref_model, tag
+    if _is_tag(model_name, spec):
+        return model_name, spec
+    raise ValueError(
+        f"reference {spec!r} is neither a checkpoint path/URI nor MODEL:TAG nor a pretrained tag of {model_name!r} "
+        f"(tags: {open_clip.list_pretrained_tags_by_model(model_name)})"
+    )
+
+
+def load_reference(spec: str | nn.Module, model_name: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The frozen reference model; its architecture must equal ``model_name``'s."""
+    from raymimic.mimic.params import check_same_architecture
+
+    register_model_configs()
+    if isinstance(spec, nn.Module):
+        check_same_architecture(open_clip.create_model(model_name), spec)
+        return spec.eval().requires_grad_(False)
+    ref_model, source = parse_reference(spec, model_name)
+    expected = open_clip.create_model(ref_model)
+    if os.path.isfile(source):  # compare shapes first: a clearer error than load_state_dict's
+        check_same_architecture(expected, read_state_dict(source), what=f"reference checkpoint {spec}")
+    if ref_model != model_name:
+        check_same_architecture(open_clip.create_model(model_name), expected, what=f"reference model {ref_model}")
+    reference, _, _ = create_model(ref_model, pretrained=source, device=device)
+    return reference.eval().requires_grad_(False)
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of an open_clip checkpoint file (``state_dict`` key and ``module.`` prefixes handled)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def save_checkpoint(model: nn.Module, uri: str, name: str, **extra) -> str:
+    """Write an open_clip checkpoint (``{"name", "state_dict", ...}``) to a path or fsspec URI.
+
+    ``open_clip.create_model_and_transforms(name, pretrained=path)`` loads it unchanged.
+    """
+    from raymimic.mimic.params import unwrap
+
+    state = {"name": name, "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, **extra}
+    with fsspec.open(uri, "wb") as f:
+        torch.save(state, f)
+    return uri
