@@ -5,10 +5,12 @@
 * :mod:`raymimic.mimic.scores` turns those into mimic scores, gradient norms, alignments and
   the re-weighted gradient with the paper's scaling.
 * :mod:`raymimic.mimic.weighting` holds Grad-Mimic and the baseline weightings.
+* :mod:`raymimic.mimic.reweight` re-weights every layer through a second backward (an option).
 * :mod:`raymimic.mimic.params` finds the mimic layer and the reference direction.
 """
 from raymimic.mimic.params import check_same_architecture, get_parameter, reference_direction, unwrap
 from raymimic.mimic.probe import MimicProbe
+from raymimic.mimic.reweight import OutputGrads, reweighted_backward
 from raymimic.mimic.scores import alignment, grad_norms, gram, mean_batch_grad, mimic_scores, reweighted_grad
 from raymimic.mimic.weighting import (
     AGRA,
@@ -24,7 +26,7 @@ from raymimic.mimic.weighting import (
 )
 
 __all__ = [
-    "AGRA", "GradMatch", "GradMimic", "GraNd", "MimicProbe", "RHOLoss", "Uniform", "WEIGHTINGS", "Weighting",
+    "AGRA", "GradMatch", "OutputGrads", "reweighted_backward", "GradMimic", "GraNd", "MimicProbe", "RHOLoss", "Uniform", "WEIGHTINGS", "Weighting",
     "alignment", "check_same_architecture", "get_parameter", "grad_norms", "gram", "make_weighting",
     "mean_batch_grad", "mimic_scores", "reference_direction", "reweighted_grad", "softmax_weights", "unwrap",
 ]
