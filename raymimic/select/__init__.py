@@ -1,0 +1,23 @@
+"""Stage 2: turn mimic scores (and other signals) into a keep list.
+
+The maths (binarizers, ensemble vote, quality estimate) is plain numpy/sklearn; the Ray
+Data stages live in :mod:`raymimic.select.filters` and :mod:`raymimic.select.pipeline`.
+"""
+from raymimic.select.binarize import (
+    FEATURES,
+    METHODS,
+    Binarizer,
+    GMMBinarizer,
+    KMeansBinarizer,
+    StepStats,
+    ThresholdBinarizer,
+    compute_feature,
+    make_binarizer,
+)
+from raymimic.select.ensemble import decide, ensemble_by_uid, vote, vote_from_counts
+from raymimic.select.quality import quality_estimate
+
+__all__ = [
+    "FEATURES", "METHODS", "Binarizer", "GMMBinarizer", "KMeansBinarizer", "StepStats", "ThresholdBinarizer",
+    "compute_feature", "make_binarizer", "decide", "ensemble_by_uid", "vote", "vote_from_counts", "quality_estimate",
+]
