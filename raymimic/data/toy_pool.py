@@ -1,0 +1,418 @@
+"""A small, learnable DataComp-layout pool with a known fraction of noisy captions.
+
+Images are procedurally drawn coloured shapes (a class is ``"<colour> <shape>"``, e.g.
+``"red circle"``) at random positions and sizes on a noisy background, so the pool can be
+as large as asked and a tiny CLIP learns it in minutes. Captions describe the image with
+some variety ("a small red circle on the left", "photo of a big blue square", ...). A
+fraction ``noise`` of the samples is corrupted the way web captions are:
+
+- ``swapped_caption``: the clean caption of another image (of another class),
+- ``short_caption``: a one- or two-word caption ("photo", "img_0423"),
+- ``boilerplate``: unrelated web text ("free shipping on all orders").
+
+Written layout (the real DataComp one, so every reader path is exercised)::
+
+    OUT/shards/{:08d}.tar             KEY.jpg, KEY.txt, KEY.json (uid, caption, sizes, status)
+    OUT/shards/{:08d}.parquet         img2dataset's per-shard table
+    OUT/shards/{:08d}_stats.json      img2dataset's per-shard stats
+    OUT/metadata/{:08d}.parquet       DataComp metadata columns, rows in shuffled order
+    OUT/metadata/{:08d}.npz           b32_img, b32_txt (512-d), l14_img, l14_txt (768-d), float16, L2-normalised
+    OUT/ground_truth.parquet          uid, is_noisy, kind, label, class_name (evaluation only)
+    OUT/eval/{:08d}.tar               held-out clean split, json has "cls"
+    OUT/eval/classnames.json, OUT/eval/templates.json
+
+The embeddings come from a deterministic random-projection "teacher": each attribute value
+(shape, colour, position, size) has a random vector; an image embeds the vectors of its
+attributes, a caption those of the attributes it mentions (a corrupted caption mentions
+another image's or none), both plus independent noise. So the cosine (stored as the
+``clip_*_similarity_score`` columns) is higher for matching captions, but imperfect.
+
+Deterministic for a seed: every shard draws from its own generator seeded by
+``(seed, shard index)``, so the result does not depend on how many processes write it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 215, 40),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+CLASS_NAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
+SIZES = ("small", "big")
+TEMPLATES = [
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a drawing of a {}.",
+    "a {}.",
+]
+NOISE_KINDS = ("swapped_caption", "short_caption", "boilerplate")
+KINDS = ("clean",) + NOISE_KINDS
+SHORT_CAPTIONS = ("photo", "img", "image", "dsc 0423", "untitled", "pic", "thumbnail", "file", "jpg", "view")
+BOILERPLATE = (
+    "free shipping on all orders over 50 dollars",
+    "click here to subscribe to our newsletter",
+    "copyright 2019 all rights reserved",
+    "this product is currently out of stock",
+    "log in to see prices and availability",
+    "terms and conditions apply see store for details",
+    "add to cart and save ten percent today",
+    "page not found please check the address",
+)
+# (template, mentions size, mentions position)
+CAPTION_TEMPLATES = (
+    ("a {size} {cls} {pos}", True, True),
+    ("photo of a {size} {cls}", True, False),
+    ("{cls}, {pos}", False, True),
+    ("a {cls} drawn on a grey background", False, False),
+    ("an image of a {cls} {pos}", False, True),
+    ("picture of one {size} {cls}", True, False),
+    ("there is a {cls} {pos} of this picture", False, True),
+    ("the {cls} is {size}", True, False),
+)
+TEACHERS = {"b32": 512, "l14": 768}
+# per-teacher noise: cosine of a clean pair is roughly signal / (signal + noise); the bigger
+# teacher is less noisy, as L/14 separates good and bad pairs better than B/32 in DataComp
+TEACHER_NOISE = {"b32": 1.6, "l14": 1.2}
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    output: str
+    index: int
+    directory: str  # "shards" or "eval"
+    seed: int
+    first_sample: int
+    uids: np.ndarray  # (n, 2) uint64
+    kinds: np.ndarray  # (n,) int8 index into KINDS
+    image_size: int
+    write_metadata: bool
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def draw_images(rng: np.random.Generator, n: int, size: int):
+    """Draw ``n`` shape images (uint8, n x size x size x 3) in one vectorised pass; return images and attributes."""
+    colour_idx = rng.integers(len(COLOURS), size=n)
+    shape_idx = rng.integers(len(SHAPES), size=n)
+    big = rng.random(n) < 0.5
+    radius = np.where(big, rng.uniform(0.28, 0.36, n), rng.uniform(0.14, 0.2, n)) * size
+    position_idx = rng.integers(len(POSITIONS), size=n)
+    # position -> centre in [0, 1]: left, right, top, bottom, centre, with jitter
+    centres = np.array([[0.3, 0.5], [0.7, 0.5], [0.5, 0.3], [0.5, 0.7], [0.5, 0.5]])
+    cx = (centres[position_idx, 0] + rng.uniform(-0.06, 0.06, n)) * size
+    cy = (centres[position_idx, 1] + rng.uniform(-0.06, 0.06, n)) * size
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dx = xs[None] - cx[:, None, None]
+    dy = ys[None] - cy[:, None, None]
+    r = radius[:, None, None]
+    masks = np.stack(
+        [
+            dx**2 + dy**2 <= r**2,  # circle
+            (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85),  # square
+            (dy >= -r) & (dy <= r * 0.8) & (np.abs(dx) <= (dy + r) * 0.6),  # triangle, apex up
+            ((np.abs(dx) <= r * 0.3) | (np.abs(dy) <= r * 0.3)) & (np.abs(dx) <= r) & (np.abs(dy) <= r),  # cross
+        ]
+    )
+    mask = masks[shape_idx, np.arange(n)]
+    grey = rng.integers(90, 170, size=(n, 1, 1, 1))
+    background = np.clip(grey + rng.normal(0, 12, size=(n, size, size, 1)), 0, 255)
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    colour = palette[colour_idx] + rng.normal(0, 12, size=(n, 3))
+    foreground = np.clip(colour[:, None, None, :] + rng.normal(0, 8, size=(n, size, size, 3)), 0, 255)
+    images = np.where(mask[..., None], foreground, background).astype(np.uint8)
+    attributes = {"colour": colour_idx, "shape": shape_idx, "big": big, "position": position_idx}
+    return images, attributes
+
+
+def class_labels(attributes) -> np.ndarray:
+    return attributes["colour"] * len(SHAPES) + attributes["shape"]
+
+
+def clean_captions(rng: np.random.Generator, attributes) -> tuple[list[str], np.ndarray]:
+    """A caption per image and the template index used (to know what it mentions)."""
+    template_idx = rng.integers(len(CAPTION_TEMPLATES), size=len(attributes["shape"]))
+    captions = []
+    for i, t in enumerate(template_idx):
+        template = CAPTION_TEMPLATES[t][0]
+        name = CLASS_NAMES[class_labels({k: v[i : i + 1] for k, v in attributes.items()})[0]]
+        captions.append(
+            template.format(cls=name, size=SIZES[int(attributes["big"][i])], pos=POSITIONS[attributes["position"][i]])
+        )
+    return captions, template_idx
+
+
+# ----------------------------------------------------------------------------- teacher embeddings
+
+
+def _teacher_basis(seed: int, name: str, dim: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([seed, 7, dim])
+    basis = lambda k: rng.normal(size=(k, dim)).astype(np.float32) / np.sqrt(dim)  # noqa: E731
+    return {
+        "colour": basis(len(COLOURS)),
+        "shape": basis(len(SHAPES)),
+        "position": basis(len(POSITIONS)),
+        "size": basis(len(SIZES)),
+        "junk": basis(len(SHORT_CAPTIONS) + len(BOILERPLATE)),
+    }
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def teacher_embeddings(seed, shard_index, image_attrs, text_attrs, text_mentions, junk_idx):
+    """Image and text embeddings for both teachers; returns ({key: array}, {teacher: cosine}).
+
+    ``text_attrs``: the attributes the caption talks about (another image's if swapped);
+    ``text_mentions``: (n, 2) bool, caption mentions size / position; ``junk_idx``: index of
+    the short/boilerplate text or -1.
+    """
+    n = len(junk_idx)
+    arrays, scores = {}, {}
+    for t, (name, dim) in enumerate(TEACHERS.items()):
+        basis = _teacher_basis(seed, name, dim)
+        rng = np.random.default_rng([seed, 11, shard_index, t])
+        noise = TEACHER_NOISE[name]
+        # per-sample signal strength: some images/captions are less typical, so good and
+        # bad pairs overlap a little in score, as they do with a real teacher
+        image_strength = rng.uniform(0.3, 1.0, size=(n, 1)).astype(np.float32)
+        text_strength = rng.uniform(0.3, 1.0, size=(n, 1)).astype(np.float32)
+        image = image_strength * (
+            basis["colour"][image_attrs["colour"]]
+            + basis["shape"][image_attrs["shape"]]
+            + 0.6 * basis["position"][image_attrs["position"]]
+            + 0.6 * basis["size"][image_attrs["big"].astype(int)]
+        ) + (
+            noise * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
+        )
+        text = text_strength * (
+            basis["colour"][text_attrs["colour"]]
+            + basis["shape"][text_attrs["shape"]]
+            + 0.6 * text_mentions[:, 1:2] * basis["position"][text_attrs["position"]]
+            + 0.6 * text_mentions[:, 0:1] * basis["size"][text_attrs["big"].astype(int)]
+        )
+        junk = junk_idx >= 0
+        text[junk] = 1.5 * basis["junk"][junk_idx[junk]]
+        text = text + noise * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
+        image16, text16 = _normalise(image), _normalise(text)
+        arrays[f"{name}_img"], arrays[f"{name}_txt"] = image16, text16
+        scores[name] = np.sum(image16.astype(np.float32) * text16.astype(np.float32), axis=1)
+    return arrays, scores
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # fixed, so a seed gives byte-identical shards
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _encode_jpeg(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_shard(job: _ShardJob) -> dict:
+    """Draw, caption, corrupt and write one shard (+ its parquet, stats and metadata); return its ground truth."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    started = time.time()
+    rng = np.random.default_rng([job.seed, 1 if job.directory == "shards" else 2, job.index])
+    n = len(job.uids)
+    images, attrs = draw_images(rng, n, job.image_size)
+    labels = class_labels(attrs)
+    captions, template_idx = clean_captions(rng, attrs)
+    mentions = np.array([CAPTION_TEMPLATES[t][1:] for t in template_idx], dtype=np.float32).reshape(n, 2)
+    text_attrs = {k: v.copy() for k, v in attrs.items()}
+    junk_idx = np.full(n, -1)
+    texts = list(captions)
+    for i in np.flatnonzero(job.kinds > 0):
+        kind = KINDS[job.kinds[i]]
+        if kind == "swapped_caption":
+            others = np.flatnonzero(labels != labels[i])
+            j = int(others[rng.integers(len(others))]) if len(others) else int(rng.integers(n))
+            texts[i] = captions[j]
+            for k in text_attrs:
+                text_attrs[k][i] = attrs[k][j]
+            mentions[i] = mentions[j]
+        elif kind == "short_caption":
+            junk_idx[i] = rng.integers(len(SHORT_CAPTIONS))
+            texts[i] = SHORT_CAPTIONS[junk_idx[i]]
+        else:
+            b = rng.integers(len(BOILERPLATE))
+            junk_idx[i] = len(SHORT_CAPTIONS) + b
+            texts[i] = BOILERPLATE[b]
+
+    uids = [f"{hi:016x}{lo:016x}" for hi, lo in job.uids.tolist()]
+    keys = [f"{job.index:04d}{i:05d}" if n < 100000 else f"{job.index:04d}{i:06d}" for i in range(n)]
+    original = (job.image_size * rng.integers(8, 33, size=(n, 2))).astype(np.int64)
+    directory = os.path.join(job.output, job.directory)
+    jpegs = [_encode_jpeg(image) for image in images]
+    sha = [hashlib.sha256(data).hexdigest() for data in jpegs]
+    urls = [f"http://toy-pool.invalid/images/{uid}.jpg" for uid in uids]
+    with tarfile.open(os.path.join(directory, f"{job.index:08d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(n):
+            meta = {
+                "uid": uids[i], "url": urls[i], "key": keys[i], "caption": texts[i], "status": "success",
+                "error_message": None, "width": job.image_size, "height": job.image_size,
+                "original_width": int(original[i, 0]), "original_height": int(original[i, 1]),
+                "exif": None, "sha256": sha[i],
+            }
+            if job.directory == "eval":
+                meta["cls"] = int(labels[i])
+            _add_member(tar, f"{keys[i]}.jpg", jpegs[i])
+            _add_member(tar, f"{keys[i]}.txt", texts[i].encode("utf-8"))
+            _add_member(tar, f"{keys[i]}.json", json.dumps(meta).encode("utf-8"))
+    if job.directory == "shards":
+        _write_img2dataset_files(job, directory, uids, urls, keys, texts, original, sha, started)
+        if job.write_metadata:
+            embeddings, scores = teacher_embeddings(job.seed, job.index, attrs, text_attrs, mentions, junk_idx)
+            _write_metadata(job, uids, urls, texts, original, sha, embeddings, scores, rng)
+    return {
+        "uid": uids, "is_noisy": (job.kinds > 0).tolist(), "kind": [KINDS[k] for k in job.kinds],
+        "label": labels.astype(np.int64).tolist(), "class_name": [CLASS_NAMES[c] for c in labels],
+        "text": texts, "shard": [job.index] * n, "key": keys,
+    }
+
+
+def _write_img2dataset_files(job, directory, uids, urls, keys, texts, original, sha, started):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(uids)
+    table = pa.table({
+        "url": urls, "caption": texts, "key": keys, "status": ["success"] * n,
+        "error_message": pa.array([None] * n, pa.string()), "width": [job.image_size] * n,
+        "height": [job.image_size] * n, "original_width": original[:, 0], "original_height": original[:, 1],
+        "exif": pa.array([None] * n, pa.string()), "sha256": sha, "uid": uids,
+    })
+    pq.write_table(table, os.path.join(directory, f"{job.index:08d}.parquet"))
+    stats = {
+        "count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0,
+        "duration": round(time.time() - started, 3), "start_time": 0, "end_time": 0,
+        "status_dict": {"success": n},
+    }
+    with open(os.path.join(directory, f"{job.index:08d}_stats.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+
+
+def _write_metadata(job, uids, urls, texts, original, sha, embeddings, scores, rng):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # DataComp metadata is not in shard order: shuffle rows so readers must join by uid
+    order = rng.permutation(len(uids))
+    table = pa.table({
+        "uid": [uids[i] for i in order], "url": [urls[i] for i in order], "text": [texts[i] for i in order],
+        "original_width": original[order, 0], "original_height": original[order, 1],
+        "clip_b32_similarity_score": scores["b32"][order].astype(np.float32),
+        "clip_l14_similarity_score": scores["l14"][order].astype(np.float32),
+        "face_bboxes": pa.array([[] for _ in order], pa.list_(pa.list_(pa.float64()))),
+        "sha256": [sha[i] for i in order],
+    })
+    base = os.path.join(job.output, "metadata", f"{job.index:08d}")
+    pq.write_table(table, base + ".parquet")
+    np.savez(base + ".npz", **{key: value[order] for key, value in embeddings.items()})
+
+
+def _uids(seed: int, stream: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, stream])
+    uids = rng.integers(0, 2**64, size=(n, 2), dtype=np.uint64)
+    # 128 random bits practically never collide, but a duplicate would break the pool's contract
+    if len(np.unique(uids, axis=0)) != n:
+        raise RuntimeError("uid collision; use another seed")
+    return uids
+
+
+def _noise_kinds(seed: int, n: int, noise: float) -> np.ndarray:
+    """Exactly round(noise * n) noisy samples, the kinds split as evenly as possible."""
+    rng = np.random.default_rng([seed, 3])
+    kinds = np.zeros(n, dtype=np.int8)
+    noisy = rng.permutation(n)[: int(round(noise * n))]
+    kinds[noisy] = 1 + np.arange(len(noisy)) % len(NOISE_KINDS)
+    return kinds
+
+
+def make_toy_pool(
+    output: str,
+    samples: int,
+    noise: float,
+    seed: int = 0,
+    shard_size: int = 10000,
+    eval_samples: int = 1600,
+    image_size: int = 32,
+    workers: int | None = None,
+) -> dict:
+    """Write a toy DataComp pool to the local directory ``output``; return a summary dict."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise is a fraction in [0, 1], got {noise}")
+    if shard_size < 1 or image_size < 8 or eval_samples < 0:
+        raise ValueError(f"need shard_size >= 1, image_size >= 8, eval_samples >= 0 (got {shard_size}, {image_size}, {eval_samples})")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    started = time.time()
+    for sub in ("shards", "metadata", "eval"):
+        os.makedirs(os.path.join(output, sub), exist_ok=True)
+    uids = _uids(seed, 4, samples + eval_samples)
+    kinds = _noise_kinds(seed, samples, noise)
+    jobs = [
+        _ShardJob(output, i, "shards", seed, start, uids[start : start + shard_size], kinds[start : start + shard_size], image_size, True)
+        for i, start in enumerate(range(0, samples, shard_size))
+    ]
+    eval_uids = uids[samples:]
+    jobs += [
+        _ShardJob(output, i, "eval", seed, start, eval_uids[start : start + shard_size], np.zeros(len(eval_uids[start : start + shard_size]), np.int8), image_size, False)
+        for i, start in enumerate(range(0, eval_samples, shard_size))
+    ]
+    workers = workers or min(os.cpu_count() or 1, len(jobs))
+    if workers > 1:
+        import multiprocessing
+
+        # spawn, not fork: the caller may have Ray or torch threads running
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(write_shard, jobs))
+    else:
+        results = [write_shard(job) for job in jobs]
+    truth = [r for job, r in zip(jobs, results) if job.directory == "shards"]
+    columns = {name: sum((r[name] for r in truth), []) for name in truth[0]}
+    pq.write_table(pa.table(columns), os.path.join(output, "ground_truth.parquet"))
+    with open(os.path.join(output, "eval", "classnames.json"), "w") as f:
+        json.dump(CLASS_NAMES, f, indent=1)
+    with open(os.path.join(output, "eval", "templates.json"), "w") as f:
+        json.dump(TEMPLATES, f, indent=1)
+    counts = {kind: int(np.sum(kinds == k)) for k, kind in enumerate(KINDS)}
+    summary = {
+        "output": os.path.abspath(output), "samples": samples, "noise": noise, "seed": seed,
+        "shards": sum(job.directory == "shards" for job in jobs), "eval_samples": eval_samples,
+        "classes": len(CLASS_NAMES), "image_size": image_size, "kinds": counts,
+        "seconds": round(time.time() - started, 2),
+    }
+    with open(os.path.join(output, "toy_pool.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
