@@ -89,7 +89,9 @@ class RunResult:
     method: str
     test_accuracy: float
     train_accuracy_clean: float
-    rows: pd.DataFrame  # score-table rows: uid, step, epoch, rank, score, weight, batch_size
+    # score-table rows: uid, step, epoch, rank, score (raw m_i), weight (w_i), batch_size,
+    # plus method_stat (see method_statistic)
+    rows: pd.DataFrame
     model: nn.Module
 
 
@@ -152,7 +154,7 @@ def train_run(
             else:
                 head.grad = reweighted_grad(probe, weights, size)
             optimizer.step()
-            frames.append(_rows(uids[idx.numpy()], step, epoch, score, weights, size))
+            frames.append(_rows(uids[idx.numpy()], step, epoch, score, weights, size, method_statistic(stats, weights)))
             step += 1
     rows = pd.concat(frames, ignore_index=True)
     return RunResult(
@@ -194,8 +196,27 @@ def _batch_stats(probe, model, reference, needs, x, y, losses, size, data, label
     return stats
 
 
-def _rows(uids: np.ndarray, step: int, epoch: int, score: torch.Tensor, weights: torch.Tensor, size: int) -> pd.DataFrame:
-    """Score-table rows of one step (the layout Stage 2 reads)."""
+def method_statistic(stats: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """The per-sample number a weighting ranks samples by (its weights grow with it).
+
+    Grad-Mimic: the mimic score; GraNd: the gradient norm; AGRA: the alignment; RHO: the
+    reducible loss; Grad-Match (no such number: its weights come from a solver) and plain
+    SGD: the normalised weight ``B * w``. Detecting mislabeled samples from another
+    method's weights binarizes this number, so every method is judged on its own signal.
+    """
+    if "mimic" in stats:
+        return stats["mimic"]
+    if "grad_norm" in stats:
+        return stats["grad_norm"]
+    if "align" in stats:
+        return stats["align"]
+    if "ref_loss" in stats:
+        return stats["loss"] - stats["ref_loss"]
+    return weights * len(weights)
+
+
+def _rows(uids: np.ndarray, step: int, epoch: int, score: torch.Tensor, weights: torch.Tensor, size: int, stat: torch.Tensor) -> pd.DataFrame:
+    """Score-table rows of one step (the layout Stage 2 reads) plus the method's own statistic."""
     return pd.DataFrame(
         {
             "uid": uids,
@@ -205,5 +226,6 @@ def _rows(uids: np.ndarray, step: int, epoch: int, score: torch.Tensor, weights:
             "score": score.detach().float().numpy().astype(np.float32),
             "weight": weights.detach().float().numpy().astype(np.float32),
             "batch_size": np.full(size, size, dtype=np.int32),
+            "method_stat": stat.detach().float().numpy().astype(np.float32),
         }
     )
