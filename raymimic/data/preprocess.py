@@ -1,0 +1,119 @@
+"""CLIP preprocessing as a Ray Data stage: decode, open_clip image transform, tokenize.
+
+``preprocess_for_clip(ds, transform, tokenizer)`` takes the dataset from
+:func:`raymimic.data.pool.read_pool` (columns ``uid``, ``image`` bytes, ``text``) and
+returns one with ``uid`` (str), ``image`` (float32, C x H x W) and ``text`` (int64 token
+ids, context length), ready for ``ray.train.get_dataset_shard(...).iter_torch_batches()``.
+Every output row keeps its ``uid``, so scores computed in training can be traced back.
+
+An image that cannot be decoded is dropped from the batch and recorded in the
+:class:`~raymimic.data.pool.PoolRejects` passed as ``rejects`` (reason
+``undecodable_image``) rather than failing the job.
+"""
+from __future__ import annotations
+
+import io
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+DECODE_REASON = "undecodable_image"
+
+
+def transforms_for_model(model_name: str):
+    """The eval-time image transform and the tokenizer open_clip uses for ``model_name``.
+
+    Built from the model's config alone, without creating the model or loading weights.
+    """
+    import open_clip
+
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}; open_clip.list_models() gives the valid names")
+    image_size = config["vision_cfg"].get("image_size", 224)
+    preprocess_cfg = config.get("preprocess_cfg", {})
+    transform = open_clip.image_transform(
+        image_size,
+        is_train=False,
+        mean=preprocess_cfg.get("mean"),
+        std=preprocess_cfg.get("std"),
+    )
+    return transform, open_clip.get_tokenizer(model_name)
+
+
+def _decode_transform(images, transform) -> tuple[list[np.ndarray], list[int], list[str]]:
+    from PIL import Image
+
+    arrays, ok, errors = [], [], []
+    for i, data in enumerate(images):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image = image.convert("RGB")  # forces a full decode: truncated data fails here
+            tensor = transform(image)
+            arrays.append(np.asarray(tensor, dtype=np.float32))
+            ok.append(i)
+        except Exception as error:  # PIL and transforms raise many types for bad data
+            errors.append(f"{type(error).__name__}: {error}")
+            arrays.append(None)
+    return arrays, ok, errors
+
+
+def _preprocess_batch(batch: dict, *, transform, tokenizer, ledger, keep_columns) -> Iterator[dict]:
+    arrays, ok, errors = _decode_transform(batch["image"], transform)
+    if len(ok) < len(batch["uid"]) and ledger is not None:
+        import ray
+
+        failed = [i for i in range(len(batch["uid"])) if i not in set(ok)]
+        shards = batch.get("shard", batch["uid"])
+        keys = batch.get("key", batch["uid"])
+        entries = [(str(shards[i]), str(keys[i]), "preprocess", DECODE_REASON, error) for i, error in zip(failed, errors)]
+        ray.get(ledger.add_rejects.remote(entries))
+    if not ok:
+        return
+    texts = [str(batch["text"][i]) for i in ok]
+    tokens = tokenizer(texts)
+    tokens = tokens.numpy() if hasattr(tokens, "numpy") else np.asarray(tokens)
+    out = {"uid": np.asarray(batch["uid"])[ok], "image": np.stack([arrays[i] for i in ok]), "text": tokens.astype(np.int64)}
+    for name in keep_columns:
+        if name not in out:
+            out[name] = np.asarray(batch[name])[ok]
+    yield out
+
+
+def preprocess_for_clip(
+    ds,
+    transform: Callable | None = None,
+    tokenizer: Callable | None = None,
+    *,
+    model_name: str | None = None,
+    batch_size: int = 256,
+    rejects=None,
+    keep_columns: Sequence[str] = (),
+    concurrency: int | None = None,
+    num_cpus: float | None = None,
+):
+    """Decode + transform images and tokenize captions as a ``map_batches`` stage.
+
+    ``transform``: PIL image -> C x H x W tensor/array (e.g. the ``preprocess`` from
+    ``open_clip.create_model_and_transforms``); ``tokenizer``: list of str -> int token
+    array (``open_clip.get_tokenizer(name)``). Either can be omitted when ``model_name``
+    is given, and is then built from that open_clip model's config.
+    ``rejects``: the :class:`~raymimic.data.pool.PoolRejects` given to ``read_pool``.
+    ``keep_columns``: other input columns to carry through (e.g. ``"key"``, ``"shard"``).
+    """
+    if transform is None or tokenizer is None:
+        if model_name is None:
+            raise ValueError("preprocess_for_clip needs transform and tokenizer, or model_name to build them from open_clip")
+        default_transform, default_tokenizer = transforms_for_model(model_name)
+        transform = transform or default_transform
+        tokenizer = tokenizer or default_tokenizer
+    ledger = rejects.actor if rejects is not None else None
+    extra = {} if num_cpus is None else {"num_cpus": num_cpus}
+    return ds.map_batches(
+        _preprocess_batch,
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=concurrency,
+        fn_kwargs={"transform": transform, "tokenizer": tokenizer, "ledger": ledger, "keep_columns": tuple(keep_columns)},
+        **extra,
+    )
