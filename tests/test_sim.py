@@ -1,0 +1,111 @@
+"""The label-noise simulation: noise injection, weighted training, detection and the report."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raymimic.sim.data import load_dataset, symmetric_noise
+from raymimic.sim.detect import drop_metrics
+from raymimic.sim.train import TrainConfig, train_reference, train_run
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "simulation.py"
+
+
+def load_job():
+    """jobs/ is a folder of scripts, not a package: load the script by its path."""
+    spec = importlib.util.spec_from_file_location("simulation_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", seed=0, max_train=400)
+
+
+@pytest.fixture(scope="module")
+def reference(digits):
+    return train_reference(digits, TrainConfig(epochs=6, lr=3e-3))
+
+
+def test_noise_flips_exact_fraction_to_wrong_classes():
+    labels = torch.arange(1000) % 10
+    noisy, is_noisy = symmetric_noise(labels, 0.37, 10, seed=3)
+    assert int(is_noisy.sum()) == 370
+    assert bool((noisy[is_noisy] != labels[is_noisy]).all())  # never the true class
+    assert bool((noisy[~is_noisy] == labels[~is_noisy]).all())  # the others untouched
+    # the wrong class is uniform over the 9 others: every offset occurs, none dominates
+    offsets = ((noisy[is_noisy] - labels[is_noisy]) % 10).bincount(minlength=10)
+    assert offsets[0] == 0 and int(offsets[1:].min()) > 20 and int(offsets.max()) < 70
+    again, _ = symmetric_noise(labels, 0.37, 10, seed=3)
+    assert torch.equal(noisy, again)
+
+
+def test_noise_rejects_bad_rate():
+    with pytest.raises(ValueError, match="noise rate"):
+        symmetric_noise(torch.zeros(10, dtype=torch.long), 1.2, 10)
+
+
+def test_drop_metrics_counts_dropped_as_flagged_noisy():
+    keep = np.array([False, False, True, True, False])
+    noisy = np.array([True, False, True, False, True])
+    m = drop_metrics(keep, noisy)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
+
+
+def test_sgd_head_gradient_replacement_matches_plain_training(digits):
+    # uniform weights through reweighted_grad must reproduce the plain mean gradient exactly
+    labels, _ = symmetric_noise(digits.y_train, 0.3, digits.num_classes, seed=0)
+    config = TrainConfig(epochs=1, lr=3e-3)
+    replaced = train_run(digits, labels, "sgd", config, reference=None)
+    plain = train_run(digits, labels, "sgd", TrainConfig(epochs=1, lr=3e-3, reweight_all=True), reference=None)
+    assert torch.allclose(replaced.model.head.weight, plain.model.head.weight, atol=1e-5)
+
+
+def test_grad_mimic_down_weights_noisy_samples(digits, reference):
+    labels, is_noisy = symmetric_noise(digits.y_train, 0.5, digits.num_classes, seed=1)
+    result = train_run(digits, labels, "grad-mimic", TrainConfig(epochs=2, lr=3e-3, tau=0.3), reference.model)
+    rows = result.rows
+    assert list(rows.columns[:7]) == ["uid", "step", "epoch", "rank", "score", "weight", "batch_size"]
+    assert len(rows) == 2 * len(labels)  # one row per sample per epoch
+    sample = np.array([int(u, 16) for u in rows["uid"]])
+    norm_weight = rows["weight"].to_numpy() * rows["batch_size"].to_numpy()
+    noisy_rows = is_noisy.numpy()[sample]
+    assert norm_weight[noisy_rows].mean() < 0.6 * norm_weight[~noisy_rows].mean()
+    assert rows["score"][noisy_rows].mean() < rows["score"][~noisy_rows].mean()
+
+
+def test_short_simulation_writes_results_json(tmp_path):
+    job = load_job()
+
+    out = tmp_path / "sim"
+    rc = job.main(["--methods", "sgd", "grad-mimic", "--noise", "0.5", "--epochs", "2", "--max-train", "300", "--output", str(out)])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "digits" and 0 < results["reference_test_accuracy"] <= 1
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == {"sgd", "grad-mimic"}
+    mimic = runs["grad-mimic"]
+    assert mimic["noise"] == 0.5 and 0 <= mimic["test_accuracy"] <= 1
+    for name in ("threshold", "kmeans", "gmm", "ensemble"):
+        assert set(mimic["detection"][name]) >= {"precision", "recall", "f1"}
+        assert 0 <= mimic["detection"][name]["f1"] <= 1
+    assert 0 < mimic["quality_estimate"] < 1
+    table = (out / "results.md").read_text()
+    assert "| grad-mimic |" in table and "grad-mimic / gmm" in table
+
+
+def test_cli_and_job_share_the_options():
+    job = load_job()
+    from raymimic.cli import build_parser
+
+    argv = ["--methods", "agra", "--noise", "0.2", "--tau", "0.5", "--reweight-all"]
+    from_cli = vars(build_parser().parse_args(["simulate", *argv]))
+    from_job = vars(job.build_parser().parse_args(argv))
+    assert {k: from_cli[k] for k in from_job} == from_job
