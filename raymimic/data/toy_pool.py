@@ -36,7 +36,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -106,6 +105,14 @@ class _ShardJob:
 # ----------------------------------------------------------------------------- drawing
 
 
+_SHAPE_RULES = (
+    lambda dx, dy, r: dx**2 + dy**2 <= r**2,  # circle
+    lambda dx, dy, r: (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85),  # square
+    lambda dx, dy, r: (dy >= -r) & (dy <= r * 0.8) & (np.abs(dx) <= (dy + r) * 0.6),  # triangle, apex up
+    lambda dx, dy, r: ((np.abs(dx) <= r * 0.3) | (np.abs(dy) <= r * 0.3)) & (np.abs(dx) <= r) & (np.abs(dy) <= r),  # cross
+)
+
+
 def draw_images(rng: np.random.Generator, n: int, size: int):
     """Draw ``n`` shape images (uint8, n x size x size x 3) in one vectorised pass; return images and attributes."""
     colour_idx = rng.integers(len(COLOURS), size=n)
@@ -118,24 +125,20 @@ def draw_images(rng: np.random.Generator, n: int, size: int):
     cx = (centres[position_idx, 0] + rng.uniform(-0.06, 0.06, n)) * size
     cy = (centres[position_idx, 1] + rng.uniform(-0.06, 0.06, n)) * size
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    dx = xs[None] - cx[:, None, None]
-    dy = ys[None] - cy[:, None, None]
-    r = radius[:, None, None]
-    masks = np.stack(
-        [
-            dx**2 + dy**2 <= r**2,  # circle
-            (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85),  # square
-            (dy >= -r) & (dy <= r * 0.8) & (np.abs(dx) <= (dy + r) * 0.6),  # triangle, apex up
-            ((np.abs(dx) <= r * 0.3) | (np.abs(dy) <= r * 0.3)) & (np.abs(dx) <= r) & (np.abs(dy) <= r),  # cross
-        ]
-    )
-    mask = masks[shape_idx, np.arange(n)]
-    grey = rng.integers(90, 170, size=(n, 1, 1, 1))
-    background = np.clip(grey + rng.normal(0, 12, size=(n, size, size, 1)), 0, 255)
+    dx = xs[None] - cx.astype(np.float32)[:, None, None]
+    dy = ys[None] - cy.astype(np.float32)[:, None, None]
+    r = radius.astype(np.float32)[:, None, None]
+    mask = np.empty((n, size, size), dtype=bool)
+    # each image only needs its own shape's mask
+    for shape, rule in enumerate(_SHAPE_RULES):
+        chosen = shape_idx == shape
+        mask[chosen] = rule(dx[chosen], dy[chosen], r[chosen])
+    grey = rng.integers(90, 170, size=(n, 1, 1, 1)).astype(np.float32)
+    background = grey + 12 * rng.standard_normal(size=(n, size, size, 1), dtype=np.float32)
     palette = np.array(list(COLOURS.values()), dtype=np.float32)
-    colour = palette[colour_idx] + rng.normal(0, 12, size=(n, 3))
-    foreground = np.clip(colour[:, None, None, :] + rng.normal(0, 8, size=(n, size, size, 3)), 0, 255)
-    images = np.where(mask[..., None], foreground, background).astype(np.uint8)
+    colour = palette[colour_idx] + 12 * rng.standard_normal(size=(n, 3), dtype=np.float32)
+    foreground = colour[:, None, None, :] + 8 * rng.standard_normal(size=(n, size, size, 3), dtype=np.float32)
+    images = np.clip(np.where(mask[..., None], foreground, background), 0, 255).astype(np.uint8)
     attributes = {"colour": colour_idx, "shape": shape_idx, "big": big, "position": position_idx}
     return images, attributes
 
@@ -199,7 +202,7 @@ def teacher_embeddings(seed, shard_index, image_attrs, text_attrs, text_mentions
             + 0.6 * basis["position"][image_attrs["position"]]
             + 0.6 * basis["size"][image_attrs["big"].astype(int)]
         ) + (
-            noise * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
+            noise * rng.standard_normal(size=(n, dim), dtype=np.float32) / np.sqrt(dim)
         )
         text = text_strength * (
             basis["colour"][text_attrs["colour"]]
@@ -209,7 +212,7 @@ def teacher_embeddings(seed, shard_index, image_attrs, text_attrs, text_mentions
         )
         junk = junk_idx >= 0
         text[junk] = 1.5 * basis["junk"][junk_idx[junk]]
-        text = text + noise * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
+        text = text + noise * rng.standard_normal(size=(n, dim), dtype=np.float32) / np.sqrt(dim)
         image16, text16 = _normalise(image), _normalise(text)
         arrays[f"{name}_img"], arrays[f"{name}_txt"] = image16, text16
         scores[name] = np.sum(image16.astype(np.float32) * text16.astype(np.float32), axis=1)
@@ -219,11 +222,28 @@ def teacher_embeddings(seed, shard_index, image_attrs, text_attrs, text_mentions
 # ----------------------------------------------------------------------------- writing
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # fixed, so a seed gives byte-identical shards
-    tar.addfile(info, io.BytesIO(data))
+def _tar_member(name: str, data: bytes) -> bytes:
+    """One ustar member (header + data padded to 512 bytes), as tarfile writes it.
+
+    Built by hand because tarfile's pure-Python header code dominated writing time;
+    mtime, uid and gid are fixed so a seed gives byte-identical shards.
+    """
+    header = bytearray(512)
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name too long for ustar: {name!r}")
+    header[0 : len(encoded)] = encoded
+    header[100:108] = b"0000644\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % len(data)
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b"        "
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    padding = (-len(data)) % 512
+    return bytes(header) + data + b"\0" * padding
 
 
 def _encode_jpeg(image: np.ndarray) -> bytes:
@@ -273,19 +293,22 @@ def write_shard(job: _ShardJob) -> dict:
     jpegs = [_encode_jpeg(image) for image in images]
     sha = [hashlib.sha256(data).hexdigest() for data in jpegs]
     urls = [f"http://toy-pool.invalid/images/{uid}.jpg" for uid in uids]
-    with tarfile.open(os.path.join(directory, f"{job.index:08d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
-        for i in range(n):
-            meta = {
-                "uid": uids[i], "url": urls[i], "key": keys[i], "caption": texts[i], "status": "success",
-                "error_message": None, "width": job.image_size, "height": job.image_size,
-                "original_width": int(original[i, 0]), "original_height": int(original[i, 1]),
-                "exif": None, "sha256": sha[i],
-            }
-            if job.directory == "eval":
-                meta["cls"] = int(labels[i])
-            _add_member(tar, f"{keys[i]}.jpg", jpegs[i])
-            _add_member(tar, f"{keys[i]}.txt", texts[i].encode("utf-8"))
-            _add_member(tar, f"{keys[i]}.json", json.dumps(meta).encode("utf-8"))
+    members = []
+    for i in range(n):
+        meta = {
+            "uid": uids[i], "url": urls[i], "key": keys[i], "caption": texts[i], "status": "success",
+            "error_message": None, "width": job.image_size, "height": job.image_size,
+            "original_width": int(original[i, 0]), "original_height": int(original[i, 1]),
+            "exif": None, "sha256": sha[i],
+        }
+        if job.directory == "eval":
+            meta["cls"] = int(labels[i])
+        members.append(_tar_member(f"{keys[i]}.jpg", jpegs[i]))
+        members.append(_tar_member(f"{keys[i]}.txt", texts[i].encode("utf-8")))
+        members.append(_tar_member(f"{keys[i]}.json", json.dumps(meta).encode("utf-8")))
+    with open(os.path.join(directory, f"{job.index:08d}.tar"), "wb") as f:
+        f.write(b"".join(members))
+        f.write(b"\0" * 1024)  # end-of-archive marker: two zero blocks
     if job.directory == "shards":
         _write_img2dataset_files(job, directory, uids, urls, keys, texts, original, sha, started)
         if job.write_metadata:
