@@ -24,6 +24,15 @@ def load_job():
     return module
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models on a shared machine: one thread avoids oversubscription stalls
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", seed=0, max_train=400)

@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument("--reweight-all", action="store_true", help="re-weight the gradient of every layer (backward of sum_i w_i l_i), not only the head's")
     train.add_argument("--vote-rule", default="majority", help="ensemble rule over epochs and binarizers: majority (default), all, any or a fraction in (0, 1]")
 
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; the models are tiny, so more threads only add synchronisation overhead)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"folder for results.json and results.md (default: ./{DEFAULT_OUTPUT})")
     parser.add_argument("--save-scores", action="store_true", help="also write each run's score rows to OUTPUT/scores/<noise>_<method>.parquet")
     return parser
@@ -70,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the simulation described by the parsed options and print where it wrote what."""
+    import torch
+
     from raymimic.sim.simulate import simulate
     from raymimic.sim.train import TrainConfig
 
@@ -85,11 +88,18 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, hidden=args.hidden, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         batch_size=args.batch_size, tau=args.tau, score_kind=args.score_kind, reweight_all=args.reweight_all, seed=args.seed,
     )
-    results, json_path, md_path = simulate(
-        dataset=args.dataset, data_dir=args.data_dir, noise_levels=args.noise, methods=args.methods, config=config,
-        output_dir=args.output, max_train=args.max_train, max_test=args.max_test, vote_rule=args.vote_rule,
-        save_scores=args.save_scores, log=print,
-    )
+    if args.threads <= 0:
+        raise SystemExit(f"--threads must be positive, got {args.threads}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        results, json_path, md_path = simulate(
+            dataset=args.dataset, data_dir=args.data_dir, noise_levels=args.noise, methods=args.methods, config=config,
+            output_dir=args.output, max_train=args.max_train, max_test=args.max_test, vote_rule=args.vote_rule,
+            save_scores=args.save_scores, log=print,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)  # callers in the same process keep their setting
     with open(md_path) as f:
         print(f.read())
     print(f"wrote {json_path}")
