@@ -1,0 +1,246 @@
+"""``train_loop_per_worker``: what every Ray Train worker runs for Stage 1.
+
+Model and optimizer follow DataComp's recipe (AdamW without weight decay on gains, biases and
+the logit scale; cosine schedule with linear warm-up; the logit scale clamped to ln 100).
+Data comes from ``get_dataset_shard("train")`` in a deterministic order (the trainer asks
+Ray Data to preserve order), so a resumed attempt skips exactly the batches its checkpoint
+already trained on and then sees the same batches as the failed attempt did.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from raymimic.train.checkpoint import TrainState, load_train_checkpoint, save_train_checkpoint
+from raymimic.train.config import TrainConfig
+from raymimic.train.score_table import ScoreTableWriter, discard_from_step
+
+# no weight decay on gains, biases and the temperature (open_clip's training recipe)
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": cfg.weight_decay},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """open_clip's ``cosine_lr``: linear warm-up to ``lr``, then cosine decay to 0."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    decay_steps = max(1, cfg.total_steps - cfg.warmup)
+    return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / decay_steps)) * cfg.lr
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "amp_bf16")
+    if cfg.precision == "amp_bf16" and device.type != "cuda":
+        raise ValueError("precision 'amp_bf16' needs a GPU; use 'auto' or 'fp32' on CPU workers")
+    return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def _maybe_crash(cfg: TrainConfig, step: int, rank: int) -> None:
+    """Fault injection for tests: ``crash_rank`` dies at ``crash_at_step`` on the first attempt only."""
+    if cfg.crash_at_step is None or step != cfg.crash_at_step or rank != cfg.crash_rank:
+        return
+    import fsspec
+
+    marker = f"{cfg.output.rstrip('/')}/.crash-injected-step-{step}"
+    fs, path = fsspec.core.url_to_fs(marker)
+    if fs.exists(path):
+        return
+    with fs.open(path, "w") as f:
+        f.write("worker crashed here on purpose once\n")
+    os._exit(1)
+
+
+class _Worker:
+    """One worker's model, optimizer, step, score writer and position in the data."""
+
+    def __init__(self, cfg: TrainConfig):
+        import ray.train
+        import ray.train.torch
+
+        from raymimic.clip import create_model, load_reference, resolve_mimic_layer, sample_dim
+        from raymimic.mimic import get_parameter
+        from raymimic.train.step import MimicStep, exclude_from_ddp, world
+
+        self.cfg = cfg
+        self.rank, self.world_size = world()
+        self.device = ray.train.torch.get_device()
+        self.local_batch = cfg.local_batch(self.world_size)
+
+        torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+        model, _, _ = create_model(cfg.model, pretrained=cfg.pretrained, device=self.device)
+        self.mimic_name = resolve_mimic_layer(model, cfg.mimic_layer)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.optimizer = build_optimizer(model, cfg)
+        self.state, previous_grad = TrainState(world_size=self.world_size), None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                self.state, previous_grad = load_train_checkpoint(directory, model, self.optimizer, self.device)
+
+        reference_weight, reference_model = None, None
+        if cfg.reference:
+            reference = load_reference(cfg.reference, cfg.model, device=self.device)
+            reference_weight = get_parameter(reference, self.mimic_name).detach().clone()
+            reference_model = reference if cfg.weighting == "rho" else None  # only rho needs the whole model
+        scoring = cfg.reference is not None or cfg.weighting != "sgd"
+        if scoring and self.world_size > 1:
+            exclude_from_ddp(model, self.mimic_name)
+        self.model = ray.train.torch.prepare_model(model)
+        if scoring and self.world_size > 1:  # DDP does not broadcast ignored tensors
+            torch.distributed.broadcast(get_parameter(self.model, self.mimic_name).data, src=0)
+        self.unwrapped = model
+        self.step_fn = MimicStep(
+            self.model, self.mimic_name, cfg.weighting, tau=cfg.tau, score_kind=cfg.score_kind,
+            reference_weight=reference_weight, reference_model=reference_model,
+            batch_dim=sample_dim(model, self.mimic_name), autocast=autocast_for(cfg, self.device),
+        )
+        self.step_fn.previous_mean_grad = previous_grad
+        self.logit_scale = getattr(model, "logit_scale", None)
+
+        if self.rank == 0:  # rows of steps after the restored checkpoint belong to a failed attempt
+            discard_from_step(cfg.scores_dir, self.state.step)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        self.writer = ScoreTableWriter(cfg.scores_dir, self.rank)
+
+    # -- one optimizer update --------------------------------------------------------
+    def train_step(self, batch: dict) -> dict:
+        cfg, state = self.cfg, self.state
+        images = torch.as_tensor(np.asarray(batch["image"]), dtype=torch.float32).to(self.device, non_blocking=True)
+        texts = torch.as_tensor(np.asarray(batch["text"]), dtype=torch.long).to(self.device, non_blocking=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(state.step, cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        result = self.step_fn(images, texts)
+        self.optimizer.step()
+        if self.logit_scale is not None:
+            with torch.no_grad():
+                self.logit_scale.clamp_(0, math.log(100))
+        self.writer.add(
+            [str(u) for u in batch["uid"]], state.step, state.epoch,
+            result.local_scores.float().cpu().numpy(), result.local_weights.float().cpu().numpy(), result.global_batch,
+        )
+        state.step += 1
+        state.batches_in_epoch += 1
+        return {"result": result}
+
+    def checkpoint(self, metrics: dict) -> None:
+        import ray.train
+
+        self.writer.flush()  # score rows first: a checkpoint only commits after every rank flushed
+        self.state.world_size = self.world_size
+        if self.rank == 0:
+            directory = tempfile.mkdtemp(prefix="raymimic-ckpt-")
+            save_train_checkpoint(directory, self.unwrapped, self.cfg.model, self.optimizer, self.state, self.step_fn.previous_mean_grad)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=f"checkpoint_step_{self.state.step:010d}")
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=f"checkpoint_step_{self.state.step:010d}")
+
+    def save_final(self) -> None:
+        from raymimic.clip.models import save_checkpoint
+
+        if self.rank == 0:
+            uri = f"{self.cfg.checkpoints_dir}/final.pt"
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(self.cfg.checkpoints_dir)
+            fs.makedirs(path, exist_ok=True)
+            save_checkpoint(self.unwrapped, uri, self.cfg.model, step=self.state.step, epoch=self.state.epoch)
+
+
+def _metrics(worker: _Worker, results: list, elapsed: float) -> dict:
+    from raymimic.train.step import all_reduce_sum
+
+    losses = torch.stack([r.loss.float() for r in results])
+    global_loss = all_reduce_sum(losses.mean().clone()) / worker.world_size
+    scores = torch.cat([r.scores.float() for r in results])
+    weights = torch.cat([r.weights.float() for r in results])
+    batch = results[-1].global_batch
+    return {
+        "step": worker.state.step,
+        "epoch": worker.state.epoch,
+        "loss": float(global_loss),
+        "score_mean": float(scores.mean()),
+        "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+        "frac_above_uniform": float((weights > 1.0 / batch).float().mean()),
+        "samples_per_s": len(results) * batch / max(elapsed, 1e-9),
+        "lr": learning_rate(worker.state.step - 1, worker.cfg),
+    }
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    cfg = TrainConfig.from_dict(config)
+    worker = _Worker(cfg)
+    state = worker.state
+    shard = ray.train.get_dataset_shard("train")
+    progress = None
+    if cfg.progress and worker.rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.total_steps, initial=state.step, desc="stage 1", unit="step")
+    interval_results, interval_start = [], time.perf_counter()
+    since_flush = 0
+    while state.step < cfg.total_steps:
+        skip, seen = state.batches_in_epoch, 0
+        for batch in shard.iter_batches(
+            batch_size=worker.local_batch, batch_format="numpy", drop_last=True, prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.seed * 100_003 + state.epoch * 1009 + worker.rank) if cfg.shuffle_buffer else None,
+        ):
+            seen += 1
+            if seen <= skip:  # trained on before the restored checkpoint
+                continue
+            _maybe_crash(cfg, state.step, worker.rank)
+            interval_results.append(worker.train_step(batch)["result"])
+            since_flush += 1
+            if progress is not None:
+                progress.update(1)
+            done = state.step >= cfg.total_steps
+            at_checkpoint = done or state.step % cfg.checkpoint_interval == 0
+            if at_checkpoint or state.step % cfg.log_every == 0:
+                metrics = _metrics(worker, interval_results, time.perf_counter() - interval_start)
+                interval_results, interval_start = [], time.perf_counter()
+                if progress is not None:
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}")
+                if at_checkpoint:
+                    worker.checkpoint(metrics)
+                    since_flush = 0
+                else:
+                    ray.train.report(metrics)
+            if since_flush >= cfg.score_flush_every:
+                worker.writer.flush()
+                since_flush = 0
+            if done:
+                break
+        if state.step >= cfg.total_steps:
+            break
+        if seen == 0:
+            raise RuntimeError(
+                f"worker {worker.rank} got no full batch of {worker.local_batch} samples in epoch {state.epoch}: "
+                f"the pool needs at least global_batch={cfg.global_batch} samples"
+            )
+        state.epoch += 1
+        state.batches_in_epoch = 0
+    if progress is not None:
+        progress.close()
+    worker.save_final()
