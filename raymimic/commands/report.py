@@ -1,0 +1,17 @@
+"""``raymimic report``: a Markdown page with histograms for a Stage 2 filter output."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("report", help="Stage 2: histograms, fitted mixtures, kept/dropped counts for a filter output",
+                              description="Read OUT/summary.json and OUT/fit_sample.parquet written by `raymimic filter` and write OUT/report.md "
+                                          "with per-epoch score histograms (the fitted mixture drawn on them), counts and the quality estimate. No Ray needed.")
+    p.add_argument("output", help="the --output directory of `raymimic filter` (local or fsspec URI)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from raymimic.select.report import write_report
+
+    print(f"wrote report: {write_report(args.output)}")
+    return 0

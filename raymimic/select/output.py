@@ -1,0 +1,72 @@
+"""Write a filter's result: ``keep.npy``, ``decisions.parquet`` and ``summary.json``.
+
+The decisions are streamed through the driver one batch at a time: each batch is appended
+to ``decisions.parquet`` and its kept uids are converted to DataComp ``(u8, u8)`` pairs, so
+the driver holds 16 bytes per kept uid (the subset file itself) and one batch, whatever
+the size of the pool.
+"""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymimic.select.quality import QualityAccumulator
+from raymimic.select.uidpairs import uid_pairs, write_subset_pairs
+
+
+def _scalar_columns(schema, wanted: Sequence[str] | None) -> list[str]:
+    names = schema.names
+    if wanted is not None:
+        return [c for c in wanted if c in names]
+    # embeddings (tensor columns) do not belong in a decisions table
+    return [n for n, t in zip(names, schema.types) if not hasattr(t, "shape") and "Tensor" not in type(t).__name__]
+
+
+def write_outputs(decisions, output: str, keep_column: str = "keep", quality_column: str = "mean_raw_score",
+                  columns: Sequence[str] | None = None, summary: dict | None = None) -> dict:
+    """Stream ``decisions`` (Dataset with ``uid`` and ``keep_column``) to ``output``; return the summary."""
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(root, exist_ok=True)
+    chosen = _scalar_columns(decisions.schema(), columns)
+    for needed in ("uid", keep_column):
+        if needed not in chosen:
+            raise ValueError(f"decisions lack column {needed!r} (have {decisions.schema().names})")
+    his, los, quality, writer, n_rows = [], [], QualityAccumulator(), None, 0
+    with fs.open(f"{root}/decisions.parquet", "wb") as sink:
+        for batch in decisions.select_columns(chosen).iter_batches(batch_format="pyarrow", batch_size=65_536):
+            keep = batch[keep_column].to_numpy(zero_copy_only=False).astype(bool)
+            n_rows += len(keep)
+            if writer is None:
+                writer = pq.ParquetWriter(sink, batch.schema)
+            writer.write_table(batch.cast(writer.schema) if batch.schema != writer.schema else batch)
+            hi, lo = uid_pairs(batch["uid"].to_numpy(zero_copy_only=False)[keep])
+            his.append(hi)
+            los.append(lo)
+            if quality_column in batch.column_names:
+                quality.update(keep, batch[quality_column].to_numpy(zero_copy_only=False).astype(np.float64))
+        if writer is None:
+            raise ValueError("the filter produced no decision at all (no uid): nothing to write")
+        writer.close()
+    subset = write_subset_pairs(f"{output.rstrip('/')}/keep.npy", np.concatenate(his), np.concatenate(los))
+    result = dict(summary or {})
+    result["quality"] = {**quality.result(), "score_column": quality_column} if quality.n else None
+    result["n_decisions"] = n_rows
+    result["n_kept"] = int(len(subset))
+    result["fraction_kept"] = len(subset) / n_rows
+    result["files"] = {name: f"{output.rstrip('/')}/{name}" for name in ("keep.npy", "decisions.parquet", "summary.json")}
+    with fs.open(f"{root}/summary.json", "w") as f:
+        json.dump(result, f, indent=2, default=_json_default)
+    return result
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,106 @@
+"""The Stage 2 pipeline behind ``raymimic filter``: mimic filter, optional pool stages, outputs."""
+from __future__ import annotations
+
+import time
+
+from raymimic.select.mimic import MimicFilter
+from raymimic.select.output import write_outputs
+from raymimic.select.stages import keep_where
+
+_POOL_COLUMNS = ["uid", "text", "original_width", "original_height", "clip_b32_similarity_score", "clip_l14_similarity_score"]
+
+
+def run_filter(scores: str, output: str, pool: str | None = None, method: str = "gmm", feature: str | None = None, rule="majority",
+               fraction: float = 0.3, fit_sample: int = 100_000, seed: int = 0, nan: str = "drop", duplicates: str = "error",
+               unscored: str = "drop", clip_top: float | None = None, min_clip_score: float | None = None,
+               clip_column: str = "clip_l14_similarity_score", basic: bool = False, language_model: str | None = None,
+               report: bool = False) -> dict:
+    """Run Stage 2 end to end and return the summary written to ``output/summary.json``."""
+    started = time.time()
+    needs_pool = clip_top is not None or min_clip_score is not None or basic
+    if needs_pool and pool is None:
+        raise ValueError("--clip-top, --min-clip-score and --basic read the pool's metadata: give --pool")
+    mimic = MimicFilter(scores, method=method, fraction=fraction, feature=feature, rule=rule, fit_sample=fit_sample, seed=seed,
+                        nan=nan, duplicates=duplicates, missing=unscored, drop=False).fit()
+    stages = [mimic]
+    if pool is None:
+        decisions = mimic.decisions.rename_columns({"mimic_keep": "keep"})
+        extra = {}
+    else:
+        decisions, stages, extra = _with_pool(mimic, pool, clip_top, min_clip_score, clip_column, basic, language_model)
+    per_method = [f"keep_{m}" for m in mimic.methods]
+    columns = ["uid", "mimic_score", "mean_norm_weight", "mean_raw_score", "n_obs", *per_method, "mimic_keep", "mimic_scored",
+               "clip_score", "clip_keep", "basic_keep", "keep"]
+    summary = {
+        "method": method, "stages": [s.params() for s in stages], "mimic": mimic.stats,
+        "scores": scores, "pool": pool, **extra,
+    }
+    summary = write_outputs(decisions, output, keep_column="keep", quality_column="mean_raw_score", columns=columns, summary=summary)
+    summary["seconds"] = round(time.time() - started, 2)
+    summary["files"]["fit_sample.parquet"] = _write_fit_sample(mimic, output)
+    if report:
+        from raymimic.select.report import write_report
+
+        summary["files"]["report.md"] = write_report(output, summary=summary)
+    _rewrite_summary(output, summary)
+    return summary
+
+
+def _with_pool(mimic: MimicFilter, pool: str, clip_top, min_clip_score, clip_column, basic, language_model):
+    from raymimic.data.metadata import read_metadata
+    from raymimic.select.filters import BasicFilter, CLIPScoreFilter
+
+    metadata = read_metadata(pool, columns=[c for c in _POOL_COLUMNS if c != "uid"])
+    stages, ds = [mimic], mimic.annotate(metadata)
+    keep_columns = ["mimic_keep"]
+    if clip_top is not None or min_clip_score is not None:
+        clip = CLIPScoreFilter(top_fraction=clip_top, min_score=min_clip_score, column=clip_column, drop=False)
+        # fit on the pool before any other filter: "top 30%" is of the whole pool
+        ds = clip.fit_apply(ds)
+        stages.append(clip)
+        keep_columns.append(clip.keep_column)
+    if basic:
+        stage = BasicFilter(language_model=language_model, drop=False)
+        ds = stage.fit_apply(ds)
+        stages.append(stage)
+        keep_columns.append(stage.keep_column)
+    ds = keep_where(ds, keep_columns, output="keep").materialize()
+    n_pool = ds.count()
+    n_scored_in_pool = int(ds.sum("mimic_scored") or 0) if n_pool else 0
+    extra = {"pool_counts": {
+        "n_pool_uids": n_pool,
+        "n_pool_uids_without_score": n_pool - n_scored_in_pool,
+        # score uids the pool does not list cannot be kept (no metadata, no shard): counted here
+        "n_score_uids_absent_from_pool": int(mimic.stats["n_uids"] - n_scored_in_pool),
+        "unscored_handling": mimic.missing,
+    }}
+    return ds, stages, extra
+
+
+def _write_fit_sample(mimic: MimicFilter, output: str) -> str:
+    """The fit sample with each binarizer's feature, for the report's histograms."""
+    import fsspec
+    import pandas as pd
+
+    from raymimic.select.binarize import compute_feature
+
+    sample = mimic.sample
+    frame = pd.DataFrame({"epoch": sample["epoch"].to_numpy(), "step": sample["step"].to_numpy()})
+    features = {b.feature for b in mimic.binarizers.values()} | {mimic.score_feature}
+    for feature in sorted(features):
+        frame[feature] = compute_feature(sample, feature, mimic.step_stats)
+    path = f"{output.rstrip('/')}/fit_sample.parquet"
+    with fsspec.open(path, "wb") as f:
+        frame.to_parquet(f, index=False)
+    return path
+
+
+def _rewrite_summary(output: str, summary: dict) -> None:
+    import json
+
+    import fsspec
+
+    from raymimic.select.output import _json_default
+
+    with fsspec.open(f"{output.rstrip('/')}/summary.json", "w") as f:
+        json.dump(summary, f, indent=2, default=_json_default)

@@ -1,0 +1,147 @@
+"""Stage 2 on Ray Data: the mimic filter end to end, pool join, composite filters, outputs."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raymimic.data.uids import read_subset, uids_to_array
+from test_select_binarize import synthetic_scores
+
+pytestmark = pytest.mark.ray
+
+
+def write_scores(table: pd.DataFrame, directory, parts: int = 3) -> str:
+    os.makedirs(directory, exist_ok=True)
+    for i in range(parts):
+        table.iloc[i::parts].to_parquet(f"{directory}/{i:05d}.parquet", index=False)
+    return str(directory)
+
+
+def write_pool(root, uids, clip_scores, rng) -> str:
+    """A pool metadata directory in DataComp's layout (2 parquet files + npz embeddings)."""
+    os.makedirs(f"{root}/metadata", exist_ok=True)
+    n = len(uids)
+    frame = pd.DataFrame({"uid": uids, "url": "http://x", "text": ["a photo of a dog"] * n, "original_width": 300, "original_height": 300,
+                          "clip_b32_similarity_score": clip_scores, "clip_l14_similarity_score": clip_scores, "face_bboxes": [[]] * n, "sha256": "0" * 64})
+    frame.loc[0, "original_width"] = 100  # fails the basic size rule
+    for part, idx in enumerate(np.array_split(np.arange(n), 2)):
+        frame.iloc[idx].to_parquet(f"{root}/metadata/{part:08d}.parquet", index=False)
+        emb = {k: rng.standard_normal((len(idx), 8)).astype(np.float16) for k in ("b32_img", "b32_txt", "l14_img", "l14_txt")}
+        np.savez(f"{root}/metadata/{part:08d}.npz", **emb)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    table, noisy = synthetic_scores(n_samples=600, batch=30, epochs=2)
+    root = tmp_path_factory.mktemp("stage2")
+    return table, noisy, write_scores(table, root / "scores"), root
+
+
+def f1_of_dropped(frame, noisy, keep_column="keep"):
+    truth = frame["uid"].map(noisy).to_numpy(bool)
+    dropped = ~frame[keep_column].to_numpy(bool)
+    return 2 * (dropped & truth).sum() / (dropped.sum() + truth.sum())
+
+
+def test_cli_gmm_filter_finds_noisy_samples_and_writes_contract(ray_session, run_dir):
+    from raymimic.cli import main
+
+    table, noisy, scores, root = run_dir
+    out = root / "out_gmm"
+    assert main(["filter", "--scores", scores, "--output", str(out), "--report"]) == 0
+    decisions = pd.read_parquet(out / "decisions.parquet")
+    assert len(decisions) == table["uid"].nunique()
+    assert {"uid", "mimic_score", "keep_gmm", "keep"} <= set(decisions.columns)
+    assert f1_of_dropped(decisions, noisy) > 0.95
+    subset = read_subset(str(out / "keep.npy"))
+    expected = uids_to_array(decisions.loc[decisions["keep"], "uid"])
+    assert subset.dtype == np.dtype("u8,u8") and np.array_equal(subset, expected)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_kept"] == int(decisions["keep"].sum()) and summary["mimic"]["n_rows"] == len(table)
+    assert summary["quality"]["fraction_kept"] == pytest.approx(decisions["keep"].mean())
+    gmm = summary["stages"][0]["binarizers"]["gmm"]
+    assert gmm["means"][0] < gmm["boundary"] < gmm["means"][1]
+    assert (out / "report.md").exists() and (out / "hist_step_z.png").stat().st_size > 1000
+
+
+def test_ensemble_and_top_fraction(ray_session, run_dir):
+    from raymimic.select.mimic import MimicFilter
+
+    table, noisy, scores, root = run_dir
+    ensemble = MimicFilter(scores, method="ensemble", rule="all").fit()
+    d = ensemble.decisions.to_pandas()
+    all_votes = d[["votes_gmm", "votes_kmeans", "votes_threshold"]].sum(axis=1) == 3 * d["n_obs"]
+    np.testing.assert_array_equal(d["mimic_keep"], all_votes)
+    top = MimicFilter(scores, method="top-fraction", fraction=0.25).fit()
+    t = top.decisions.to_pandas()
+    assert t["mimic_keep"].mean() == pytest.approx(0.25, abs=0.01)
+    assert t.loc[t["mimic_keep"], "mimic_score"].min() > t.loc[~t["mimic_keep"], "mimic_score"].max()
+
+
+def test_bad_score_tables(ray_session, run_dir, tmp_path):
+    from raymimic.select.mimic import MimicFilter
+
+    table, noisy, _, _ = run_dir
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['weight'\]"):
+        MimicFilter(write_scores(table.drop(columns="weight"), tmp_path / "a", 1)).fit()
+    duplicated = pd.concat([table, table.iloc[:5]])
+    with pytest.raises(ValueError, match="5 score rows repeat"):
+        MimicFilter(write_scores(duplicated, tmp_path / "b", 1)).fit()
+    with_nan = table.copy()
+    with_nan.loc[:3, "score"] = np.nan
+    f = MimicFilter(write_scores(with_nan, tmp_path / "c", 1), method="threshold").fit()
+    assert f.stats["n_nan_rows"] == 4 and f.decisions.count() == table["uid"].nunique()
+    with pytest.raises(ValueError, match="4 of .* NaN"):
+        MimicFilter(write_scores(with_nan, tmp_path / "d", 1), nan="error").fit()
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        MimicFilter(str(tmp_path / "nowhere")).fit()
+
+
+def test_pool_composite_clip_top_minus_mimic_bottom(ray_session, run_dir):
+    from raymimic.select.pipeline import run_filter
+
+    table, noisy, scores, root = run_dir
+    rng = np.random.default_rng(0)
+    uids = sorted(table["uid"].unique())
+    pool_uids = uids[50:] + [f"{i:032x}".replace("0", "f", 1) for i in range(10)]  # 50 scored uids absent, 10 unscored
+    clip = rng.random(len(pool_uids))
+    pool = write_pool(root / "pool", pool_uids, clip, rng)
+    out = str(root / "out_composite")
+    summary = run_filter(scores, out, pool=pool, method="top-fraction", fraction=0.8, clip_top=0.3, basic=True)
+    d = pd.read_parquet(f"{out}/decisions.parquet")
+    assert len(d) == len(pool_uids)
+    counts = summary["pool_counts"]
+    assert counts["n_pool_uids_without_score"] == 10 and counts["n_score_uids_absent_from_pool"] == 50
+    assert d["clip_keep"].mean() == pytest.approx(0.3, abs=0.01)
+    expected = d["clip_keep"] & d["mimic_keep"] & d["basic_keep"]
+    np.testing.assert_array_equal(d["keep"], expected)
+    assert not d.loc[d["mimic_scored"] == 0, "keep"].any()
+    assert summary["n_kept"] == int(expected.sum()) > 0
+
+
+def test_approximate_quantile_matches_numpy(ray_session):
+    import ray
+
+    from raymimic.select.quantile import approximate_quantiles
+
+    values = np.random.default_rng(0).lognormal(size=5000)
+    ds = ray.data.from_pandas(pd.DataFrame({"x": values})).repartition(4)
+    q = approximate_quantiles(ds, "x", [0.1, 0.5, 0.7])
+    np.testing.assert_allclose(q, np.quantile(values, [0.1, 0.5, 0.7]), atol=(values.max() - values.min()) / (1 << 16) * 2)
+
+
+def test_uid_pairs_match_reference_and_reject_bad_uids():
+    from raymimic.select.uidpairs import uid_pairs
+
+    uids = [f"{i * 7919:032x}" for i in range(50)] + ["f" * 32]
+    hi, lo = uid_pairs(np.array(uids, dtype=object))
+    ref = uids_to_array(uids)
+    got = np.sort(np.array(list(zip(hi, lo)), dtype="u8,u8"), order=["f0", "f1"])
+    assert np.array_equal(got, ref)
+    with pytest.raises(ValueError, match="malformed uid 'xyz'"):
+        uid_pairs(np.array(["xyz"], dtype=object))
