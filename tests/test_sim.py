@@ -61,6 +61,33 @@ def test_noise_rejects_bad_rate():
         symmetric_noise(torch.zeros(10, dtype=torch.long), 1.2, 10)
 
 
+def test_torchvision_dataset_missing_on_disk_names_the_folder(tmp_path):
+    with pytest.raises(ValueError, match="--data-dir"):
+        load_dataset("cifar10")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        load_dataset("cifar10", data_dir=str(tmp_path))
+
+
+def _write_idx(path, magic, array):
+    import struct
+
+    header = struct.pack(">i", magic) + b"".join(struct.pack(">i", n) for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_dataset_read_from_disk(tmp_path):
+    # a tiny MNIST in torchvision's on-disk layout: nothing is downloaded
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", 2051, rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", 2049, np.arange(n) % 10)
+    data = load_dataset("mnist", data_dir=str(tmp_path))
+    assert data.x_train.shape == (40, 784) and data.x_test.shape == (20, 784) and data.num_classes == 10
+    assert data.y_train.tolist() == [i % 10 for i in range(40)]
+
+
 def test_drop_metrics_counts_dropped_as_flagged_noisy():
     keep = np.array([False, False, True, True, False])
     noisy = np.array([True, False, True, False, True])

@@ -111,7 +111,7 @@ def _torchvision(name: str, data_dir: str, train: bool):
     images = np.asarray(dataset.data)
     if images.ndim == 4 and images.shape[1] in (1, 3) and name == "svhn":
         images = images.transpose(0, 2, 3, 1)  # SVHN stores channels first
-    labels = np.asarray(getattr(dataset, "targets", None) if hasattr(dataset, "targets") else dataset.labels)
+    labels = np.asarray(dataset.targets if hasattr(dataset, "targets") else dataset.labels)  # SVHN: .labels
     return images.reshape(len(images), -1).astype(np.float32) / 255.0, labels.astype(np.int64)
 
 
