@@ -402,13 +402,13 @@ def make_toy_pool(
     started = time.time()
     for sub in ("shards", "metadata", "eval"):
         os.makedirs(os.path.join(output, sub), exist_ok=True)
-    uids = _uids(seed, 4, samples + eval_samples)
+    all_uids = _uids(seed, 4, samples + eval_samples)  # drawn together so eval uids never collide with pool uids
+    uids, eval_uids = all_uids[:samples], all_uids[samples:]
     kinds = _noise_kinds(seed, samples, noise)
     jobs = [
         _ShardJob(output, i, "shards", seed, start, uids[start : start + shard_size], kinds[start : start + shard_size], image_size, True)
         for i, start in enumerate(range(0, samples, shard_size))
     ]
-    eval_uids = uids[samples:]
     jobs += [
         _ShardJob(output, i, "eval", seed, start, eval_uids[start : start + shard_size], np.zeros(len(eval_uids[start : start + shard_size]), np.int8), image_size, False)
         for i, start in enumerate(range(0, eval_samples, shard_size))
