@@ -104,6 +104,14 @@ def test_sgd_head_gradient_replacement_matches_plain_training(digits):
     assert torch.allclose(replaced.model.head.weight, plain.model.head.weight, atol=1e-5)
 
 
+def test_every_sample_once_per_epoch_even_with_a_remainder_of_one():
+    subset = load_dataset("digits", seed=0, max_train=33)  # 33 = 32 + a lone last sample
+    result = train_run(subset, subset.y_train, "grad-norm", TrainConfig(epochs=2, batch_size=32), reference=None)
+    counts = result.rows.groupby("epoch")["uid"].nunique()
+    assert counts.tolist() == [33, 33] and result.rows["batch_size"].max() == 33
+    assert np.isfinite(result.rows["weight"]).all()
+
+
 def test_grad_mimic_down_weights_noisy_samples(digits, reference):
     labels, is_noisy = symmetric_noise(digits.y_train, 0.5, digits.num_classes, seed=1)
     result = train_run(digits, labels, "grad-mimic", TrainConfig(epochs=2, lr=3e-3, tau=0.3), reference.model)

@@ -135,7 +135,7 @@ def train_run(
     step = 0
     for epoch in range(config.epochs):
         order = torch.randperm(n, generator=order_gen)
-        batches = list(order.split(config.batch_size))
+        batches = _batches(order, config.batch_size)
         for b, idx in enumerate(batches):
             model.train()
             x, y = data.x_train[idx], labels[idx]
@@ -164,6 +164,18 @@ def train_run(
         rows=rows,
         model=model,
     )
+
+
+def _batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Split an epoch's order into batches; a last batch of one sample joins the one before.
+
+    Every sample is trained on (and voted on) once per epoch; a batch of one has no
+    spread, so softmax weights and standardised norms would be meaningless for it.
+    """
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
 def _mimic(probe: MimicProbe, model: nn.Module, reference: nn.Module | None, size: int, kind: str = "proj") -> torch.Tensor:
