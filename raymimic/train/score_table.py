@@ -81,7 +81,7 @@ class ScoreTableWriter:
             return None
         table = pa.table({name: np.concatenate(parts) for name, parts in self._columns.items()}, schema=SCHEMA)
         name = file_name(min(self._steps), max(self._steps), self.rank)
-        tmp = f"{self.path}/{_TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+        tmp = f"{self.path}/{_TMP_PREFIX}{uuid.uuid4().hex}-{name}.tmp"  # no .parquet suffix: readers skip it
         with self.fs.open(tmp, "wb") as f:
             pq.write_table(table, f)
         self.fs.mv(tmp, f"{self.path}/{name}")
