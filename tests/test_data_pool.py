@@ -63,6 +63,10 @@ def messy_pool(tmp_path):
     data = (shards / "00000002.tar").read_bytes()
     cut = data.index(b"2001.jpg") + 512 + 100
     (shards / "00000002.tar").write_bytes(data[:cut])
+    # truncated inside the header that follows a complete sample: that sample is kept
+    _write_tar(shards / "00000003.tar", [_good("3000", _uid(30)), _good("3001", _uid(31))])
+    data = (shards / "00000003.tar").read_bytes()
+    (shards / "00000003.tar").write_bytes(data[: data.index(b"3001.jpg") + 100])
     return tmp_path / "pool"
 
 
@@ -72,7 +76,7 @@ def test_every_readable_uid_once_and_every_reject_listed(ray_session, messy_pool
     rejects = PoolRejects(print_summary=False)
     rows = read_pool(str(messy_pool), rejects=rejects).take_all()
     uids = [row["uid"] for row in rows]
-    assert sorted(uids) == sorted([_uid(1), _uid(2), _uid(10), _uid(11), _uid(20)])
+    assert sorted(uids) == sorted([_uid(1), _uid(2), _uid(10), _uid(11), _uid(20), _uid(30)])
     by_key = {row["key"]: row for row in rows}
     assert by_key["0000"]["text"] == "a red square" and by_key["0000"]["image"][:2] == b"\xff\xd8"
     assert by_key["0000"]["shard"].endswith("00000000.tar")
@@ -89,6 +93,7 @@ def test_every_readable_uid_once_and_every_reject_listed(ray_session, messy_pool
         ("00000000.tar", "0008"): "missing_image",
         ("00000000.tar", "0009"): "invalid_json",
         ("00000002.tar", "2001"): "truncated_tar",
+        ("00000003.tar", ""): "truncated_tar",
     }
     # uid 2 is in shards 0 and 1: whichever shard was read first keeps it, the other copy is listed
     duplicate = {k: v for k, v in reasons.items() if k[1] in ("0001", "1001")}
@@ -96,7 +101,7 @@ def test_every_readable_uid_once_and_every_reject_listed(ray_session, messy_pool
     assert {k: v for k, v in reasons.items() if k not in duplicate} == expected
     assert rejects.count() == len(expected) + 1
     assert rejects.counts_by_reason()["duplicate_uid"] == 2
-    assert "10 rejected" in rejects.summary() and "3/3 shards" in rejects.summary()
+    assert "11 rejected" in rejects.summary() and "4/4 shards" in rejects.summary()
 
 
 def test_rerunning_the_dataset_does_not_double_count(ray_session, messy_pool, tmp_path):
@@ -104,13 +109,13 @@ def test_rerunning_the_dataset_does_not_double_count(ray_session, messy_pool, tm
 
     rejects = PoolRejects(print_summary=False)
     ds = read_pool(f"file://{messy_pool}", rejects=rejects, columns=["uid", "key"])
-    assert ds.count() == 5
+    assert ds.count() == 6
     first = ds.take_all()
     assert set(first[0]) == {"uid", "key"}
-    assert len(first) == 5 and rejects.count() == 10
+    assert len(first) == 6 and rejects.count() == 11
     written = rejects.write(str(tmp_path / "rejects.parquet"))
     table = pq.read_table(written)
-    assert table.column_names == ["shard", "key", "reason", "detail"] and table.num_rows == 10
+    assert table.column_names == ["shard", "key", "reason", "detail"] and table.num_rows == 11
 
 
 def test_unreadable_roots_fail_with_their_name(ray_session, tmp_path):

@@ -70,10 +70,12 @@ _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 def _samples_of_tar(stream) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
     """Yield ``(key, {extension: bytes}, None)`` per sample of a tar stream, in tar order.
 
-    If the tar ends mid-way, yields ``(key_or_"", None, error_text)`` once for the sample
-    being read (its members are incomplete) and stops.
+    If the tar ends mid-way, yields ``(key, None, error_text)`` once for the sample being
+    read (or, when that sample is already complete, the sample and then ``("", None,
+    error_text)`` for what was lost after it) and stops.
     """
     key, members = None, {}
+    stream = _CountingReader(stream)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
@@ -88,11 +90,40 @@ def _samples_of_tar(stream) -> Iterator[tuple[str, dict[str, bytes] | None, str 
                         yield key, members, None
                     key, members = member_key, {}
                 members[extension] = tar.extractfile(info).read()
+        if stream.count % 512:
+            # tarfile ends quietly on a partial header; a tar file is always whole 512-byte blocks
+            raise tarfile.ReadError(f"file ends inside a 512-byte block (after {stream.count} bytes)")
     except (tarfile.TarError, EOFError, OSError) as error:
-        yield (key or ""), None, f"{type(error).__name__}: {error}"
+        yield from _truncated(key, members, error)
         return
     if key is not None:
         yield key, members, None
+
+
+def _truncated(key, members, error):
+    problem = f"{type(error).__name__}: {error}"
+    if key is not None and _is_complete(members):
+        # the tar broke after this sample's last member: keep it, report what follows as lost
+        yield key, members, None
+        yield "", None, f"tar ends after sample {key}: {problem}"
+    else:
+        yield (key or ""), None, problem
+
+
+class _CountingReader:
+    """File wrapper counting the bytes read, to notice a tar cut inside a block."""
+
+    def __init__(self, raw):
+        self.raw, self.count = raw, 0
+
+    def read(self, size=-1):
+        data = self.raw.read(size)
+        self.count += len(data)
+        return data
+
+
+def _is_complete(members: dict[str, bytes]) -> bool:
+    return "txt" in members and "json" in members and any(ext in members for ext in IMAGE_EXTENSIONS)
 
 
 def _check_image(data: bytes) -> str | None:
