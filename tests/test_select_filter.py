@@ -55,7 +55,8 @@ def test_cli_ensemble_filter_finds_noisy_samples_and_writes_contract(ray_session
     out = root / "out_ensemble"
     assert main(["filter", "--scores", scores, "--output", str(out), "--method", "ensemble", "--report"]) == 0
     decisions = pd.read_parquet(out / "decisions.parquet")
-    assert len(decisions) == table["uid"].nunique()
+    assert len(decisions) == table["uid"].nunique() == decisions["uid"].nunique()
+    assert (decisions["n_obs"] == 2).all()
     assert {"uid", "mimic_score", "keep_gmm", "keep_kmeans", "keep_threshold", "keep"} <= set(decisions.columns)
     assert f1_of_dropped(decisions, noisy, "keep_gmm") > 0.95 and f1_of_dropped(decisions, noisy) > 0.9
     votes = pd.read_parquet(out / "decisions.parquet")[["keep_gmm", "keep_kmeans", "keep_threshold"]]
