@@ -127,3 +127,19 @@ def test_cli_writes_a_pool(tmp_path, capsys):
                  "--shard-size", "5", "--eval-samples", "4", "--workers", "1"]) == 0
     assert "wrote 12 samples in 3 shards" in capsys.readouterr().out
     assert _truth(tmp_path / "cli")["is_noisy"].sum() == 3
+
+
+def test_mixed_source_uses_real_handwritten_digits(tmp_path):
+    from raymimic.data.toy_pool import DIGIT_CLASSES, SHAPE_CLASSES
+
+    out = tmp_path / "mixed"
+    summary = make_toy_pool(str(out), samples=60, noise=0.0, seed=1, shard_size=60, eval_samples=20, workers=1, images="mixed")
+    classnames = json.loads((out / "eval" / "classnames.json").read_text())
+    assert summary["classes"] == 26 and classnames == SHAPE_CLASSES + DIGIT_CLASSES
+    truth = _truth(out)
+    digits = truth[truth["class_name"].str.startswith("handwritten")]
+    assert 5 < len(digits) < 55
+    assert all(classnames[label] == name for label, name in zip(truth["label"], truth["class_name"]))
+    assert all(name in text for name, text in zip(truth["class_name"], truth["text"]))
+    with pytest.raises(ValueError, match="images must be one of"):
+        make_toy_pool(str(tmp_path / "bad"), samples=5, noise=0.0, images="faces")

@@ -14,8 +14,9 @@ without downloading anything:
   OUTPUT/eval/                                          clean held-out split, classnames.json,
                                                         templates.json (zero-shot evaluation)
 
-Images are coloured shapes (16 classes such as "red circle", "blue cross"), captions
-describe them ("a small red circle on the left"). A fraction --noise of the samples gets a
+Images are coloured shapes (16 classes such as "red circle", "blue cross") or, with
+--images digits|mixed, scikit-learn's handwritten digits inked in colour; captions describe
+them ("a small red circle on the left", "a handwritten seven in blue ink"). A fraction --noise of the samples gets a
 corrupted caption, split evenly between three kinds: another image's caption, a too-short
 caption, unrelated boilerplate. ground_truth.parquet says which; it is for evaluation only.
 The same --seed always writes the same pool."""
@@ -43,6 +44,9 @@ def register(subparsers) -> None:
     parser.add_argument("--shard-size", type=int, default=10000, help="samples per tar shard (default 10000, as DataComp)")
     parser.add_argument("--eval-samples", type=int, default=1600, help="samples in the clean held-out eval split (default 1600)")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32: a tiny CLIP learns it on a CPU)")
+    parser.add_argument("--images", choices=["shapes", "digits", "mixed"], default="shapes",
+                        help="shapes: drawn coloured shapes, 16 classes (default); digits: scikit-learn's "
+                        "handwritten digits, coloured, 10 classes; mixed: both, 26 classes")
     parser.add_argument("--workers", type=int, default=None, help="processes writing shards in parallel (default: CPU count)")
     parser.set_defaults(func=run)
 
@@ -61,6 +65,7 @@ def run(args) -> int:
         eval_samples=args.eval_samples,
         image_size=args.image_size,
         workers=args.workers,
+        images=args.images,
     )
     print(json.dumps(summary, indent=2))
     print(f"wrote {summary['samples']} samples in {summary['shards']} shards to {summary['output']} in {summary['seconds']} s")

@@ -1,8 +1,11 @@
 """A small, learnable DataComp-layout pool with a known fraction of noisy captions.
 
-Images are procedurally drawn coloured shapes (a class is ``"<colour> <shape>"``, e.g.
-``"red circle"``) at random positions and sizes on a noisy background, so the pool can be
-as large as asked and a tiny CLIP learns it in minutes. Captions describe the image with
+Images (``images=``): ``"shapes"`` (default), procedurally drawn coloured shapes (a class
+is ``"<colour> <shape>"``, e.g. ``"red circle"``, 16 classes) at random positions and sizes
+on a noisy background, so the pool can be as large as asked and a tiny CLIP learns it in
+minutes; ``"digits"``, scikit-learn's real handwritten digits (shipped inside the package),
+upscaled and inked in a random colour (classes ``"handwritten seven"``, ...); or
+``"mixed"``, both (26 classes). Captions describe the image with
 some variety ("a small red circle on the left", "photo of a big blue square", ...). A
 fraction ``noise`` of the samples is corrupted the way web captions are:
 
@@ -49,7 +52,16 @@ COLOURS = {
     "yellow": (235, 215, 40),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-CLASS_NAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SHAPE_CLASSES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+DIGIT_CLASSES = [f"handwritten {digit}" for digit in DIGITS]
+IMAGE_SOURCES = {
+    # source -> (class names, fraction of samples that are scikit-learn digits)
+    "shapes": (SHAPE_CLASSES, 0.0),
+    "digits": (DIGIT_CLASSES, 1.0),
+    "mixed": (SHAPE_CLASSES + DIGIT_CLASSES, len(DIGIT_CLASSES) / (len(SHAPE_CLASSES) + len(DIGIT_CLASSES))),
+}
+CLASS_NAMES = SHAPE_CLASSES  # the default source's classes
 POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
 SIZES = ("small", "big")
 TEMPLATES = [
@@ -83,6 +95,13 @@ CAPTION_TEMPLATES = (
     ("there is a {cls} {pos} of this picture", False, True),
     ("the {cls} is {size}", True, False),
 )
+DIGIT_TEMPLATES = (
+    "a {cls} in {colour} ink",
+    "a {colour} {cls}",
+    "scan of a {cls} written in {colour}",
+    "{cls}, {colour} on grey paper",
+    "photo of a {cls}",
+)
 TEACHERS = {"b32": 512, "l14": 768}
 # per-teacher noise: cosine of a clean pair is roughly signal / (signal + noise); the bigger
 # teacher is less noisy, as L/14 separates good and bad pairs better than B/32 in DataComp
@@ -100,6 +119,7 @@ class _ShardJob:
     kinds: np.ndarray  # (n,) int8 index into KINDS
     image_size: int
     write_metadata: bool
+    images: str = "shapes"
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -143,21 +163,78 @@ def draw_images(rng: np.random.Generator, n: int, size: int):
     return images, attributes
 
 
-def class_labels(attributes) -> np.ndarray:
-    return attributes["colour"] * len(SHAPES) + attributes["shape"]
+_DIGIT_IMAGES = None
+
+
+def _digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 handwritten digits (8 x 8, ink 0..16), shipped inside the package."""
+    global _DIGIT_IMAGES
+    if _DIGIT_IMAGES is None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        _DIGIT_IMAGES = (digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64))
+    return _DIGIT_IMAGES
+
+
+def draw_digits(rng: np.random.Generator, n: int, size: int, images: np.ndarray, attributes: dict, chosen: np.ndarray) -> None:
+    """Replace the ``chosen`` images by real handwritten digits, upscaled and inked in a random colour."""
+    pixels, targets = _digit_images()
+    picked = rng.integers(len(pixels), size=len(chosen))
+    # nearest-neighbour upscale of the 8 x 8 scan, with a one-pixel jitter so copies differ
+    shift = rng.integers(-1, 2, size=(len(chosen), 2))
+    grid = np.arange(size)
+    rows = np.clip((grid[None, :] + shift[:, :1]) * 8 // size, 0, 7)
+    cols = np.clip((grid[None, :] + shift[:, 1:]) * 8 // size, 0, 7)
+    ink = pixels[picked[:, None, None], rows[:, :, None], cols[:, None, :]][..., None]
+    colour_idx = rng.integers(len(COLOURS), size=len(chosen))
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    colour = palette[colour_idx][:, None, None, :]
+    paper = rng.integers(150, 210, size=(len(chosen), 1, 1, 1)).astype(np.float32)
+    paper = paper + 8 * rng.standard_normal(size=(len(chosen), size, size, 1), dtype=np.float32)
+    images[chosen] = np.clip(paper * (1 - ink) + colour * ink, 0, 255).astype(np.uint8)
+    attributes["colour"][chosen] = colour_idx
+    attributes["shape"][chosen] = len(SHAPES) + targets[picked]
+    attributes["big"][chosen] = True
+    attributes["position"][chosen] = POSITIONS.index("in the center")
+
+
+def draw_scenes(rng: np.random.Generator, n: int, size: int, source: str = "shapes"):
+    """Images and attributes from the chosen source ("shapes", "digits" or "mixed")."""
+    images, attributes = draw_images(rng, n, size)
+    digit_fraction = IMAGE_SOURCES[source][1]
+    if digit_fraction > 0:
+        chosen = np.flatnonzero(rng.random(n) < digit_fraction)
+        if len(chosen):
+            draw_digits(rng, n, size, images, attributes, chosen)
+    return images, attributes
+
+
+def sample_class_names(attributes) -> list[str]:
+    names = []
+    for colour, shape in zip(attributes["colour"].tolist(), attributes["shape"].tolist()):
+        if shape < len(SHAPES):
+            names.append(f"{list(COLOURS)[colour]} {SHAPES[shape]}")
+        else:
+            names.append(f"handwritten {DIGITS[shape - len(SHAPES)]}")
+    return names
 
 
 def clean_captions(rng: np.random.Generator, attributes) -> tuple[list[str], np.ndarray]:
-    """A caption per image and the template index used (to know what it mentions)."""
-    template_idx = rng.integers(len(CAPTION_TEMPLATES), size=len(attributes["shape"]))
-    captions = []
-    for i, t in enumerate(template_idx):
-        template = CAPTION_TEMPLATES[t][0]
-        name = CLASS_NAMES[class_labels({k: v[i : i + 1] for k, v in attributes.items()})[0]]
-        captions.append(
-            template.format(cls=name, size=SIZES[int(attributes["big"][i])], pos=POSITIONS[attributes["position"][i]])
-        )
-    return captions, template_idx
+    """A caption per image, and per caption whether it mentions (size, position)."""
+    n = len(attributes["shape"])
+    template_idx = rng.integers(len(CAPTION_TEMPLATES), size=n)
+    digit_template_idx = rng.integers(len(DIGIT_TEMPLATES), size=n)
+    captions, mentions = [], np.zeros((n, 2), dtype=np.float32)
+    colours = list(COLOURS)
+    for i, name in enumerate(sample_class_names(attributes)):
+        if attributes["shape"][i] >= len(SHAPES):
+            captions.append(DIGIT_TEMPLATES[digit_template_idx[i]].format(cls=name, colour=colours[attributes["colour"][i]]))
+            continue
+        template, mentions_size, mentions_position = CAPTION_TEMPLATES[template_idx[i]]
+        mentions[i] = (mentions_size, mentions_position)
+        captions.append(template.format(cls=name, size=SIZES[int(attributes["big"][i])], pos=POSITIONS[attributes["position"][i]]))
+    return captions, mentions
 
 
 # ----------------------------------------------------------------------------- teacher embeddings
@@ -168,7 +245,7 @@ def _teacher_basis(seed: int, name: str, dim: int) -> dict[str, np.ndarray]:
     basis = lambda k: rng.normal(size=(k, dim)).astype(np.float32) / np.sqrt(dim)  # noqa: E731
     return {
         "colour": basis(len(COLOURS)),
-        "shape": basis(len(SHAPES)),
+        "shape": basis(len(SHAPES) + len(DIGITS)),
         "position": basis(len(POSITIONS)),
         "size": basis(len(SIZES)),
         "junk": basis(len(SHORT_CAPTIONS) + len(BOILERPLATE)),
@@ -262,10 +339,11 @@ def write_shard(job: _ShardJob) -> dict:
     started = time.time()
     rng = np.random.default_rng([job.seed, 1 if job.directory == "shards" else 2, job.index])
     n = len(job.uids)
-    images, attrs = draw_images(rng, n, job.image_size)
-    labels = class_labels(attrs)
-    captions, template_idx = clean_captions(rng, attrs)
-    mentions = np.array([CAPTION_TEMPLATES[t][1:] for t in template_idx], dtype=np.float32).reshape(n, 2)
+    images, attrs = draw_scenes(rng, n, job.image_size, job.images)
+    class_names = IMAGE_SOURCES[job.images][0]
+    names = sample_class_names(attrs)
+    labels = np.array([class_names.index(name) for name in names], dtype=np.int64)
+    captions, mentions = clean_captions(rng, attrs)
     text_attrs = {k: v.copy() for k, v in attrs.items()}
     junk_idx = np.full(n, -1)
     texts = list(captions)
@@ -316,7 +394,7 @@ def write_shard(job: _ShardJob) -> dict:
             _write_metadata(job, uids, urls, texts, original, sha, embeddings, scores, rng)
     return {
         "uid": uids, "is_noisy": (job.kinds > 0).tolist(), "kind": [KINDS[k] for k in job.kinds],
-        "label": labels.astype(np.int64).tolist(), "class_name": [CLASS_NAMES[c] for c in labels],
+        "label": labels.astype(np.int64).tolist(), "class_name": names,
         "text": texts, "shard": [job.index] * n, "key": keys,
     }
 
@@ -388,8 +466,11 @@ def make_toy_pool(
     eval_samples: int = 1600,
     image_size: int = 32,
     workers: int | None = None,
+    images: str = "shapes",
 ) -> dict:
     """Write a toy DataComp pool to the local directory ``output``; return a summary dict."""
+    if images not in IMAGE_SOURCES:
+        raise ValueError(f"images must be one of {list(IMAGE_SOURCES)}, got {images!r}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not 0.0 <= noise <= 1.0:
@@ -406,11 +487,11 @@ def make_toy_pool(
     uids, eval_uids = all_uids[:samples], all_uids[samples:]
     kinds = _noise_kinds(seed, samples, noise)
     jobs = [
-        _ShardJob(output, i, "shards", seed, start, uids[start : start + shard_size], kinds[start : start + shard_size], image_size, True)
+        _ShardJob(output, i, "shards", seed, start, uids[start : start + shard_size], kinds[start : start + shard_size], image_size, True, images)
         for i, start in enumerate(range(0, samples, shard_size))
     ]
     jobs += [
-        _ShardJob(output, i, "eval", seed, start, eval_uids[start : start + shard_size], np.zeros(len(eval_uids[start : start + shard_size]), np.int8), image_size, False)
+        _ShardJob(output, i, "eval", seed, start, eval_uids[start : start + shard_size], np.zeros(len(eval_uids[start : start + shard_size]), np.int8), image_size, False, images)
         for i, start in enumerate(range(0, eval_samples, shard_size))
     ]
     workers = workers or min(os.cpu_count() or 1, len(jobs))
@@ -426,14 +507,14 @@ def make_toy_pool(
     columns = {name: sum((r[name] for r in truth), []) for name in truth[0]}
     pq.write_table(pa.table(columns), os.path.join(output, "ground_truth.parquet"))
     with open(os.path.join(output, "eval", "classnames.json"), "w") as f:
-        json.dump(CLASS_NAMES, f, indent=1)
+        json.dump(IMAGE_SOURCES[images][0], f, indent=1)
     with open(os.path.join(output, "eval", "templates.json"), "w") as f:
         json.dump(TEMPLATES, f, indent=1)
     counts = {kind: int(np.sum(kinds == k)) for k, kind in enumerate(KINDS)}
     summary = {
         "output": os.path.abspath(output), "samples": samples, "noise": noise, "seed": seed,
         "shards": sum(job.directory == "shards" for job in jobs), "eval_samples": eval_samples,
-        "classes": len(CLASS_NAMES), "image_size": image_size, "kinds": counts,
+        "images": images, "classes": len(IMAGE_SOURCES[images][0]), "image_size": image_size, "kinds": counts,
         "seconds": round(time.time() - started, 2),
     }
     with open(os.path.join(output, "toy_pool.json"), "w") as f:
