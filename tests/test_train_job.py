@@ -64,11 +64,15 @@ def test_ray_job_submit_smoke(tmp_path):
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     env.pop("RAY_ADDRESS", None)
     port, dashboard = _free_port(), _free_port()
+    # every port of our own: the defaults (e.g. the agent's 52365) may be taken by another cluster here
+    own_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp_dir = Path("/tmp") / f"rm-job-{os.getpid()}"  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--num-cpus=4", "--include-dashboard=true",
-         "--disable-usage-stats"],
+         "--disable-usage-stats", *own_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
     )
     output = tmp_path / "smoke-run"
@@ -92,9 +96,10 @@ def test_ray_job_submit_smoke(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # only the cluster this test started (never `ray stop`)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=15)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
     from raymimic.clip.models import register_model_configs
