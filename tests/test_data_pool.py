@@ -186,3 +186,17 @@ def test_preprocess_decodes_tokenizes_and_lists_undecodable_images(ray_session, 
     assert batch["text"].dtype == np.int64 and sorted(batch["text"][:, 1].tolist()) == [3, 3]
     listed = rejects.table().to_pylist()
     assert [(r["key"], r["reason"]) for r in listed] == [("b", "undecodable_image")]
+
+
+def test_transforms_for_model_builds_open_clip_preprocessing_without_weights():
+    from PIL import Image
+
+    from raymimic.data.preprocess import transforms_for_model
+
+    transform, tokenizer = transforms_for_model("ViT-B-32")
+    image = transform(Image.new("RGB", (32, 20), (255, 0, 0)))
+    assert tuple(image.shape) == (3, 224, 224)
+    tokens = tokenizer(["a red circle", "a blue square on the left"])
+    assert tuple(tokens.shape) == (2, 77)
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        transforms_for_model("no-such-model")

@@ -392,11 +392,11 @@ def write_shard(job: _ShardJob) -> dict:
         if job.write_metadata:
             embeddings, scores = teacher_embeddings(job.seed, job.index, attrs, text_attrs, mentions, junk_idx)
             _write_metadata(job, uids, urls, texts, original, sha, embeddings, scores, rng)
-    return {
-        "uid": uids, "is_noisy": (job.kinds > 0).tolist(), "kind": [KINDS[k] for k in job.kinds],
-        "label": labels.astype(np.int64).tolist(), "class_name": names,
-        "text": texts, "shard": [job.index] * n, "key": keys,
-    }
+    return pa.table({
+        "uid": uids, "is_noisy": job.kinds > 0, "kind": [KINDS[k] for k in job.kinds],
+        "label": labels.astype(np.int64), "class_name": names,
+        "text": texts, "shard": np.full(n, job.index, np.int64), "key": keys,
+    })
 
 
 def _write_img2dataset_files(job, directory, uids, urls, keys, texts, original, sha, started):
@@ -504,8 +504,7 @@ def make_toy_pool(
     else:
         results = [write_shard(job) for job in jobs]
     truth = [r for job, r in zip(jobs, results) if job.directory == "shards"]
-    columns = {name: sum((r[name] for r in truth), []) for name in truth[0]}
-    pq.write_table(pa.table(columns), os.path.join(output, "ground_truth.parquet"))
+    pq.write_table(pa.concat_tables(truth), os.path.join(output, "ground_truth.parquet"))
     with open(os.path.join(output, "eval", "classnames.json"), "w") as f:
         json.dump(IMAGE_SOURCES[images][0], f, indent=1)
     with open(os.path.join(output, "eval", "templates.json"), "w") as f:
