@@ -59,6 +59,7 @@ PoolNotReadableError = _fs.PoolNotReadableError
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 POOL_COLUMNS = ("uid", "text", "image", "key", "shard")
 OPTIONAL_POOL_COLUMNS = ("json", "image_format")
+_COLUMN_TYPES = {name: pa.string() for name in POOL_COLUMNS + OPTIONAL_POOL_COLUMNS} | {"image": pa.binary()}
 REJECT_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 # webdataset's rule: the key is the path up to the first dot of the file name
 _KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -340,8 +341,7 @@ def _flush(shard, rows, rejects, ledger, columns, dedup) -> pa.Table | None:
     if dedup:
         granted = ray.get(ledger.claim.remote(shard, [r["key"] for r in rows], [r["uid"] for r in rows]))
         rows = [row for row, ok in zip(rows, granted) if ok]
-    schema_types = {"uid": pa.string(), "text": pa.string(), "image": pa.binary(), "key": pa.string(), "shard": pa.string(), "json": pa.string(), "image_format": pa.string()}
-    return pa.table({name: pa.array([row[name] for row in rows], schema_types[name]) for name in columns})
+    return pa.table({name: pa.array([row[name] for row in rows], _COLUMN_TYPES[name]) for name in columns})
 
 
 def _read_shards_udf(batch: dict, *, ledger, columns, rows_per_block, check_images, dedup) -> Iterator[pa.Table]:
@@ -368,11 +368,6 @@ def _read_shards_udf(batch: dict, *, ledger, columns, rows_per_block, check_imag
         ray.get(ledger.shard_done.remote(shard, total))
 
 
-def _empty_table(columns) -> pa.Table:
-    types = {"image": pa.binary()}
-    return pa.table({name: pa.array([], types.get(name, pa.string())) for name in columns})
-
-
 def read_pool(
     uri: str,
     *,
@@ -396,7 +391,10 @@ def read_pool(
     column is renamed ``metadata_<name>``.
     ``rejects``: a :class:`PoolRejects` to collect skipped samples (see module docstring).
     ``check_images``: parse each image header and reject bytes that are not an image
-    (cheap; full decoding happens in preprocessing). ``dedup``: reject repeated uids.
+    (cheap; full decoding happens in preprocessing). ``dedup``: reject repeated uids; the
+    ledger then holds one entry per uid (about 200 bytes), fine up to tens of millions of
+    samples; for larger pools de-duplicate upstream and pass ``dedup=False``.
+    ``rows_per_block``: rows per output block; ``concurrency``: max parallel shard reads.
     """
     import ray
 
