@@ -105,6 +105,10 @@ def _per_uid(block: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     return block.groupby("uid", sort=False).agg(**named).reset_index()
 
 
+def _block_totals(block: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"n_uids": [len(block)], "n_obs": [int(block["n_obs"].sum())], "n_steps": [int(block["n_steps"].sum())]})
+
+
 def _apply_vote(batch: pd.DataFrame, methods: list[str], rule, threshold: float | None) -> pd.DataFrame:
     n_obs = batch["n_obs"].to_numpy(np.int64)
     total = np.zeros(len(batch), dtype=np.int64)
@@ -211,9 +215,10 @@ class MimicFilter(FilterStage):
         # block with pandas: much faster than generic per-row aggregators, and exact
         partitions = self.num_partitions or int(np.clip(n_rows // 125_000, 2, 256))
         per_uid = rows.repartition(partitions, keys=["uid"]).map_batches(_per_uid, fn_kwargs={"methods": self.methods}, batch_format="pandas", batch_size=None).materialize()
-        totals = per_uid.sum(["n_obs", "n_steps"])
-        self.stats["n_uids"] = per_uid.count()
-        self.stats["n_duplicate_rows"] = int(totals["sum(n_obs)"] - totals["sum(n_steps)"])
+        # block totals summed on the driver: a tiny map, cheaper than a global aggregate
+        totals = per_uid.map_batches(_block_totals, batch_format="pandas", batch_size=None).to_pandas().sum()
+        self.stats["n_uids"] = int(totals["n_uids"])
+        self.stats["n_duplicate_rows"] = int(totals["n_obs"] - totals["n_steps"])
         if self.stats["n_duplicate_rows"]:
             message = f"{self.stats['n_duplicate_rows']} score rows repeat a (uid, step) pair; Stage 1 writes exactly one row per (uid, step)"
             if self.duplicates == "error":
