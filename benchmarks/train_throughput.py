@@ -156,7 +156,8 @@ def main(argv=None) -> int:
 
     anchor = run_torchrun(args)
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
+        # logical CPUs beyond the training workers: Ray Data's split coordinator must fit beside them
+        ray.init(num_cpus=max(4, 2 * args.workers), runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
     model = create_model(args.model)[0]
     image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     items = synthetic_items(args.global_batch * 4, image_size, model.context_length)
