@@ -200,3 +200,12 @@ def test_transforms_for_model_builds_open_clip_preprocessing_without_weights():
     assert tuple(tokens.shape) == (2, 77)
     with pytest.raises(ValueError, match="unknown open_clip model"):
         transforms_for_model("no-such-model")
+
+
+def test_without_dedup_repeated_uids_are_all_returned(ray_session, messy_pool):
+    from raymimic.data.pool import PoolRejects, read_pool
+
+    rejects = PoolRejects(print_summary=False)
+    uids = read_pool(str(messy_pool), rejects=rejects, dedup=False, columns=["uid"]).to_pandas()["uid"].tolist()
+    assert uids.count(_uid(2)) == 2 and uids.count(_uid(1)) == 2  # across and within shards, as asked
+    assert "duplicate_uid" not in rejects.counts_by_reason() and "8 samples read from 4/4 shards" in rejects.summary()

@@ -173,12 +173,12 @@ def parse_sample(key: str, members: dict[str, bytes], check_images: bool = True)
     return row, None
 
 
-def read_shard(path: str, check_images: bool = True) -> Iterator[tuple[list[dict], list[tuple[str, str, str]]]]:
+def read_shard(path: str, check_images: bool = True, dedup: bool = True) -> Iterator[tuple[list[dict], list[tuple[str, str, str]]]]:
     """Read one tar shard (any fsspec path); yield ``(rows, rejects)`` per sample group.
 
     Plain Python, no Ray: the same code serves the Ray reader and single-process tools.
     ``rejects`` are ``(key, reason, detail)``. Duplicate uids within the shard are rejected
-    here; across shards the ledger decides.
+    here (unless ``dedup`` is False); across shards the ledger decides.
     """
     import fsspec
 
@@ -197,7 +197,7 @@ def read_shard(path: str, check_images: bool = True) -> Iterator[tuple[list[dict
             row, problem = parse_sample(key, members, check_images)
             if problem is not None:
                 yield [], [(key, *problem)]
-            elif row["uid"] in seen:
+            elif dedup and row["uid"] in seen:
                 yield [], [(key, "duplicate_uid", f"uid {row['uid']} already read earlier in this shard")]
             else:
                 seen.add(row["uid"])
@@ -234,6 +234,15 @@ class _Ledger:
     def add_rejects(self, entries: list[tuple[str, str, str, str, str]]) -> None:
         for shard, key, stage, reason, detail in entries:
             self.rejects[(shard, key, stage)] = (reason, detail)
+
+    def record(self, shard: str, keys: list[str], uids: list[str] | None, rejects: list, done_rows: int | None) -> list[bool]:
+        """One round trip per block: its rejects, its uid claims (None: no de-duplication),
+        and, for a shard's last block, the rows emitted before it."""
+        self.add_rejects(rejects)
+        granted = self.claim(shard, keys, uids) if uids is not None else [True] * len(keys)
+        if done_rows is not None:
+            self.shard_done(shard, done_rows + sum(granted))
+        return granted
 
     def shard_done(self, shard: str, rows: int) -> None:
         self.rows_per_shard[shard] = rows
@@ -331,26 +340,28 @@ def shard_files(uri: str) -> list[str]:
     return [_fs.display_path(fs, path) for path in shards]
 
 
-def _flush(shard, rows, rejects, ledger, columns, dedup) -> pa.Table | None:
+def _flush(shard, rows, rejects, ledger, columns, dedup, done_rows=None) -> pa.Table | None:
+    """Send a block's rejects and uid claims to the ledger in one call; return the rows kept.
+
+    ``done_rows``: rows of this shard emitted before this block, when it is the shard's last.
+    """
     import ray
 
-    if rejects:
-        ray.get(ledger.add_rejects.remote([(shard, key, "read", reason, detail) for key, reason, detail in rejects]))
+    entries = [(shard, key, "read", reason, detail) for key, reason, detail in rejects]
+    if entries or (dedup and rows) or done_rows is not None:
+        claims = [row["uid"] for row in rows] if dedup else None
+        granted = ray.get(ledger.record.remote(shard, [row["key"] for row in rows], claims, entries, done_rows))
+        rows = [row for row, ok in zip(rows, granted) if ok]
     if not rows:
         return None
-    if dedup:
-        granted = ray.get(ledger.claim.remote(shard, [r["key"] for r in rows], [r["uid"] for r in rows]))
-        rows = [row for row, ok in zip(rows, granted) if ok]
     return pa.table({name: pa.array([row[name] for row in rows], _COLUMN_TYPES[name]) for name in columns})
 
 
 def _read_shards_udf(batch: dict, *, ledger, columns, rows_per_block, check_images, dedup) -> Iterator[pa.Table]:
-    import ray
-
     for shard in batch["shard"]:
         shard = str(shard)
         rows, rejects, total = [], [], 0
-        for new_rows, new_rejects in read_shard(shard, check_images):
+        for new_rows, new_rejects in read_shard(shard, check_images, dedup):
             for row in new_rows:
                 row["shard"] = shard
             rows += new_rows
@@ -361,11 +372,9 @@ def _read_shards_udf(batch: dict, *, ledger, columns, rows_per_block, check_imag
                 if table is not None:
                     total += table.num_rows
                     yield table
-        table = _flush(shard, rows, rejects, ledger, columns, dedup)
+        table = _flush(shard, rows, rejects, ledger, columns, dedup, done_rows=total)
         if table is not None:
-            total += table.num_rows
             yield table
-        ray.get(ledger.shard_done.remote(shard, total))
 
 
 def read_pool(
