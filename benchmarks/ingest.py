@@ -91,6 +91,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-size", type=int, default=2000, help="toy pool shard size")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs for the local Ray instance")
     parser.add_argument("--model", default="ViT-B-32", help="open_clip model whose eval transform and tokenizer are used")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize to this side instead of the model's (e.g. 64 for a tiny CLIP); the output "
+                        "tensors are float32, so at 224 px every sample moves 600 kB through Ray's object store")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--json", help="write the results to this path")
     args = parser.parse_args(argv)
@@ -109,6 +112,10 @@ def main(argv=None) -> int:
         print(f"toy pool: {args.samples} samples in {time.perf_counter() - started:.1f} s at {pool}")
     shards = shard_files(pool)
     transform, tokenizer = transforms_for_model(args.model)
+    if args.image_size:
+        import open_clip
+
+        transform = open_clip.image_transform(args.image_size, is_train=False)
 
     import torch
 
@@ -144,6 +151,7 @@ def main(argv=None) -> int:
     summary = {
         "pool": pool if args.pool else f"toy pool, {args.samples} samples, {len(shards)} shards",
         "model_transform": args.model,
+        "image_size": args.image_size or "model default",
         "num_cpus": args.num_cpus,
         "machine_cpus": os.cpu_count(),
         "python": platform.python_version(),
