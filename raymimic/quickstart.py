@@ -146,8 +146,8 @@ def run(cfg: QuickstartConfig) -> dict:
         slug = name.lower().replace(" ", "_")
         # same number of optimizer steps for every variant: only the data differs
         checkpoint = _train(cfg, f"train_{slug}", dataset.materialize(), cfg.samples, cfg.epochs, None, "sgd")
-        results["models"][name] = {"samples": sizes[name], "checkpoint": checkpoint,
-                                   **evaluate(checkpoint, eval_ds, cfg.model, classnames=classnames, templates=templates)}
+        scores = evaluate(checkpoint, eval_ds, cfg.model, classnames=classnames, templates=templates)
+        results["models"][name] = {**scores, "eval_samples": scores["samples"], "samples": sizes[name], "checkpoint": checkpoint}
         _log(f"{name}: zero-shot top-1 {results['models'][name]['zeroshot_top1']:.3f}")
     results["seconds"] = round(time.time() - started, 1)
     report = write_report(cfg.output, results)

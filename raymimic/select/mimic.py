@@ -234,8 +234,11 @@ class MimicFilter(FilterStage):
         """Join the per-uid decisions onto ``ds`` (which needs a ``uid`` column)."""
         if "uid" not in ds.schema().names:
             raise ValueError(f"the dataset to filter has no 'uid' column (columns: {ds.schema().names})")
-        columns = ["uid", "mimic_score", "mean_norm_weight", "n_obs", "mimic_keep"]
-        right = self.decisions.select_columns(columns)
+        # per-method votes and the raw-score mean travel along: decisions.parquet and the
+        # quality estimate need them whether or not a pool is joined
+        wanted = ["uid", "mimic_score", "mean_norm_weight", "mean_raw_score", "n_obs", *[f"keep_{m}" for m in self.methods], "mimic_keep"]
+        have = set(self.decisions.schema().names)
+        right = self.decisions.select_columns([c for c in wanted if c in have])
         joined = ds.join(right, join_type="left_outer", num_partitions=self.num_partitions or 4, on=("uid",))
         missing = self.missing
 

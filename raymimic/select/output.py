@@ -48,7 +48,10 @@ def write_outputs(decisions, output: str, keep_column: str = "keep", quality_col
             his.append(hi)
             los.append(lo)
             if quality_column in batch.column_names:
-                quality.update(keep, batch[quality_column].to_numpy(zero_copy_only=False).astype(np.float64))
+                values = batch[quality_column].to_numpy(zero_copy_only=False).astype(np.float64)
+                # pool uids without any score row (counted in pool_counts) have no score to average
+                scored = ~np.isnan(values)
+                quality.update(keep[scored], values[scored])
         if writer is None:
             raise ValueError("the filter produced no decision at all (no uid): nothing to write")
         writer.close()
