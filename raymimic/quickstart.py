@@ -29,13 +29,25 @@ class QuickstartConfig:
     noise: float = 0.4
     eval_samples: int = 1000
     model: str = "raymimic-tiny"
-    epochs: int = 4
-    reference_epochs: int = 4
+    # 10 epochs: at 4 the tiny model only tells colours apart (zero-shot top-1 0.27, 16
+    # classes); at 12 it reaches 0.59 in one process. 10 keeps the run near 10 minutes.
+    epochs: int = 10
+    reference_epochs: int = 10
     global_batch: int = 128
     lr: float = 2e-3
     tau: float = 0.05
     workers: int = 2
     method: str = "ensemble"
+    # How Stage 1 weights the batch while it records the mimic scores. Measured on this toy
+    # pool (same data and reference, one process): scores recorded under uniform weights
+    # separate noisy from clean captions with ROC-AUC 0.965; under Grad-Mimic re-weighting
+    # the mimic layer is pulled toward the reference and the scores lose the signal (AUC 0.50
+    # at tau 0.05, 0.54 at tau 1, 0.81 at tau 5). So the filter's scores come from a uniform-
+    # weight run by default; "grad-mimic" re-weights online as the paper does.
+    stage1_weighting: str = "sgd"
+    # the quantity the binarizers fit: per-step standardised raw score (see select/binarize.py);
+    # uniform-weight runs have B*w = 1 everywhere, so the weight itself carries nothing
+    filter_feature: str | None = "step_z"
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -53,6 +65,7 @@ def _train(cfg: QuickstartConfig, name: str, dataset, samples: int, epochs: int,
         output=os.path.join(cfg.output, name), model=cfg.model, reference=reference, weighting=weighting, tau=cfg.tau,
         samples_seen=steps * cfg.global_batch, global_batch=cfg.global_batch, lr=cfg.lr, warmup=max(1, steps // 10),
         workers=cfg.workers, cpus_per_worker=0.5, checkpoint_every=steps, seed=cfg.seed, run_name="ray_train", progress=False,
+        shuffle_buffer=1000,  # seeded local shuffle: every sample lands in a full batch in some epoch
     )
     started = time.time()
     summary = fit(train_cfg, dataset)
@@ -120,13 +133,14 @@ def run(cfg: QuickstartConfig) -> dict:
     _log("training the reference model on the clean pool")
     reference = _train(cfg, "reference", pool_dataset(ref_pool, cfg.model).materialize(), cfg.reference_samples,
                        cfg.reference_epochs, None, "sgd")
-    _log("Stage 1: Grad-Mimic training with per-sample scores")
-    _train(cfg, "stage1", full, cfg.samples, cfg.epochs, reference, "grad-mimic")
+    _log(f"Stage 1: training with per-sample mimic scores (weighting: {cfg.stage1_weighting})")
+    stage1 = _train(cfg, "stage1", full, cfg.samples, cfg.epochs, reference, cfg.stage1_weighting)
     _log("Stage 2: the mimic filter")
     filter_out = os.path.join(cfg.output, "filter")
-    summary = run_filter(os.path.join(cfg.output, "stage1", "scores"), filter_out, pool=pool, method=cfg.method, report=True)
+    summary = run_filter(os.path.join(cfg.output, "stage1", "scores"), filter_out, pool=pool, method=cfg.method,
+                         feature=cfg.filter_feature, report=True)
     kept = set(read_subset_uids(os.path.join(filter_out, "keep.npy")))
-    results["filter"] = {"kept": len(kept), "fraction_kept": summary.get("fraction_kept"), "quality": summary.get("quality_estimate")}
+    results["filter"] = {"kept": len(kept), "fraction_kept": summary.get("fraction_kept"), "quality": summary.get("quality")}
 
     truth = pd.read_parquet(os.path.join(pool, "ground_truth.parquet"))
     results["detection"] = detection_metrics(~truth["uid"].isin(kept).to_numpy(), truth["is_noisy"].to_numpy())
@@ -145,7 +159,10 @@ def run(cfg: QuickstartConfig) -> dict:
         _log(f"training on the {name} ({sizes[name]} samples)")
         slug = name.lower().replace(" ", "_")
         # same number of optimizer steps for every variant: only the data differs
-        checkpoint = _train(cfg, f"train_{slug}", dataset.materialize(), cfg.samples, cfg.epochs, None, "sgd")
+        if name == "whole pool" and cfg.stage1_weighting == "sgd":
+            checkpoint = stage1  # Stage 1 already was plain training on the whole pool
+        else:
+            checkpoint = _train(cfg, f"train_{slug}", dataset.materialize(), cfg.samples, cfg.epochs, None, "sgd")
         scores = evaluate(checkpoint, eval_ds, cfg.model, classnames=classnames, templates=templates)
         results["models"][name] = {**scores, "eval_samples": scores["samples"], "samples": sizes[name], "checkpoint": checkpoint}
         _log(f"{name}: zero-shot top-1 {results['models'][name]['zeroshot_top1']:.3f}")

@@ -19,6 +19,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tau", type=float, default=from_defaults.tau, help="Grad-Mimic softmax temperature (default: %(default)s)")
     parser.add_argument("--method", default=from_defaults.method, choices=["gmm", "kmeans", "threshold", "ensemble"],
                         help="Stage 2 binarizer (default: %(default)s)")
+    parser.add_argument("--stage1-weighting", default="sgd", choices=["sgd", "grad-mimic"],
+                        help="batch weighting while Stage 1 records the scores (default: %(default)s; see README for why)")
     parser.add_argument("--workers", type=int, default=from_defaults.workers, help="Ray Train workers (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=from_defaults.seed)
 
@@ -43,7 +45,7 @@ def run(args) -> int:
     from raymimic.quickstart import QuickstartConfig, run as run_quickstart
 
     cfg = QuickstartConfig(output=args.output, samples=args.samples, noise=args.noise, epochs=args.epochs, tau=args.tau,
-                           method=args.method, workers=args.workers, seed=args.seed)
+                           method=args.method, workers=args.workers, seed=args.seed, stage1_weighting=args.stage1_weighting)
     run_quickstart(cfg)
     return 0
 
