@@ -15,9 +15,13 @@ from raymimic.select.binarize import (
     make_binarizer,
 )
 from raymimic.select.ensemble import decide, ensemble_by_uid, vote, vote_from_counts
+from raymimic.select.filters import BasicFilter, CLIPScoreFilter, NegCLIPLossFilter, NormSimFilter
+from raymimic.select.mimic import MimicFilter
 from raymimic.select.quality import quality_estimate
+from raymimic.select.stages import FilterStage, keep_where, run_stages
 
 __all__ = [
     "FEATURES", "METHODS", "Binarizer", "GMMBinarizer", "KMeansBinarizer", "StepStats", "ThresholdBinarizer",
     "compute_feature", "make_binarizer", "decide", "ensemble_by_uid", "vote", "vote_from_counts", "quality_estimate",
+    "BasicFilter", "CLIPScoreFilter", "FilterStage", "MimicFilter", "NegCLIPLossFilter", "NormSimFilter", "keep_where", "run_stages",
 ]
