@@ -58,7 +58,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_smoke(tmp_path):
+def test_ray_job_submit_smoke(tmp_path, ray_session):
     """`ray start --head` (own temp dir and ports), `ray job submit` the smoke job, check its outputs."""
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
@@ -112,3 +112,11 @@ def test_ray_job_submit_smoke(tmp_path):
     model, _, _ = open_clip.create_model_and_transforms("raymimic-tiny", pretrained=str(output / "checkpoints" / "final.pt"))
     assert sum(p.numel() for p in model.parameters()) > 0
     assert list((output / "ray_train").glob("checkpoint_step_*"))
+    # Stage 2 reads the Stage 1 run's score table as it is
+    from raymimic.data.uids import read_subset_uids
+    from raymimic.select.pipeline import run_filter
+
+    summary = run_filter(str(output / "scores"), str(tmp_path / "filter"), method="ensemble", feature="step_z")
+    uids = set(table["uid"].to_pylist())
+    assert summary["n_decisions"] == len(uids) and 0 < summary["n_kept"] < len(uids)
+    assert set(read_subset_uids(str(tmp_path / "filter" / "keep.npy"))) <= uids
