@@ -183,3 +183,25 @@ def test_probe_errors_are_clear(tiny_clip):
     other, _, _ = create_model("raymimic-small")
     with pytest.raises(ValueError, match="model shape .* vs reference shape"):
         reference_direction(model, other, "visual.proj")
+
+
+def test_approximate_influence_direction_from_clean_samples():
+    from raymimic.mimic import clean_gradient_direction
+
+    model = _classifier()
+    clean_x, clean_y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    probe = MimicProbe(model, "2.weight")
+    with probe.capture():
+        clean_loss = F.cross_entropy(model(clean_x), clean_y)
+    clean_loss.backward()
+    v = clean_gradient_direction(probe)
+    clean_mean = _brute_classifier(model, clean_x, clean_y, "2.weight").mean(0)
+    close(v, -clean_mean)
+    model.zero_grad()
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    with probe.capture():
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    per_sample = _brute_classifier(model, x, y, "2.weight")
+    expected = (per_sample * clean_mean).sum(dim=(1, 2)) / clean_mean.norm()
+    close(mimic_scores(probe, v, global_batch=8), expected)

@@ -11,7 +11,7 @@
 from raymimic.mimic.params import check_same_architecture, get_parameter, reference_direction, unwrap
 from raymimic.mimic.probe import MimicProbe
 from raymimic.mimic.reweight import OutputGrads, reweighted_backward
-from raymimic.mimic.scores import alignment, grad_norms, gram, mean_batch_grad, mimic_scores, reweighted_grad
+from raymimic.mimic.scores import alignment, clean_gradient_direction, grad_norms, gram, mean_batch_grad, mimic_scores, reweighted_grad
 from raymimic.mimic.weighting import (
     AGRA,
     WEIGHTINGS,
@@ -27,6 +27,6 @@ from raymimic.mimic.weighting import (
 
 __all__ = [
     "AGRA", "GradMatch", "OutputGrads", "reweighted_backward", "GradMimic", "GraNd", "MimicProbe", "RHOLoss", "Uniform", "WEIGHTINGS", "Weighting",
-    "alignment", "check_same_architecture", "get_parameter", "grad_norms", "gram", "make_weighting",
+    "alignment", "check_same_architecture", "clean_gradient_direction", "get_parameter", "grad_norms", "gram", "make_weighting",
     "mean_batch_grad", "mimic_scores", "reference_direction", "reweighted_grad", "softmax_weights", "unwrap",
 ]

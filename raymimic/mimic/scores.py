@@ -60,3 +60,14 @@ def reweighted_grad(probe: MimicProbe, weights: torch.Tensor, global_batch: int,
 def mean_batch_grad(probe: MimicProbe, grad_scale: float = 1.0) -> torch.Tensor:
     """The local part of the plain batch gradient ``dL/dW`` (uniform weights)."""
     return probe.weighted_grad(torch.full((probe.batch_size,), grad_scale))
+
+
+def clean_gradient_direction(probe: MimicProbe, grad_scale: float = 1.0) -> torch.Tensor:
+    """Approximate influence: ``V = -mean_j g_j`` over a few trusted (clean) samples.
+
+    Run the probe on a batch of clean samples first; passing this ``V`` to
+    :func:`mimic_scores` in place of ``W_ref - W`` scores each sample by how well its descent
+    direction agrees with the clean samples' (``<g_i, gbar_clean>/||gbar_clean||``), with no
+    reference model at all.
+    """
+    return -mean_batch_grad(probe, grad_scale).detach().float()
