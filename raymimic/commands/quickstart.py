@@ -26,13 +26,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _defaults():
-    from dataclasses import fields
+    # the dataclass is the single source of defaults (raymimic.quickstart imports no torch/ray at import time)
+    from raymimic.quickstart import QuickstartConfig
 
-    # the dataclass is the single source of defaults; import it without torch/ray
-    import importlib
-
-    module = importlib.import_module("raymimic.quickstart")
-    return module.QuickstartConfig(**{f.name: f.default for f in fields(module.QuickstartConfig) if f.name == "output"})
+    return QuickstartConfig()
 
 
 def register(subparsers) -> None:
