@@ -129,11 +129,11 @@ def test_approximate_quantile_matches_numpy(ray_session):
 
 
 def test_uid_pairs_match_reference_and_reject_bad_uids():
-    from raymimic.select.uidpairs import uid_pairs
+    from raymimic.data.uids import uid_pairs, uid_to_pair
 
-    uids = [f"{i * 7919:032x}" for i in range(50)] + ["f" * 32]
+    uids = [f"{i * 7919:032x}" for i in range(50)] + ["f" * 32, "0123456789ABCDEFabcdef0123456789"]
     hi, lo = uid_pairs(np.array(uids, dtype=object))
-    ref = uids_to_array(uids)
+    ref = np.array(sorted(uid_to_pair(u.lower()) for u in uids), dtype="u8,u8")  # plain Python int parsing
     got = np.sort(np.array(list(zip(hi, lo)), dtype="u8,u8"), order=["f0", "f1"])
     assert np.array_equal(got, ref)
     with pytest.raises(ValueError, match="malformed uid 'xyz'"):

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymimic.select.quality import QualityAccumulator
-from raymimic.select.uidpairs import uid_pairs, write_subset_pairs
+from raymimic.data.uids import uid_pairs, write_subset_pairs
 
 
 def _scalar_columns(schema, wanted: Sequence[str] | None) -> list[str]:
