@@ -166,7 +166,7 @@ class _Worker:
             save_checkpoint(self.unwrapped, uri, self.cfg.model, step=self.state.step, epoch=self.state.epoch)
 
 
-def _metrics(worker: _Worker, results: list, elapsed: float) -> dict:
+def _metrics(worker: _Worker, results: list, elapsed: float, data_wait: float = 0.0) -> dict:
     from raymimic.train.step import all_reduce_sum
 
     losses = torch.stack([r.loss.float() for r in results])
@@ -182,6 +182,9 @@ def _metrics(worker: _Worker, results: list, elapsed: float) -> dict:
         "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
         "frac_above_uniform": float((weights > 1.0 / batch).float().mean()),
         "samples_per_s": len(results) * batch / max(elapsed, 1e-9),
+        # share of the interval this worker spent waiting for its next batch: near 1 means
+        # the Ray Data pipeline, not the model, limits training (add CPUs or preprocess ahead)
+        "data_wait_fraction": data_wait / max(elapsed, 1e-9),
         "lr": learning_rate(worker.state.step - 1, worker.cfg),
     }
 
@@ -199,9 +202,10 @@ def train_loop_per_worker(config: dict) -> None:
 
         progress = tqdm(total=cfg.total_steps, initial=state.step, desc="stage 1", unit="step")
     interval_results, interval_start = [], time.perf_counter()
-    since_flush = 0
+    since_flush, data_wait = 0, 0.0
     while state.step < cfg.total_steps:
         skip, seen = state.batches_in_epoch, 0
+        waiting_since = time.perf_counter()
         for batch in shard.iter_batches(
             batch_size=worker.local_batch, batch_format="numpy", drop_last=True, prefetch_batches=2,
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
@@ -209,7 +213,9 @@ def train_loop_per_worker(config: dict) -> None:
         ):
             seen += 1
             if seen <= skip:  # trained on before the restored checkpoint
+                waiting_since = time.perf_counter()
                 continue
+            data_wait += time.perf_counter() - waiting_since
             _maybe_crash(cfg, state.step, worker.rank)
             interval_results.append(worker.train_step(batch)["result"])
             since_flush += 1
@@ -218,8 +224,8 @@ def train_loop_per_worker(config: dict) -> None:
             done = state.step >= cfg.total_steps
             at_checkpoint = done or state.step % cfg.checkpoint_interval == 0
             if at_checkpoint or state.step % cfg.log_every == 0:
-                metrics = _metrics(worker, interval_results, time.perf_counter() - interval_start)
-                interval_results, interval_start = [], time.perf_counter()
+                metrics = _metrics(worker, interval_results, time.perf_counter() - interval_start, data_wait)
+                interval_results, interval_start, data_wait = [], time.perf_counter(), 0.0
                 if progress is not None:
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}")
                 if at_checkpoint:
@@ -232,6 +238,7 @@ def train_loop_per_worker(config: dict) -> None:
                 since_flush = 0
             if done:
                 break
+            waiting_since = time.perf_counter()
         if state.step >= cfg.total_steps:
             break
         if seen == 0:
