@@ -50,6 +50,15 @@ def _brute_classifier(model, x, y, name):
     return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)[name]
 
 
+def _classifier_probe(model, x, y):
+    """A probe on the head after one ordinary forward/backward of the mean cross-entropy."""
+    probe = MimicProbe(model, "2.weight")
+    with probe.capture():
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return probe
+
+
 @pytest.mark.parametrize("kind", ["proj", "cos"])
 def test_classifier_scores_match_per_sample_gradients(kind):
     model, reference = _classifier(), _classifier()
@@ -74,10 +83,7 @@ def test_classifier_scores_match_per_sample_gradients(kind):
 def test_classifier_reweighted_and_uniform_gradients():
     model = _classifier()
     x, y = torch.randn(7, 6), torch.randint(0, 4, (7,))
-    probe = MimicProbe(model, "2.weight")
-    with probe.capture():
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
+    probe = _classifier_probe(model, x, y)
     per_sample = _brute_classifier(model, x, y, "2.weight")
     w = torch.softmax(torch.randn(7), 0)
     close(reweighted_grad(probe, w, global_batch=7), (w[:, None, None] * per_sample).sum(0))
@@ -190,18 +196,12 @@ def test_approximate_influence_direction_from_clean_samples():
 
     model = _classifier()
     clean_x, clean_y = torch.randn(5, 6), torch.randint(0, 4, (5,))
-    probe = MimicProbe(model, "2.weight")
-    with probe.capture():
-        clean_loss = F.cross_entropy(model(clean_x), clean_y)
-    clean_loss.backward()
-    v = clean_gradient_direction(probe)
+    v = clean_gradient_direction(_classifier_probe(model, clean_x, clean_y))
     clean_mean = _brute_classifier(model, clean_x, clean_y, "2.weight").mean(0)
     close(v, -clean_mean)
     model.zero_grad()
     x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
-    with probe.capture():
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
+    probe = _classifier_probe(model, x, y)
     per_sample = _brute_classifier(model, x, y, "2.weight")
     expected = (per_sample * clean_mean).sum(dim=(1, 2)) / clean_mean.norm()
     close(mimic_scores(probe, v, global_batch=8), expected)

@@ -33,11 +33,6 @@ class Weighting:
     def weights(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def _batch(self, stats: dict[str, torch.Tensor]) -> int:
-        for key in self.needs:
-            return stats[key].shape[0]
-        raise ValueError(f"weighting {self.name!r} needs 'batch_size' in stats")
-
 
 @dataclass
 class Uniform(Weighting):
@@ -47,7 +42,9 @@ class Uniform(Weighting):
     needs: ClassVar[tuple[str, ...]] = ()
 
     def weights(self, stats):
-        size = int(stats["batch_size"]) if "batch_size" in stats else self._batch(stats)
+        if "batch_size" not in stats:
+            raise ValueError("weighting 'sgd' needs 'batch_size' in stats (the global batch size)")
+        size = int(stats["batch_size"])
         return torch.full((size,), 1.0 / size)
 
 
