@@ -8,7 +8,7 @@ import sys
 # the job runs from the uploaded working directory: make its raymimic importable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raymimic.train.job import main  # noqa: E402
+from raymimic.app.train_job import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main("medium", prog="datacomp_medium.py"))

@@ -5,7 +5,7 @@
 """
 import sys
 
-from raymimic.commands.quickstart import main
+from raymimic.app.quickstart import main
 
 if __name__ == "__main__":
     sys.exit(main())

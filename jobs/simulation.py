@@ -3,7 +3,7 @@
     python jobs/simulation.py --help
 
 The same options drive ``raymimic simulate``; both are defined once in
-:mod:`raymimic.sim.options`.
+:mod:`raymimic.app.simulate_options`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from raymimic.sim.options import DESCRIPTION, EPILOG, add_arguments, run  # noqa: E402
+from raymimic.app.simulate_options import DESCRIPTION, EPILOG, add_arguments, run  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -115,7 +115,7 @@ def run(cfg: QuickstartConfig) -> dict:
     from raymimic.data.uids import read_subset_uids, write_subset
     from raymimic.evaluate import evaluate
     from raymimic.select.pipeline import run_filter
-    from raymimic.train.job import pool_dataset
+    from raymimic.data.preprocess import clip_training_dataset
 
     started = time.time()
     cfg.output = os.path.abspath(cfg.output)
@@ -127,11 +127,11 @@ def run(cfg: QuickstartConfig) -> dict:
     _log(f"writing toy pools under {cfg.output}")
     make_toy_pool(pool, samples=cfg.samples, noise=cfg.noise, seed=cfg.seed, shard_size=2000, eval_samples=cfg.eval_samples)
     make_toy_pool(ref_pool, samples=cfg.reference_samples, noise=0.0, seed=cfg.seed + 1, shard_size=2000, eval_samples=0)
-    full = pool_dataset(pool, cfg.model).materialize()
+    full = clip_training_dataset(pool, cfg.model).materialize()
     results: dict = {"config": cfg.__dict__.copy()}
 
     _log("training the reference model on the clean pool")
-    reference = _train(cfg, "reference", pool_dataset(ref_pool, cfg.model).materialize(), cfg.reference_samples,
+    reference = _train(cfg, "reference", clip_training_dataset(ref_pool, cfg.model).materialize(), cfg.reference_samples,
                        cfg.reference_epochs, None, "sgd")
     _log(f"Stage 1: training with per-sample mimic scores (weighting: {cfg.stage1_weighting})")
     stage1 = _train(cfg, "stage1", full, cfg.samples, cfg.epochs, reference, cfg.stage1_weighting)

@@ -121,7 +121,7 @@ def test_read_pool_returns_every_toy_uid_once(ray_session, toy):
 
 
 def test_cli_writes_a_pool(tmp_path, capsys):
-    from raymimic.cli import main
+    from raymimic.app.cli import main
 
     assert main(["make-toy-pool", "--output", str(tmp_path / "cli"), "--samples", "12", "--noise", "0.25",
                  "--shard-size", "5", "--eval-samples", "4", "--workers", "1"]) == 0

@@ -49,7 +49,7 @@ def f1_of_dropped(frame, noisy, keep_column="keep"):
 
 
 def test_cli_ensemble_filter_finds_noisy_samples_and_writes_contract(ray_session, run_dir):
-    from raymimic.cli import main
+    from raymimic.app.cli import main
 
     table, noisy, scores, root = run_dir
     out = root / "out_ensemble"

@@ -147,7 +147,7 @@ def test_short_simulation_writes_results_json(tmp_path):
 
 def test_cli_and_job_share_the_options():
     job = load_job()
-    from raymimic.cli import build_parser
+    from raymimic.app.cli import build_parser
 
     argv = ["--methods", "agra", "--noise", "0.2", "--tau", "0.5", "--reweight-all"]
     from_cli = vars(build_parser().parse_args(["simulate", *argv]))

@@ -103,7 +103,7 @@ def test_ray_job_submit_smoke(tmp_path, ray_session):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
     from raymimic.clip.models import register_model_configs
-    from raymimic.train.score_table import read_score_table
+    from raymimic.score_table import read_score_table
 
     register_model_configs()
     table = read_score_table(str(output / "scores"))

@@ -117,3 +117,13 @@ def preprocess_for_clip(
         fn_kwargs={"transform": transform, "tokenizer": tokenizer, "ledger": ledger, "keep_columns": tuple(keep_columns)},
         **extra,
     )
+
+
+def clip_training_dataset(pool: str, model_name: str, rejects=None):
+    """A DataComp pool as (uid, image float32 CxHxW, text int64 tokens): what training and scoring read."""
+    from raymimic.clip.models import register_model_configs
+    from raymimic.data.pool import read_pool
+
+    register_model_configs()
+    ds = read_pool(pool, columns=["uid", "text", "image"], rejects=rejects)
+    return preprocess_for_clip(ds, model_name=model_name, rejects=rejects)

@@ -20,7 +20,7 @@ import torch
 
 from raymimic.train.checkpoint import TrainState, load_train_checkpoint, save_train_checkpoint
 from raymimic.train.config import TrainConfig
-from raymimic.train.score_table import ScoreTableWriter, discard_from_step
+from raymimic.score_table import ScoreTableWriter, discard_from_step
 
 # no weight decay on gains, biases and the temperature (open_clip's training recipe)
 def _no_decay(name: str, param: torch.Tensor) -> bool:

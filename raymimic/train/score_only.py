@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from raymimic.train.score_table import SCHEMA
+from raymimic.score_table import SCHEMA
 
 
 def checkpoint_position(checkpoint: str | None) -> tuple[int, int]:

@@ -28,7 +28,7 @@ examples:
 
 def register(subparsers) -> None:
     from raymimic.train.config import PRESETS
-    from raymimic.train.job import add_train_arguments
+    from raymimic.app.train_job import add_train_arguments
 
     parser = subparsers.add_parser(
         "train",
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from raymimic.train.config import PRESETS
-    from raymimic.train.job import run_job
+    from raymimic.app.train_job import run_job
 
     # options the user did not change take the chosen preset's value
     small, chosen = PRESETS["small"], PRESETS[args.preset]

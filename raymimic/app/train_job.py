@@ -74,17 +74,6 @@ def config_from_args(args, output: str, pool_model: str | None = None) -> TrainC
     return TrainConfig(**values)
 
 
-def pool_dataset(pool: str, model_name: str, rejects=None):
-    """Pool -> (uid, image float32 CxHxW, text int64 tokens) as the trainer wants it."""
-    from raymimic.clip.models import register_model_configs
-    from raymimic.data.pool import read_pool
-    from raymimic.data.preprocess import preprocess_for_clip
-
-    register_model_configs()
-    ds = read_pool(pool, columns=["uid", "text", "image"], rejects=rejects)
-    return preprocess_for_clip(ds, model_name=model_name, rejects=rejects)
-
-
 def _smoke_setup(args, output: str) -> None:
     """Toy pool and random reference under ``output``; a tiny preset that runs on 2 CPU workers."""
     import torch
@@ -109,7 +98,8 @@ def _smoke_setup(args, output: str) -> None:
 def run_job(args) -> int:
     import ray
 
-    from raymimic.train.score_table import read_score_table
+    from raymimic.data.preprocess import clip_training_dataset
+    from raymimic.score_table import read_score_table
     from raymimic.train.trainer import fit, normalise_output
 
     output = args.output
@@ -126,7 +116,7 @@ def run_job(args) -> int:
     cfg = config_from_args(args, output)
     if not ray.is_initialized():
         ray.init()
-    summary = fit(cfg, pool_dataset(args.pool, cfg.model))
+    summary = fit(cfg, clip_training_dataset(args.pool, cfg.model))
     table = read_score_table(summary.scores)
     print(f"trained {summary.metrics.get('step')} steps of {cfg.global_batch} samples on {cfg.workers} workers")
     print(f"score table: {summary.scores} ({table.num_rows} rows: uid, step, epoch, rank, score, weight, batch_size)")

@@ -5,7 +5,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from raymimic.sim.options import DESCRIPTION, EPILOG, add_arguments, run
+    from raymimic.app.simulate_options import DESCRIPTION, EPILOG, add_arguments, run
 
     parser = subparsers.add_parser(
         "simulate",

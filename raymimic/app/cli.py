@@ -1,18 +1,18 @@
 """The ``raymimic`` command line.
 
-Each subcommand lives in its own module under :mod:`raymimic.commands` and exposes
-``register(subparsers)``; this file only discovers and dispatches them, so adding a
-command never touches the others. Command modules import their heavy dependencies
+Each subcommand lives in its own module under :mod:`raymimic.app` and exposes
+``register(subparsers)``; this file only lists and dispatches them. Command modules import their heavy dependencies
 (torch, ray) inside ``run`` so that ``raymimic --help`` stays instant.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import sys
 
-import raymimic.commands as _commands
+
+# module of raymimic.app -> the subcommand it registers (order of `raymimic --help`)
+COMMANDS = ("train", "score", "filter", "report", "quickstart", "simulate", "make_toy_pool")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,11 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"raymimic.commands.{info.name}")
-        module.register(subparsers)
+    for name in COMMANDS:
+        importlib.import_module(f"raymimic.app.{name}").register(subparsers)
     return parser
 
 

@@ -41,7 +41,7 @@ def run(args) -> int:
     import ray
 
     from raymimic.clip.models import local_copy
-    from raymimic.train.job import pool_dataset
+    from raymimic.data.preprocess import clip_training_dataset
     from raymimic.train.score_only import score_dataset, write_scores
 
     if not ray.is_initialized():
@@ -49,7 +49,7 @@ def run(args) -> int:
     checkpoint = args.checkpoint
     if checkpoint and ("://" in checkpoint or "/" in checkpoint):
         checkpoint = local_copy(checkpoint)
-    scored = score_dataset(pool_dataset(args.pool, args.model), args.model, checkpoint, args.reference,
+    scored = score_dataset(clip_training_dataset(args.pool, args.model), args.model, checkpoint, args.reference,
                            mimic_layer=args.mimic_layer, score_kind=args.score_kind, tau=args.tau,
                            batch_size=args.batch_size, actors=args.actors, use_gpu=args.gpu, step=args.step)
     uri = write_scores(scored, args.output)
