@@ -4,10 +4,15 @@ paper's code does), same model, batch and optimizer, measured in one process.
 
     python benchmarks/mimic_overhead.py                      # tiny CLIP and ViT-B-32
     python benchmarks/mimic_overhead.py --models raymimic-tiny --batch 32 --json out.json
+    python benchmarks/mimic_overhead.py --models ViT-B-32 --batch 256 --device cuda --precision bf16 --json gpu.json
+
+On CUDA the forward pass and loss of every mode run under bf16 autocast (``--precision auto``
+or ``bf16``), as in training, and each timed step ends with ``torch.cuda.synchronize()``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -19,34 +24,45 @@ from raymimic.clip import contrastive_loss, create_model, resolve_mimic_layer, s
 from raymimic.mimic import GradMimic, MimicProbe, get_parameter, mimic_scores, reweighted_grad
 
 
-def make_batch(model_name: str, model, batch: int):
+def make_batch(model_name: str, model, batch: int, device: str | torch.device = "cpu"):
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    images = torch.randn(batch, 3, size, size)
-    texts = torch.randint(1, 1000, (batch, model.context_length))
+    images = torch.randn(batch, 3, size, size).to(device)
+    texts = torch.randint(1, 1000, (batch, model.context_length)).to(device)
     return images, texts
 
 
-def plain_step(model, optimizer, images, texts, **_):
-    optimizer.zero_grad(set_to_none=True)
-    contrastive_loss(*model(images, texts)[:3]).backward()
-    optimizer.step()
+def autocast_for(device: str, precision: str):
+    """bf16 autocast (``precision`` bf16, or auto on CUDA) or nothing (fp32)."""
+    if precision == "bf16" or (precision == "auto" and device == "cuda"):
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
-def mimic_step(model, optimizer, images, texts, probe, reference_weight, weighting, **_):
+def plain_step(model, optimizer, images, texts, autocast=None, **_):
     optimizer.zero_grad(set_to_none=True)
-    with probe.capture():
+    with autocast or contextlib.nullcontext():
         loss = contrastive_loss(*model(images, texts)[:3])
     loss.backward()
-    direction = reference_weight - probe.parameter.detach()
-    scores = mimic_scores(probe, direction, global_batch=len(images))
-    weights = weighting.weights({"mimic": scores})
-    probe.parameter.grad = reweighted_grad(probe, weights, global_batch=len(images))
     optimizer.step()
 
 
-def torch_func_step(model, optimizer, images, texts, probe, reference_weight, weighting, name, **_):
+def mimic_step(model, optimizer, images, texts, probe, reference_weight, weighting, autocast=None, **_):
+    optimizer.zero_grad(set_to_none=True)
+    with autocast or contextlib.nullcontext(), probe.capture():
+        loss = contrastive_loss(*model(images, texts)[:3])
+    loss.backward()
+    direction = reference_weight - probe.parameter.detach().float()
+    scores = mimic_scores(probe, direction, global_batch=len(images))
+    weights = weighting.weights({"mimic": scores.float()})
+    # as raymimic's training step: the re-weighted gradient in float32, stored in the parameter's dtype
+    probe.parameter.grad = reweighted_grad(probe, weights, global_batch=len(images)).float().to(probe.parameter.dtype)
+    optimizer.step()
+
+
+def torch_func_step(model, optimizer, images, texts, probe, reference_weight, weighting, name, autocast=None, **_):
     """Per-sample gradients of the mimic layer materialised with torch.func, then the same update."""
+    autocast = autocast or contextlib.nullcontext()
     optimizer.zero_grad(set_to_none=True)
     weight = get_parameter(model, name)
     batch = len(images)
@@ -58,51 +74,89 @@ def torch_func_step(model, optimizer, images, texts, probe, reference_weight, we
 
     # one copy of the layer per sample: dL/dW_i is sample i's own-path gradient
     def batch_loss(copies):
-        image_f, text_f = vmap(features)(copies, images, texts)
-        return contrastive_loss(image_f, text_f, model.logit_scale.exp().detach())
+        with autocast:
+            image_f, text_f = vmap(features)(copies, images, texts)
+            return contrastive_loss(image_f, text_f, model.logit_scale.exp().detach())
 
-    per_sample = grad(batch_loss)(weight.detach().expand(batch, *weight.shape).contiguous()) * batch
-    direction = reference_weight - weight.detach()
+    per_sample = grad(batch_loss)(weight.detach().expand(batch, *weight.shape).contiguous()).float() * batch
+    direction = reference_weight - weight.detach().float()
     scores = -(per_sample * direction).flatten(1).sum(1) / direction.norm()
     weights = weighting.weights({"mimic": scores})
-    contrastive_loss(*model(images, texts)[:3]).backward()  # the other layers' ordinary gradients
-    weight.grad = (weights.reshape(-1, 1, 1) * per_sample).sum(0)
+    with autocast:
+        loss = contrastive_loss(*model(images, texts)[:3])
+    loss.backward()  # the other layers' ordinary gradients
+    weight.grad = (weights.reshape(-1, 1, 1) * per_sample).sum(0).to(weight.dtype)
     optimizer.step()
 
 
-def time_step(step, repeats: int, **kwargs) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(step, repeats: int, device: str = "cpu", **kwargs) -> float:
     step(**kwargs)  # warm-up
     times = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         step(**kwargs)
+        _sync(device)  # CUDA runs asynchronously: time the finished step
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def bench(model_name: str, batch: int, repeats: int, layer: str, skip_torch_func: bool) -> dict:
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False (no GPU, or a CPU-only PyTorch build)")
+    return device
+
+
+def bench(model_name: str, batch: int, repeats: int, layer: str, skip_torch_func: bool, device: str = "cpu",
+          precision: str = "auto") -> dict:
     torch.manual_seed(0)
-    model, _, _ = create_model(model_name)
+    model, _, _ = create_model(model_name, device=device)
     model.train()
     name = resolve_mimic_layer(model, layer)
     probe = MimicProbe(model, name, batch_dim=sample_dim(model, name))
-    reference_weight = get_parameter(model, name).detach().clone() + 0.01 * torch.randn(get_parameter(model, name).shape)
+    weight = get_parameter(model, name)
+    reference_weight = weight.detach().float().clone() + 0.01 * torch.randn(weight.shape).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.2, betas=(0.9, 0.98))
-    images, texts = make_batch(model_name, model, batch)
-    kwargs = dict(model=model, optimizer=optimizer, images=images, texts=texts, probe=probe,
-                  reference_weight=reference_weight, weighting=GradMimic(tau=0.05), name=name)
+    images, texts = make_batch(model_name, model, batch, device)
+    autocast = autocast_for(device, precision)
+    kwargs = dict(model=model, optimizer=optimizer, images=images, texts=texts, probe=probe, device=device,
+                  reference_weight=reference_weight, weighting=GradMimic(tau=0.05), name=name, autocast=autocast)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     # interleave the modes so drift in machine load hits all of them alike
     plain, mimic, func = [], [], []
+    func_error = None
     for _ in range(repeats):
         plain.append(time_step(plain_step, 1, **kwargs))
         mimic.append(time_step(mimic_step, 1, **kwargs))
-        if not skip_torch_func:
-            func.append(time_step(torch_func_step, 1, **kwargs))
+        if not skip_torch_func and func_error is None:
+            try:
+                func.append(time_step(torch_func_step, 1, **kwargs))
+            except RuntimeError as exc:  # incl. CUDA out of memory, in the baseline only: keep the raymimic numbers
+                func_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                print(f"torch.func baseline failed for {model_name} batch {batch}: {func_error}")
+                if device == "cuda":
+                    torch.cuda.empty_cache()
     plain_s, mimic_s = statistics.median(plain), statistics.median(mimic)
     func_s = statistics.median(func) if func else float("nan")
-    return {"model": model_name, "batch": batch, "layer": name, "plain_s": plain_s, "mimic_s": mimic_s,
-            "torch_func_s": func_s, "mimic_over_plain": mimic_s / plain_s, "torch_func_over_plain": func_s / plain_s,
-            "threads": torch.get_num_threads(), "device": "cpu"}
+    bf16 = isinstance(autocast, torch.autocast)
+    result = {"model": model_name, "batch": batch, "layer": name, "plain_s": plain_s, "mimic_s": mimic_s,
+              "torch_func_s": func_s, "mimic_over_plain": mimic_s / plain_s, "torch_func_over_plain": func_s / plain_s,
+              "threads": torch.get_num_threads(), "device": device, "precision": "bf16" if bf16 else "fp32",
+              "plain_samples_per_s": batch / plain_s, "mimic_samples_per_s": batch / mimic_s}
+    if func_error is not None:
+        result["torch_func_error"] = func_error
+    if device == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
 
 
 def main(argv=None) -> int:
@@ -112,10 +166,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode (median reported)")
     parser.add_argument("--layer", default="image-mlp", help="mimic layer alias or parameter name")
     parser.add_argument("--skip-torch-func", action="store_true", help="skip the slow per-sample-gradient baseline")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                        help="where to run: cpu, cuda (fails without a GPU) or auto (cuda when available) (default cpu)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: bf16 autocast on either (default auto)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)
     batches = args.batch * len(args.models) if len(args.batch) == 1 else args.batch
-    results = [bench(m, b, args.repeats, args.layer, args.skip_torch_func) for m, b in zip(args.models, batches)]
+    results = [bench(m, b, args.repeats, args.layer, args.skip_torch_func, device, args.precision) for m, b in zip(args.models, batches)]
     print(f"{'model':<16}{'batch':>6}{'plain s':>10}{'mimic s':>10}{'func s':>10}{'mimic/plain':>13}{'func/plain':>12}")
     for r in results:
         print(f"{r['model']:<16}{r['batch']:>6}{r['plain_s']:>10.4f}{r['mimic_s']:>10.4f}{r['torch_func_s']:>10.4f}"

@@ -69,10 +69,10 @@ def run_ray(scores: str, output: str) -> dict:
 
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    from raymimic.select.pipeline import run_filter
+    from raymimic.select.pipeline import FilterConfig, run_filter
 
     started = time.time()
-    summary = run_filter(scores, output, method="gmm")
+    summary = run_filter(FilterConfig(scores, output, method="gmm"))
     return {"seconds": time.time() - started, "n_kept": summary["n_kept"]}
 
 
@@ -149,10 +149,11 @@ def measure(mode: str, scores: str, output: str) -> dict:
 def f1_dropped(output: str, noisy_path: str) -> float:
     import pandas as pd
 
+    from raymimic.select.quality import detection_metrics
+
     decisions = pd.read_parquet(f"{output}/decisions.parquet", columns=["uid", "keep"])
     truth = decisions["uid"].isin(set(np.load(noisy_path).tolist())).to_numpy()
-    dropped = ~decisions["keep"].to_numpy(bool)
-    return float(2 * (dropped & truth).sum() / (dropped.sum() + truth.sum()))
+    return float(detection_metrics(decisions["keep"].to_numpy(bool), truth)["f1"])
 
 
 def main() -> None:

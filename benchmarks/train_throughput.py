@@ -13,6 +13,11 @@ start-up is not counted) and reported with the ratios to the anchor:
 goal ``plain/torchrun >= 0.95`` and ``mimic/plain >= 0.95``.
 
     python benchmarks/train_throughput.py --model raymimic-small --workers 2 --global-batch 128 --steps 30
+    python benchmarks/train_throughput.py --gpu --precision bf16 --model ViT-B-32 --workers 1 --global-batch 256 \
+        --steps 20 --warmup-steps 10
+
+With ``--gpu`` every run uses one GPU per worker and bf16 autocast (``--precision auto`` or
+``bf16``; ``fp32`` turns autocast off in all three runs).
 """
 from __future__ import annotations
 
@@ -66,7 +71,8 @@ def torchrun_worker(args) -> None:
     items = synthetic_items(local * 4, image_size, model.context_length, seed=rank)
     images = torch.as_tensor(np.stack([it["image"] for it in items]))
     texts = torch.as_tensor(np.stack([it["text"] for it in items]))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_gpu else torch.autocast("cpu", enabled=False)
+    bf16 = use_gpu and args.precision in ("auto", "bf16")  # as raymimic's trainer (precision auto / amp_bf16)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cuda" if use_gpu else "cpu", enabled=False)
     start = None
     for step in range(args.steps):
         if step == args.warmup_steps:
@@ -104,11 +110,15 @@ def run_torchrun(args) -> float:
 
 def _common_flags(args) -> list[str]:
     flags = ["--model", args.model, "--workers", str(args.workers), "--global-batch", str(args.global_batch),
-             "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--threads", str(args.threads)]
+             "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--threads", str(args.threads),
+             "--precision", args.precision]
     return flags + (["--gpu"] if args.gpu else [])
 
 
 # --------------------------------------------------------------------------- raymimic on Ray Train
+TRAIN_PRECISION = {"auto": "auto", "fp32": "fp32", "bf16": "amp_bf16"}  # this program's names -> TrainConfig.precision
+
+
 def run_raymimic(args, scoring: bool, dataset, reference: str, root: str) -> dict:
     from raymimic.train.config import TrainConfig
     from raymimic.train.trainer import fit
@@ -117,7 +127,7 @@ def run_raymimic(args, scoring: bool, dataset, reference: str, root: str) -> dic
     cfg = TrainConfig(
         output=output, model=args.model, reference=reference if scoring else None,
         weighting="grad-mimic" if scoring else "sgd", samples_seen=args.global_batch * args.steps,
-        global_batch=args.global_batch, warmup=2, workers=args.workers, use_gpu=args.gpu,
+        global_batch=args.global_batch, warmup=2, workers=args.workers, use_gpu=args.gpu, precision=TRAIN_PRECISION[args.precision],
         cpus_per_worker=args.cpus_per_worker, checkpoint_every=args.steps, score_flush_every=args.steps,
         log_every=args.steps - args.warmup_steps, progress=False,
     )
@@ -135,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per worker (default 1)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--precision", choices=list(TRAIN_PRECISION), default="auto",
+                        help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 (needs --gpu); fp32 (default auto)")
     parser.add_argument("--json", help="write the results as JSON to this path")
     parser.add_argument("--torchrun-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -146,6 +158,17 @@ def main(argv=None) -> int:
     if timed < 1 or args.warmup_steps % timed:
         # Ray Train reports every `timed` steps, so the last report covers exactly the timed steps
         parser.error("--steps must exceed --warmup-steps, and --warmup-steps must be a multiple of steps - warmup-steps")
+    if args.precision == "bf16" and not args.gpu:
+        parser.error("--precision bf16 needs --gpu (raymimic's trainer uses bf16 autocast on GPUs only)")
+    if args.gpu:
+        import torch
+
+        # without this check the torchrun anchor would fall back to the CPU and Ray would wait for GPUs forever
+        if not torch.cuda.is_available():
+            parser.error("--gpu but torch.cuda.is_available() is False (no GPU, or a CPU-only PyTorch build)")
+        if args.workers > torch.cuda.device_count():
+            parser.error(f"--workers {args.workers} needs {args.workers} GPUs (one per worker); "
+                         f"this machine has {torch.cuda.device_count()}")
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -173,7 +196,8 @@ def main(argv=None) -> int:
     plain, mimic = plain_metrics["samples_per_s"], mimic_metrics["samples_per_s"]
     results = {
         "model": args.model, "workers": args.workers, "global_batch": args.global_batch, "timed_steps": args.steps - args.warmup_steps,
-        "device": "gpu" if args.gpu else "cpu", "samples_per_s": {"torchrun_ddp": anchor, "raymimic_plain": plain, "raymimic_mimic": mimic},
+        "device": "gpu" if args.gpu else "cpu", "precision": "bf16" if args.gpu and args.precision != "fp32" else "fp32",
+        "samples_per_s": {"torchrun_ddp": anchor, "raymimic_plain": plain, "raymimic_mimic": mimic},
         "data_wait_fraction": {"raymimic_plain": plain_metrics["data_wait_fraction"], "raymimic_mimic": mimic_metrics["data_wait_fraction"]},
         "ratio_plain_vs_torchrun": plain / anchor, "ratio_mimic_vs_plain": mimic / plain, "ratio_mimic_vs_torchrun": mimic / anchor,
     }

@@ -11,7 +11,6 @@ Checkpoints are open_clip's format, so DataComp's own evaluation loads them unch
 """
 from __future__ import annotations
 
-import io
 from typing import Sequence
 
 import numpy as np
@@ -20,58 +19,30 @@ DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}
 
 
 class _Embedder:
-    """Ray Data actor: loads the model once, embeds batches, predicts zero-shot classes."""
+    """Ray Data actor: loads the model once (:class:`~raymimic.clip.embed.ClipEmbedder`), embeds batches, predicts zero-shot classes."""
 
     def __init__(self, model_name: str, checkpoint: str | None, classnames: Sequence[str] | None,
                  templates: Sequence[str], label_column: str, device: str):
-        import torch
+        from raymimic.clip.embed import ClipEmbedder
 
-        from raymimic.clip import create_model, get_tokenizer
-
-        self.torch = torch
-        self.device = device
-        self.model, _, self.preprocess = create_model(model_name, pretrained=checkpoint, device=device)
-        self.model.eval()
-        self.tokenizer = get_tokenizer(model_name)
+        self.embedder = ClipEmbedder(model_name, checkpoint, device)
         self.label_column = label_column
-        self.class_embeddings = self._class_embeddings(classnames, templates) if classnames else None
-
-    def _class_embeddings(self, classnames, templates):
-        with self.torch.no_grad():
-            rows = []
-            for name in classnames:
-                tokens = self.tokenizer([t.format(name) for t in templates]).to(self.device)
-                emb = self.model.encode_text(tokens, normalize=True).mean(0)
-                rows.append(emb / emb.norm())
-            return self.torch.stack(rows)
-
-    def _images(self, column) -> "torch.Tensor":
-        from PIL import Image
-
-        first = column[0]
-        if isinstance(first, (bytes, bytearray, np.bytes_)):
-            tensors = [self.preprocess(Image.open(io.BytesIO(bytes(b))).convert("RGB")) for b in column]
-            return self.torch.stack(tensors)
-        return self.torch.as_tensor(np.stack(list(column)), dtype=self.torch.float32)
+        self.class_embeddings = self.embedder.embed_classes(classnames, templates) if classnames else None
 
     def __call__(self, batch: dict) -> dict:
-        torch = self.torch
         out = {}
-        with torch.no_grad():
-            image_f = self.model.encode_image(self._images(batch["image"]).to(self.device), normalize=True)
-            out["image_features"] = image_f.float().cpu().numpy()
-            if "text" in batch:
-                text = batch["text"]
-                tokens = torch.as_tensor(np.stack(list(text))) if not isinstance(text[0], str) else self.tokenizer(list(text))
-                out["text_features"] = self.model.encode_text(tokens.to(self.device), normalize=True).float().cpu().numpy()
-            if self.class_embeddings is not None:
-                labels = np.asarray(batch[self.label_column]).astype(np.int64)
-                logits = image_f @ self.class_embeddings.t()
-                top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu().numpy()
-                out["top1"] = (top[:, 0] == labels).astype(np.float64)
-                out["top5"] = (top == labels[:, None]).any(axis=1).astype(np.float64)
-                out["prediction"] = top[:, 0]
-                out[self.label_column] = labels
+        image_f = self.embedder.embed_images(batch["image"])
+        out["image_features"] = image_f.float().cpu().numpy()
+        if "text" in batch:
+            out["text_features"] = self.embedder.embed_texts(batch["text"]).float().cpu().numpy()
+        if self.class_embeddings is not None:
+            labels = np.asarray(batch[self.label_column]).astype(np.int64)
+            logits = image_f @ self.class_embeddings.t()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu().numpy()
+            out["top1"] = (top[:, 0] == labels).astype(np.float64)
+            out["top5"] = (top == labels[:, None]).any(axis=1).astype(np.float64)
+            out["prediction"] = top[:, 0]
+            out[self.label_column] = labels
         return out
 
 

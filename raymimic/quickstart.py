@@ -13,6 +13,7 @@ The ground truth is read only in step 6: training and filtering never see it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -20,36 +21,58 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from raymimic.train.config import DEFAULT_TAU
+
 
 @dataclass
 class QuickstartConfig:
+    """The quickstart's settings: pool sizes, the model and its training, the Stage-2 filter."""
+
     output: str = "runs/quickstart"
-    samples: int = 6000
-    reference_samples: int = 6000
-    noise: float = 0.4
-    eval_samples: int = 1000
+    samples: int = 6000  # noisy pool size
+    reference_samples: int = 6000  # clean pool the reference model trains on
+    noise: float = 0.4  # fraction of corrupted captions in the noisy pool
+    eval_samples: int = 1000  # clean held-out split for evaluation
     model: str = "raymimic-tiny"
-    # 10 epochs: at 4 the tiny model only tells colours apart (zero-shot top-1 0.27, 16
-    # classes); at 12 it reaches 0.59 in one process. 10 keeps the run near 10 minutes.
+    # epochs of every training run: enough for the tiny model to learn shapes, not only colours,
+    # while the whole run stays short on a small machine (measurements: docs/)
     epochs: int = 10
     reference_epochs: int = 10
     global_batch: int = 128
     lr: float = 2e-3
-    tau: float = 0.05
-    workers: int = 2
-    method: str = "ensemble"
-    # How Stage 1 weights the batch while it records the mimic scores. Measured on this toy
-    # pool (same data and reference, one process): scores recorded under uniform weights
-    # separate noisy from clean captions with ROC-AUC 0.965; under Grad-Mimic re-weighting
-    # the mimic layer is pulled toward the reference and the scores lose the signal (AUC 0.50
-    # at tau 0.05, 0.54 at tau 1, 0.81 at tau 5). So the filter's scores come from a uniform-
-    # weight run by default; "grad-mimic" re-weights online as the paper does.
+    tau: float = DEFAULT_TAU  # Grad-Mimic softmax temperature
+    workers: int = 2  # Ray Train workers
+    method: str = "ensemble"  # Stage-2 binarizer, one of raymimic.select.mimic.MIMIC_METHODS
+    # How Stage 1 weights the batch while it records the mimic scores (a name of
+    # raymimic.mimic.weighting.WEIGHTINGS). "sgd" (uniform weights) by default: re-weighting
+    # pulls the mimic layer toward the reference and the recorded scores then separate noisy
+    # from clean captions less well (measurements: README and docs/); "grad-mimic" re-weights
+    # online as the paper does.
     stage1_weighting: str = "sgd"
     # the quantity the binarizers fit: per-step standardised raw score (see select/binarize.py);
     # uniform-weight runs have B*w = 1 everywhere, so the weight itself carries nothing
     filter_feature: str | None = "step_z"
     seed: int = 0
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("samples", "reference_samples", "epochs", "reference_epochs", "global_batch", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be >= 1 (the models are evaluated on it), got {self.eval_samples}")
+        if not 0 <= self.noise < 1:
+            raise ValueError(f"noise is a fraction in [0, 1), got {self.noise}")
+        if not self.tau > 0:
+            raise ValueError(f"tau (the softmax temperature) must be > 0, got {self.tau}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
 
 
 def _log(message: str) -> None:
@@ -100,11 +123,11 @@ def _eval_split(pool: str):
 
 
 def detection_metrics(dropped: np.ndarray, noisy: np.ndarray) -> dict:
-    tp = int((dropped & noisy).sum())
-    precision = tp / max(1, int(dropped.sum()))
-    recall = tp / max(1, int(noisy.sum()))
-    f1 = 2 * precision * recall / max(1e-12, precision + recall)
-    return {"precision": precision, "recall": recall, "f1": f1, "dropped": int(dropped.sum()), "noisy": int(noisy.sum())}
+    """The report's row: :func:`raymimic.select.quality.detection_metrics` of the dropped set, counts as ``dropped``/``noisy``."""
+    from raymimic.select.quality import detection_metrics as metrics
+
+    m = metrics(~np.asarray(dropped, dtype=bool), noisy)
+    return {"precision": m["precision"], "recall": m["recall"], "f1": m["f1"], "dropped": m["n_dropped"], "noisy": m["n_noisy"]}
 
 
 def run(cfg: QuickstartConfig) -> dict:
@@ -114,7 +137,7 @@ def run(cfg: QuickstartConfig) -> dict:
     from raymimic.data.toy_pool import make_toy_pool
     from raymimic.data.uids import read_subset_uids, write_subset
     from raymimic.evaluate import evaluate
-    from raymimic.select.pipeline import run_filter
+    from raymimic.select.pipeline import FilterConfig, run_filter
     from raymimic.data.preprocess import clip_training_dataset
 
     started = time.time()
@@ -137,8 +160,8 @@ def run(cfg: QuickstartConfig) -> dict:
     stage1 = _train(cfg, "stage1", full, cfg.samples, cfg.epochs, reference, cfg.stage1_weighting)
     _log("Stage 2: the mimic filter")
     filter_out = os.path.join(cfg.output, "filter")
-    summary = run_filter(os.path.join(cfg.output, "stage1", "scores"), filter_out, pool=pool, method=cfg.method,
-                         feature=cfg.filter_feature, report=True)
+    summary = run_filter(FilterConfig(os.path.join(cfg.output, "stage1", "scores"), filter_out, pool=pool, method=cfg.method,
+                                      feature=cfg.filter_feature, report=True))
     kept = set(read_subset_uids(os.path.join(filter_out, "keep.npy")))
     results["filter"] = {"kept": len(kept), "fraction_kept": summary.get("fraction_kept"), "quality": summary.get("quality")}
 

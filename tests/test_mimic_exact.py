@@ -15,16 +15,19 @@ from torch.func import functional_call, grad, vmap
 from raymimic.clip import contrastive_loss, create_model, get_tokenizer, resolve_mimic_layer, sample_dim
 from raymimic.mimic import (
     GradMimic,
+    batch_weights,
     MimicProbe,
-    OutputGrads,
     get_parameter,
     grad_norms,
     make_weighting,
     mean_batch_grad,
     mimic_scores,
+    output_grads,
     reference_direction,
     reweighted_backward,
     reweighted_grad,
+    reweighted_loss_backward,
+    weighting_stats,
 )
 
 torch.manual_seed(0)
@@ -97,14 +100,81 @@ def test_classifier_all_layers_reweighting_matches_weighted_loss():
     x, y = torch.randn(9, 6), torch.randint(0, 4, (9,))
     w = torch.softmax(torch.randn(9), 0)
     logits = model(x)
-    captured = OutputGrads(logits)
-    F.cross_entropy(logits, y).backward(retain_graph=True)
-    reweighted_backward(model, captured, w, global_batch=9)
+    grads = output_grads(F.cross_entropy(logits, y), [logits])
+    assert all(p.grad is None for p in model.parameters())  # the first pass accumulates nothing
+    reweighted_backward([logits], grads, w, global_batch=9)
     got = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
     (w * F.cross_entropy(model(x), y, reduction="none")).sum().backward()
     for k, p in model.named_parameters():
         close(got[k], p.grad)
+    # independent per-sample losses: the same through the weighted-loss backward, for every tensor
+    per_sample = {k: _brute_classifier(model, x, y, k) for k, _ in model.named_parameters()}
+    model.zero_grad()
+    reweighted_loss_backward(F.cross_entropy(model(x), y, reduction="none"), w)
+    for k, p in model.named_parameters():
+        close(p.grad, (w.reshape(-1, *[1] * (p.ndim)) * per_sample[k]).sum(0))
+
+
+@pytest.mark.parametrize("method", ["grad-mimic", "grad-norm", "agra", "rho", "grad-match", "sgd"])
+def test_weighting_stats_match_per_sample_gradients(method):
+    """One place computes what each weighting needs; every statistic against brute force."""
+    model, reference = _classifier(), _classifier()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p))
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    probe = _classifier_probe(model, x, y)
+    g = _brute_classifier(model, x, y, "2.weight")
+    v = reference_direction(model, reference, "2.weight")
+    other = torch.randn(4, 8)
+    called = []
+    weighting = make_weighting(method)
+    stats, mean_grad = weighting_stats(weighting, probe, v, 8, losses=torch.arange(8.0),
+                                       ref_losses=lambda: called.append(1) or torch.ones(8), align_with=other)
+    close(stats["mimic"], -(g * v).sum(dim=(1, 2)) / v.norm())
+    assert set(stats) == {"mimic", "batch_size", *weighting.needs} and int(stats["batch_size"]) == 8
+    assert called == ([1] if "ref_loss" in weighting.needs else [])  # computed only when needed
+    if "grad_norm" in weighting.needs:
+        close(stats["grad_norm"], g.flatten(1).norm(dim=1))
+    if "align" in weighting.needs:
+        close(stats["align"], F.cosine_similarity(g.flatten(1), other.flatten()[None], dim=1))
+        close(mean_grad, g.mean(0))  # the next step's comparison
+    else:
+        assert mean_grad is None
+    if "gram" in weighting.needs:
+        close(stats["gram"], g.flatten(1) @ g.flatten(1).t(), rtol=1e-4, atol=1e-4)
+    weights, local = batch_weights(weighting, stats)
+    assert torch.equal(weights, local) and weights.shape == (8,) and float(weights.sum()) == pytest.approx(1.0, abs=1e-5)
+    # a worker holding samples 4-7 of a global batch of 16 gets its slice (Grad-Match: its local share of 1)
+    stats["batch_size"] = torch.tensor(16)
+    if "gram" in weighting.needs:
+        _, local = batch_weights(weighting, stats, rank=1, local=8)
+        assert float(local.sum()) == pytest.approx(0.5, abs=1e-5)
+    elif method != "sgd":
+        full = torch.cat([stats["mimic"], stats["mimic"]])  # as if gathered from two workers
+        doubled = {k: torch.cat([t, t]) if t.ndim == 1 and k != "batch_size" else t for k, t in stats.items()} | {"mimic": full}
+        weights, local = batch_weights(weighting, doubled, rank=1, local=8)
+        assert torch.equal(local, weights[8:])
+
+
+def test_first_agra_step_agrees_with_all_and_distribution_comes_in_as_callables():
+    model = _classifier()
+    x, y = torch.randn(6, 6), torch.randint(0, 4, (6,))
+    probe = _classifier_probe(model, x, y)
+    calls = []
+
+    def gather(t):
+        calls.append("gather")
+        return t
+
+    def all_reduce(t):
+        calls.append("all_reduce")
+        return t
+
+    stats, mean_grad = weighting_stats(make_weighting("agra"), probe, None, 6, gather=gather, all_reduce=all_reduce)
+    assert torch.isnan(stats["mimic"]).all() and torch.equal(stats["align"], torch.ones(6))
+    assert calls == ["gather", "all_reduce"] and mean_grad is not None
 
 
 # -- (b) a tiny open_clip CLIP with the contrastive loss --------------------------------
@@ -165,11 +235,12 @@ def test_clip_all_layers_reweighting_matches_per_sample_copies(tiny_clip):
     model, _, images, texts = tiny_clip
     model.zero_grad()
     image_f, text_f, scale = model(images, texts)
-    captured = OutputGrads(image_f, text_f)
     contrastive_loss(image_f, text_f, scale).backward(retain_graph=True)
     plain_scale_grad = model.logit_scale.grad.clone()
+    model.zero_grad(set_to_none=True)
+    grads = output_grads(contrastive_loss(image_f, text_f, scale), [image_f, text_f, scale])
     w = torch.softmax(torch.randn(6), 0)
-    reweighted_backward(model, captured, w, global_batch=6)
+    reweighted_backward([image_f, text_f], grads[:2], w, global_batch=6, shared=[(scale, grads[2])])
     for name in ["visual.transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.1.mlp.c_proj.weight", "visual.proj"]:
         per_sample = _brute_clip(model, images, texts, name)
         close(get_parameter(model, name).grad, (w.reshape(-1, *[1] * (per_sample.ndim - 1)) * per_sample).sum(0), rtol=2e-4)

@@ -93,7 +93,7 @@ def test_bad_score_tables(ray_session, run_dir, tmp_path):
 
 
 def test_pool_composite_clip_top_minus_mimic_bottom(ray_session, run_dir):
-    from raymimic.select.pipeline import run_filter
+    from raymimic.select.pipeline import FilterConfig, run_filter
 
     table, noisy, scores, root = run_dir
     rng = np.random.default_rng(0)
@@ -102,7 +102,7 @@ def test_pool_composite_clip_top_minus_mimic_bottom(ray_session, run_dir):
     clip = rng.random(len(pool_uids))
     pool = write_pool(root / "pool", pool_uids, clip, rng)
     out = str(root / "out_composite")
-    summary = run_filter(scores, out, pool=pool, method="top-fraction", fraction=0.8, clip_top=0.3, basic=True)
+    summary = run_filter(FilterConfig(scores, out, pool=pool, method="top-fraction", fraction=0.8, clip_top=0.3, basic=True))
     d = pd.read_parquet(f"{out}/decisions.parquet")
     assert len(d) == len(pool_uids)
     counts = summary["pool_counts"]

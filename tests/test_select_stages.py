@@ -76,14 +76,88 @@ def test_chain_teacher_clip_normsim_basic_and_user_step(ray_session):
     teacher = CLIPScoreFilter(top_fraction=0.5, model="raymimic-tiny", batch_size=8, drop=False)
     languages = lambda texts: ["en" if "1" not in t else "de" for t in texts]  # noqa: E731  (stands in for a fastText model)
     stages = [teacher, NegCLIPLossFilter(top_fraction=0.75, batch_size=6, k=2, tau=0.1),
-              NormSimFilter(targets=emb[:3], p=np.inf, min_score=0.0), BasicFilter(language_model=languages)]
+              NormSimFilter(targets=emb[:3], p=np.inf, min_score=0.5), BasicFilter(language_model=languages)]
     out = run_stages(ds, stages)
     out = out.map_batches(lambda b: b.assign(caption_len=b["text"].str.len()), batch_format="pandas")  # a user's own step
     result = out.to_pandas()
-    assert teacher.threshold is not None and result["clip_score"].between(-1, 1).all()
+    # the teacher (drop=False) keeps exactly the half of the 24 rows above its fitted median
+    teacher_scores = teacher._scored.to_pandas()["clip_score"]
+    assert len(teacher_scores) == n and (teacher_scores > teacher.threshold).sum() == 12
+    assert result["clip_score"].between(-1, 1).all() and result["clip_keep"].tolist() == (result["clip_score"] > teacher.threshold).tolist()
     assert set(result["uid"]) <= set(rows["uid"]) and "caption_len" in result
     assert not result["text"].str.contains("1").any()
-    assert 0 < len(result) <= 18  # negCLIPLoss keeps 75% (18 rows) and the language check removes more
+    # negCLIPLoss keeps 75% (18 rows) of what it scored; NormSim_inf (max |cos| with the 3 targets)
+    # drops rows below 0.5; the language check drops captions with a "1"
+    negclip = stages[1]
+    negclip_scores = negclip._scored.to_pandas()
+    negclip_kept = negclip_scores["negclip_score"] > negclip.threshold
+    assert len(negclip_scores) == n and negclip_kept.sum() == 18
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    normsim = dict(zip(rows["uid"], np.abs(unit @ unit[:3].T).max(axis=1)))
+    assert sum(v < 0.5 for v in normsim.values()) >= 4  # the NormSim stage has rows to drop
+    normsim_kept = negclip_scores["uid"].map(normsim) >= 0.5
+    expected = set(negclip_scores.loc[negclip_kept & normsim_kept & ~negclip_scores["text"].str.contains("1"), "uid"])
+    np.testing.assert_allclose(result["normsim_score"], result["uid"].map(normsim), rtol=1e-5)
+    assert len(result) == len(expected) and set(result["uid"]) == expected
     assert teacher.params()["model"] == "raymimic-tiny"
     with pytest.raises(ValueError, match="exactly one of top_fraction"):
         CLIPScoreFilter()
+
+
+@pytest.mark.ray
+def test_mimic_filter_on_a_pandas_table_decides_as_on_ray(ray_session):
+    """The local path (a pandas table, no Ray: what the simulation uses) and the Ray path share the decision logic."""
+    from raymimic.select.mimic import MimicFilter
+    from test_select_binarize import synthetic_scores
+
+    table, _ = synthetic_scores(n_samples=300, batch=30, epochs=2)
+    local = MimicFilter(table, method="ensemble").fit()
+    on_ray = MimicFilter(ray_session.data.from_pandas(table), method="ensemble").fit()
+    got = on_ray.decisions.to_pandas().sort_values("uid", ignore_index=True)
+    assert list(local.decisions["uid"]) == list(got["uid"]) and len(got) == 300
+    for column in ("n_obs", "votes_gmm", "votes_kmeans", "votes_threshold", "keep_gmm", "keep_kmeans", "keep_threshold", "mimic_keep"):
+        np.testing.assert_array_equal(local.decisions[column].to_numpy(), got[column].to_numpy(), err_msg=column)
+    for column in ("mimic_score", "mean_norm_weight", "mean_raw_score"):
+        np.testing.assert_allclose(local.decisions[column].to_numpy(), got[column].to_numpy(), rtol=1e-12, err_msg=column)
+    assert local.stats == on_ray.stats and local.binarizers["gmm"].params() == on_ray.binarizers["gmm"].params()
+    assert len(local.apply()) == int(got["mimic_keep"].sum())
+    top = MimicFilter(table, method="top-fraction", fraction=0.6).fit().decisions
+    assert top["mimic_keep"].mean() == pytest.approx(0.6, abs=0.01)
+
+
+def test_mimic_filter_leaves_out_a_binarizer_that_cannot_fit():
+    from raymimic.select.mimic import MimicFilter
+    from test_select_binarize import synthetic_scores
+
+    table, _ = synthetic_scores(n_samples=60, batch=30, epochs=2)
+    table["weight"] = np.float32(1 / 30)  # uniform weights: one distinct norm_weight value, nothing for k-means/GMM to split
+    with pytest.raises(ValueError, match="distinct"):
+        MimicFilter(table, method="ensemble", feature="norm_weight").fit()
+    stage = MimicFilter(table, method="ensemble", feature="norm_weight", unfit="skip").fit()
+    assert stage.methods == ["threshold"] and set(stage.stats["unfit"]) == {"gmm", "kmeans"}
+    assert stage.decisions["mimic_keep"].nunique() == 1  # every row has the same B * w: one decision for all
+
+
+def test_one_decoder_and_one_embedder_for_bytes_pixels_and_preprocessed_images():
+    import torch
+
+    from raymimic.clip.embed import ClipEmbedder
+    from raymimic.data.preprocess import decode_image
+
+    png = _png(3)
+    pixels = np.asarray(decode_image(png))
+    assert pixels.shape == (40, 40, 3) and np.array_equal(np.asarray(decode_image(pixels)), pixels)
+    with pytest.raises(Exception):  # truncated data fails in the decoder itself (callers record or raise it)
+        decode_image(png[: len(png) // 2])
+    torch.manual_seed(0)
+    embedder = ClipEmbedder("raymimic-tiny")
+    preprocessed = embedder.preprocess(decode_image(png)).numpy()
+    features = [embedder.embed_images([value]) for value in (png, pixels, preprocessed)]
+    for other in features[1:]:
+        torch.testing.assert_close(other, features[0])
+    assert torch.allclose(features[0].norm(dim=1), torch.ones(1))
+    texts = embedder.embed_texts(["a red square", "a dog"])
+    tokens = embedder.tokenizer(["a red square", "a dog"]).numpy()
+    torch.testing.assert_close(embedder.embed_texts(list(tokens)), texts)
+    classes = embedder.embed_classes(["dog"], ["a {}.", "the {}."])
+    assert classes.shape == (1, texts.shape[1]) and torch.allclose(classes.norm(dim=1), torch.ones(1))

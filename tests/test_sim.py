@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from raymimic.sim.data import load_dataset, symmetric_noise
-from raymimic.sim.detect import drop_metrics
+from raymimic.select.quality import detection_metrics
 from raymimic.sim.train import TrainConfig, train_reference, train_run
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "simulation.py"
@@ -88,11 +88,16 @@ def test_torchvision_dataset_read_from_disk(tmp_path):
     assert data.y_train.tolist() == [i % 10 for i in range(40)]
 
 
-def test_drop_metrics_counts_dropped_as_flagged_noisy():
+def test_detection_metrics_count_dropped_as_flagged_noisy():
     keep = np.array([False, False, True, True, False])
     noisy = np.array([True, False, True, False, True])
-    m = drop_metrics(keep, noisy)
+    m = detection_metrics(keep, noisy)
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
+    assert m["n_dropped"] == 3 and m["n_noisy"] == 3
+    nothing = detection_metrics(np.ones(3, bool), np.array([True, False, False]))
+    assert nothing == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "n_dropped": 0, "n_noisy": 1}
+    with pytest.raises(ValueError, match="one entry per sample"):
+        detection_metrics(np.ones(3, bool), np.ones(2, bool))
 
 
 def test_sgd_head_gradient_replacement_matches_plain_training(digits):
@@ -132,15 +137,24 @@ def test_short_simulation_writes_results_json(tmp_path):
     rc = job.main(["--methods", "sgd", "grad-mimic", "--noise", "0.5", "--epochs", "2", "--max-train", "300", "--output", str(out)])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["dataset"] == "digits" and 0 < results["reference_test_accuracy"] <= 1
+    assert results["dataset"] == "digits" and (results["n_train"], results["n_test"]) == (300, 450)
+    # an accuracy is a count of the 450 test images, and the clean reference learned (chance: 0.1)
+    assert results["reference_test_accuracy"] * 450 == pytest.approx(round(results["reference_test_accuracy"] * 450), abs=1e-3)
+    assert results["reference_test_accuracy"] > 0.5
     runs = {r["method"]: r for r in results["runs"]}
     assert set(runs) == {"sgd", "grad-mimic"}
     mimic = runs["grad-mimic"]
-    assert mimic["noise"] == 0.5 and 0 <= mimic["test_accuracy"] <= 1
+    assert mimic["noise"] == 0.5 and mimic["test_accuracy"] * 450 == pytest.approx(round(mimic["test_accuracy"] * 450), abs=1e-3)
     for name in ("threshold", "kmeans", "gmm", "ensemble"):
-        assert set(mimic["detection"][name]) >= {"precision", "recall", "f1"}
-        assert 0 <= mimic["detection"][name]["f1"] <= 1
-    assert 0 < mimic["quality_estimate"] < 1
+        found = mimic["detection"][name]
+        assert set(found) >= {"precision", "recall", "f1", "n_dropped"}
+        # the figures describe one set of dropped samples against the 150 flipped labels (0.5 x 300)
+        true_positives = found["precision"] * found["n_dropped"]
+        assert true_positives == pytest.approx(round(true_positives)) and true_positives == pytest.approx(found["recall"] * 150)
+        p, r = found["precision"], found["recall"]
+        assert found["f1"] == pytest.approx(2 * p * r / (p + r))
+    # the quality estimate is the share of the 300 training samples the ensemble keeps
+    assert mimic["quality_estimate"] == pytest.approx(1 - mimic["detection"]["ensemble"]["n_dropped"] / 300)
     table = (out / "results.md").read_text()
     assert "| grad-mimic |" in table and "grad-mimic / gmm" in table
 
@@ -148,8 +162,11 @@ def test_short_simulation_writes_results_json(tmp_path):
 def test_cli_and_job_share_the_options():
     job = load_job()
     from raymimic.app.cli import build_parser
+    from raymimic.app.simulate import config_from_args
 
     argv = ["--methods", "agra", "--noise", "0.2", "--tau", "0.5", "--reweight-all"]
-    from_cli = vars(build_parser().parse_args(["simulate", *argv]))
-    from_job = vars(job.build_parser().parse_args(argv))
-    assert {k: from_cli[k] for k in from_job} == from_job
+    cli_args = build_parser().parse_args(["simulate", *argv])
+    job_parser = job.build_parser()
+    from_job = config_from_args(job_parser, job_parser.parse_args(argv))
+    assert config_from_args(cli_args.parser, cli_args) == from_job
+    assert from_job.methods == ("agra",) and from_job.noise_levels == (0.2,) and from_job.tau == 0.5 and from_job.reweight_all

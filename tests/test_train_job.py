@@ -114,9 +114,9 @@ def test_ray_job_submit_smoke(tmp_path, ray_session):
     assert list((output / "ray_train").glob("checkpoint_step_*"))
     # Stage 2 reads the Stage 1 run's score table as it is
     from raymimic.data.uids import read_subset_uids
-    from raymimic.select.pipeline import run_filter
+    from raymimic.select.pipeline import FilterConfig, run_filter
 
-    summary = run_filter(str(output / "scores"), str(tmp_path / "filter"), method="ensemble", feature="step_z")
+    summary = run_filter(FilterConfig(str(output / "scores"), str(tmp_path / "filter"), method="ensemble", feature="step_z"))
     uids = set(table["uid"].to_pylist())
     assert summary["n_decisions"] == len(uids) and 0 < summary["n_kept"] < len(uids)
     assert set(read_subset_uids(str(tmp_path / "filter" / "keep.npy"))) <= uids

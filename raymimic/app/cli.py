@@ -10,7 +10,6 @@ import argparse
 import importlib
 import sys
 
-
 # module of raymimic.app -> the subcommand it registers (order of `raymimic --help`)
 COMMANDS = ("train", "score", "filter", "report", "quickstart", "simulate", "make_toy_pool")
 

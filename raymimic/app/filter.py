@@ -18,53 +18,81 @@ examples:
 """
 
 
+_CONFIG = ("raymimic.select.pipeline", "FilterConfig")
+OPTIONS = ("scores", "output", "pool", "method", "feature", "rule", "fraction", "fit_sample", "seed", "nan", "duplicates", "unscored",
+           "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report")
+
+
+def _default(name: str):
+    from raymimic.app.options import ConfigDefault
+
+    return ConfigDefault(*_CONFIG, name)
+
+
 def register(subparsers) -> None:
+    from raymimic.app.options import FEATURES, MIMIC_METHODS, VOTE_RULES, Names, add_lazy, add_print_config
+
     p = subparsers.add_parser("filter", help="Stage 2: turn mimic score tables into a DataComp keep list",
-                              description="Fit a binarizer (GMM, k-means, threshold) on a random sample of the Stage 1 score tables, apply it to every "
-                                          "row with Ray Data, vote per uid across epochs and methods, and write a DataComp subset.",
+                              description="Fit a binarizer (GMM, k-means, threshold) on a random sample of the Stage 1 score tables, "
+                                          "apply it to every row with Ray Data, vote per uid across epochs and methods, and write a "
+                                          "DataComp subset.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scores", required=True, help="score tables: RUN/scores, a directory of parquet files (local path or s3://, gs://, ...)")
+    p.add_argument("--scores", required=True,
+                   help="score tables: RUN/scores, a directory of parquet files (local path or s3://, gs://, ...)")
     p.add_argument("--output", required=True, help="output directory (local or fsspec URI)")
     p.add_argument("--pool", help="DataComp pool root: join its metadata on uid (needed by --clip-top/--min-clip-score/--basic)")
-    p.add_argument("--method", default="gmm", choices=["gmm", "kmeans", "threshold", "ensemble", "top-fraction"],
-                   help="gmm (default): 2-component mixture, keep the higher one; kmeans: 2 clusters; threshold: weight above uniform (B*w > 1); "
-                        "ensemble: all three voted; top-fraction: keep the --fraction of uids with the highest mean score")
-    p.add_argument("--feature", choices=["step_z", "log_norm_weight", "norm_weight", "score"],
-                   help="what the binarizers fit; default step_z (per-step standardised score: robust to heavy-tailed weights and drifting scale) "
-                        "for gmm/kmeans, norm_weight for threshold")
-    p.add_argument("--rule", default="majority", help="vote across epochs and methods: majority (default, tie drops), all, any, or a fraction like 0.6")
-    p.add_argument("--fraction", type=float, default=0.3, help="top-fraction: share of uids to keep (default 0.3, the paper's mimic top 30%%)")
-    p.add_argument("--fit-sample", type=int, default=100_000, help="rows sampled at random to fit the binarizer (default 100000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fit sample and the fits")
-    p.add_argument("--nan", default="drop", choices=["drop", "error"], help="rows with NaN score/weight: drop and count (default) or stop")
-    p.add_argument("--duplicates", default="error", choices=["error", "count"], help="repeated (uid, step) rows: stop (default) or let each vote and count them")
-    p.add_argument("--unscored", default="drop", choices=["drop", "keep", "error"], help="with --pool: pool uids without any score (default: drop, counted)")
+    add_lazy(p, "--method", choices=MIMIC_METHODS, metavar="METHOD", config_default=_default("method"),
+             help="one of %(choices)s (default: %(config_default)s). gmm: 2-component mixture, keep the higher one; kmeans: 2 clusters; "
+                  "threshold: weight above uniform (B*w > 1); ensemble: gmm, kmeans and threshold voted; "
+                  "top-fraction: keep the --fraction of uids with the highest mean score")
+    add_lazy(p, "--feature", choices=FEATURES, metavar="FEATURE",
+             help="what the binarizers fit, one of %(choices)s; default step_z (per-step standardised score: robust to heavy-tailed "
+                  "weights and drifting scale) for gmm/kmeans, norm_weight for threshold")
+    add_lazy(p, "--rule", names=VOTE_RULES, config_default=_default("rule"),
+             help="vote across epochs and methods: %(names)s, or a fraction in (0, 1] like 0.6 (default: %(config_default)s; "
+                  "majority drops ties)")
+    add_lazy(p, "--fraction", type=float, config_default=_default("fraction"),
+             help="top-fraction: share of uids to keep, in (0, 1] (default: %(config_default)s)")
+    add_lazy(p, "--fit-sample", type=int, config_default=_default("fit_sample"),
+             help="rows sampled at random to fit the binarizer (default: %(config_default)s)")
+    add_lazy(p, "--seed", type=int, config_default=_default("seed"),
+             help="seed of the fit sample and the fits (default: %(config_default)s)")
+    add_lazy(p, "--nan", choices=Names(_CONFIG[0], "NAN_HANDLING"), metavar="HOW", config_default=_default("nan"),
+             help="rows with NaN score/weight, one of %(choices)s: drop and count, or stop (default: %(config_default)s)")
+    add_lazy(p, "--duplicates", choices=Names(_CONFIG[0], "DUPLICATE_HANDLING"), metavar="HOW", config_default=_default("duplicates"),
+             help="repeated (uid, step) rows, one of %(choices)s: stop, or let each vote and count them (default: %(config_default)s)")
+    add_lazy(p, "--unscored", choices=Names(_CONFIG[0], "UNSCORED_HANDLING"), metavar="HOW", config_default=_default("unscored"),
+             help="with --pool: pool uids without any score, one of %(choices)s (default: %(config_default)s; counted either way)")
     p.add_argument("--clip-top", type=float, help="with --pool: also keep only the top fraction by CLIP score (e.g. 0.3)")
-    p.add_argument("--min-clip-score", type=float, help="with --pool: also keep only CLIP score >= this (DataComp B/32: 0.25)")
-    p.add_argument("--clip-column", default="clip_l14_similarity_score", help="metadata column with the CLIP score (default clip_l14_similarity_score)")
-    p.add_argument("--basic", action="store_true", help="with --pool: also apply DataComp basic filtering (caption and image-size rules)")
-    p.add_argument("--language-model", help="fastText language-id model file for --basic's English check (skipped with a warning without it)")
-    p.add_argument("--report", action="store_true", help="also write report.md with histograms (as `raymimic report` does)")
+    p.add_argument("--min-clip-score", type=float, help="with --pool: also keep only CLIP score >= this")
+    add_lazy(p, "--clip-column", config_default=_default("clip_column"),
+             help="metadata column with the CLIP score (default: %(config_default)s)")
+    p.add_argument("--basic", action="store_true", default=None,
+                   help="with --pool: also apply DataComp basic filtering (caption and image-size rules)")
+    p.add_argument("--language-model",
+                   help="fastText language-id model file for --basic's English check (skipped with a warning without it)")
+    p.add_argument("--report", action="store_true", default=None, help="also write report.md with histograms (as `raymimic report` does)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
-    p.set_defaults(func=run)
+    add_print_config(p)
+    p.set_defaults(func=run, parser=p)
 
 
 def run(args) -> int:
     import json
     import os
 
+    from raymimic.app.options import build, given, print_config
+    from raymimic.select.pipeline import FilterConfig, run_filter
+
+    cfg = build(args.parser, FilterConfig, **given(args, OPTIONS))
+    if args.print_config:
+        return print_config(cfg)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from raymimic.select.pipeline import run_filter
-
     if not ray.is_initialized():
         ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
-    summary = run_filter(
-        scores=args.scores, output=args.output, pool=args.pool, method=args.method, feature=args.feature, rule=args.rule, fraction=args.fraction,
-        fit_sample=args.fit_sample, seed=args.seed, nan=args.nan, duplicates=args.duplicates, unscored=args.unscored, clip_top=args.clip_top,
-        min_clip_score=args.min_clip_score, clip_column=args.clip_column, basic=args.basic, language_model=args.language_model, report=args.report,
-    )
+    summary = run_filter(cfg)
     print(json.dumps({k: summary[k] for k in ("n_decisions", "n_kept", "fraction_kept")}, indent=None))
     for name, path in summary["files"].items():
         print(f"wrote {name}: {path}")

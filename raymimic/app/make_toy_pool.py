@@ -29,7 +29,17 @@ then read it with:  python -c "import ray, raymimic; print(raymimic.read_pool('/
 """
 
 
+OPTIONS = ("output", "samples", "noise", "seed", "shard_size", "eval_samples", "image_size", "images", "workers")
+
+
 def register(subparsers) -> None:
+    from raymimic.app.options import add_print_config, default
+    from raymimic.data.toy_pool import IMAGE_SOURCES, ToyPoolConfig
+
+    def dflt(name: str):
+        return default(ToyPoolConfig, name)
+
+    classes = {source: len(names) for source, (names, _) in IMAGE_SOURCES.items()}
     parser = subparsers.add_parser(
         "make-toy-pool",
         help="write a small DataComp-layout pool of shape images with a known fraction of noisy captions",
@@ -39,34 +49,29 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--output", required=True, help="directory to write the pool into (local path)")
     parser.add_argument("--samples", type=int, required=True, help="number of training samples in the pool")
-    parser.add_argument("--noise", type=float, default=0.3, help="fraction of samples with a corrupted caption, 0..1 (default 0.3)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same pool (default 0)")
-    parser.add_argument("--shard-size", type=int, default=10000, help="samples per tar shard (default 10000, as DataComp)")
-    parser.add_argument("--eval-samples", type=int, default=1600, help="samples in the clean held-out eval split (default 1600)")
-    parser.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32: a tiny CLIP learns it on a CPU)")
-    parser.add_argument("--images", choices=["shapes", "digits", "mixed"], default="shapes",
-                        help="shapes: drawn coloured shapes, 16 classes (default); digits: scikit-learn's "
-                        "handwritten digits, coloured, 10 classes; mixed: both, 26 classes")
-    parser.add_argument("--workers", type=int, default=None, help="processes writing shards in parallel (default: CPU count)")
-    parser.set_defaults(func=run)
+    parser.add_argument("--noise", type=float, help=f"fraction of samples with a corrupted caption, 0..1 (default: {dflt('noise')})")
+    parser.add_argument("--seed", type=int, help=f"random seed; the same seed writes the same pool (default: {dflt('seed')})")
+    parser.add_argument("--shard-size", type=int, help=f"samples per tar shard (default: {dflt('shard_size')})")
+    parser.add_argument("--eval-samples", type=int, help=f"samples in the clean held-out eval split (default: {dflt('eval_samples')})")
+    parser.add_argument("--image-size", type=int, help=f"image side in pixels, >= 8 (default: {dflt('image_size')})")
+    parser.add_argument("--images", choices=tuple(IMAGE_SOURCES),
+                        help=f"shapes: drawn coloured shapes, {classes['shapes']} classes; digits: scikit-learn's handwritten digits, "
+                             f"coloured, {classes['digits']} classes; mixed: both, {classes['mixed']} classes (default: {dflt('images')})")
+    parser.add_argument("--workers", type=int, help="processes writing shards in parallel (default: CPU count)")
+    add_print_config(parser)
+    parser.set_defaults(func=run, parser=parser)
 
 
 def run(args) -> int:
     import json
 
-    from raymimic.data.toy_pool import make_toy_pool
+    from raymimic.app.options import build, given, print_config
+    from raymimic.data.toy_pool import ToyPoolConfig
 
-    summary = make_toy_pool(
-        args.output,
-        samples=args.samples,
-        noise=args.noise,
-        seed=args.seed,
-        shard_size=args.shard_size,
-        eval_samples=args.eval_samples,
-        image_size=args.image_size,
-        workers=args.workers,
-        images=args.images,
-    )
+    cfg = build(args.parser, ToyPoolConfig, **given(args, OPTIONS))
+    if args.print_config:
+        return print_config(cfg)
+    summary = cfg.write()
     print(json.dumps(summary, indent=2))
     print(f"wrote {summary['samples']} samples in {summary['shards']} shards to {summary['output']} in {summary['seconds']} s")
     return 0

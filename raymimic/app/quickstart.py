@@ -10,39 +10,45 @@ and a CLIPScore-filtered pool, evaluates them on a held-out clean split and writ
 OUTPUT/report.md with the noise-detection F1 and the models' accuracies."""
 
 
+OPTIONS = ("output", "samples", "noise", "epochs", "tau", "method", "stage1_weighting", "workers", "seed")
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    from_defaults = _defaults()
-    parser.add_argument("--output", default=from_defaults.output, help="run folder (default: %(default)s)")
-    parser.add_argument("--samples", type=int, default=from_defaults.samples, help="noisy pool size (default: %(default)s)")
-    parser.add_argument("--noise", type=float, default=from_defaults.noise, help="fraction of corrupted captions (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=from_defaults.epochs, help="epochs of every training run (default: %(default)s)")
-    parser.add_argument("--tau", type=float, default=from_defaults.tau, help="Grad-Mimic softmax temperature (default: %(default)s)")
-    parser.add_argument("--method", default=from_defaults.method, choices=["gmm", "kmeans", "threshold", "ensemble"],
-                        help="Stage 2 binarizer (default: %(default)s)")
-    parser.add_argument("--stage1-weighting", default="sgd", choices=["sgd", "grad-mimic"],
-                        help="batch weighting while Stage 1 records the scores (default: %(default)s; see README for why)")
-    parser.add_argument("--workers", type=int, default=from_defaults.workers, help="Ray Train workers (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=from_defaults.seed)
-
-
-def _defaults():
-    # the dataclass is the single source of defaults (raymimic.quickstart imports no torch/ray at import time)
+    from raymimic.app.options import MIMIC_METHODS, WEIGHTINGS, add_print_config, default
     from raymimic.quickstart import QuickstartConfig
 
-    return QuickstartConfig()
+    def dflt(name: str):
+        return default(QuickstartConfig, name)
+
+    parser.add_argument("--output", help=f"run folder (default: {dflt('output')})")
+    parser.add_argument("--samples", type=int, help=f"noisy pool size (default: {dflt('samples')})")
+    parser.add_argument("--noise", type=float, help=f"fraction of corrupted captions, in [0, 1) (default: {dflt('noise')})")
+    parser.add_argument("--epochs", type=int, help=f"epochs of every training run (default: {dflt('epochs')})")
+    parser.add_argument("--tau", type=float, help=f"Grad-Mimic softmax temperature, > 0 (default: {dflt('tau')})")
+    parser.add_argument("--method", choices=MIMIC_METHODS, metavar="METHOD",
+                        help=f"Stage 2 binarizer, one of %(choices)s (default: {dflt('method')})")
+    parser.add_argument("--stage1-weighting", choices=WEIGHTINGS, metavar="WEIGHTING",
+                        help=f"batch weighting while Stage 1 records the scores, one of %(choices)s "
+                             f"(default: {dflt('stage1_weighting')}; the README says why)")
+    parser.add_argument("--workers", type=int, help=f"Ray Train workers (default: {dflt('workers')})")
+    parser.add_argument("--seed", type=int, help=f"seed of the pools and the training runs (default: {dflt('seed')})")
+    add_print_config(parser)
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("quickstart", help="the whole flow on a toy pool, offline", description=HELP)
     _add_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, parser=parser)
 
 
 def run(args) -> int:
-    from raymimic.quickstart import QuickstartConfig, run as run_quickstart
+    from raymimic.app.options import build, given, print_config
+    from raymimic.quickstart import QuickstartConfig
+    from raymimic.quickstart import run as run_quickstart
 
-    cfg = QuickstartConfig(output=args.output, samples=args.samples, noise=args.noise, epochs=args.epochs, tau=args.tau,
-                           method=args.method, workers=args.workers, seed=args.seed, stage1_weighting=args.stage1_weighting)
+    cfg = build(args.parser, QuickstartConfig, **given(args, OPTIONS))
+    if args.print_config:
+        return print_config(cfg)
     run_quickstart(cfg)
     return 0
 
@@ -50,4 +56,5 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python jobs/quickstart.py", description=HELP)
     _add_arguments(parser)
+    parser.set_defaults(parser=parser)
     return run(parser.parse_args(argv))

@@ -3,14 +3,23 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    from raymimic.app.options import add_print_config
+
     p = subparsers.add_parser("report", help="Stage 2: histograms, fitted mixtures, kept/dropped counts for a filter output",
-                              description="Read OUT/summary.json and OUT/fit_sample.parquet written by `raymimic filter` and write OUT/report.md "
-                                          "with per-epoch score histograms (the fitted mixture drawn on them), counts and the quality estimate. No Ray needed.")
+                              description="Read OUT/summary.json and OUT/fit_sample.parquet written by `raymimic filter` and write "
+                                          "OUT/report.md with per-epoch score histograms (the fitted mixture drawn on them), counts and "
+                                          "the quality estimate. No Ray needed.")
     p.add_argument("output", help="the --output directory of `raymimic filter` (local or fsspec URI)")
+    add_print_config(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import json
+
+    if args.print_config:
+        print(json.dumps({"output": args.output}, indent=2))
+        return 0
     from raymimic.select.report import write_report
 
     print(f"wrote report: {write_report(args.output)}")

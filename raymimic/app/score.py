@@ -20,6 +20,12 @@ example:
 
 
 def register(subparsers) -> None:
+    from raymimic.app.options import MIMIC_LAYER_ALIASES, add_lazy, add_print_config, default
+    from raymimic.train.config import SCORE_KINDS, ScoreConfig
+
+    def dflt(name: str):
+        return default(ScoreConfig, name)
+
     parser = subparsers.add_parser("score", help="score every sample of a pool at a fixed checkpoint (no training)",
                                    description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", required=True, help="DataComp pool folder or fsspec URI")
@@ -27,31 +33,33 @@ def register(subparsers) -> None:
     parser.add_argument("--checkpoint", help="model to score with: checkpoint path/URI or a pretrained tag (default: random init)")
     parser.add_argument("--reference", required=True, help="reference model: MODEL:TAG, tag, path or URI (same architecture)")
     parser.add_argument("--output", required=True, help="folder or URI; scores go to OUTPUT/scores/")
-    parser.add_argument("--mimic-layer", default="image-mlp", help="image-mlp, text-mlp, image-proj, text-proj or a parameter name (default image-mlp)")
-    parser.add_argument("--score-kind", choices=["proj", "cos"], default="proj", help="proj or cos (default proj)")
-    parser.add_argument("--tau", type=float, default=0.05, help="softmax temperature of the weight column (default 0.05)")
-    parser.add_argument("--batch-size", type=int, default=256, help="scoring batch: the contrastive loss runs over it (default 256)")
-    parser.add_argument("--actors", type=int, default=1, help="scoring actors (default 1)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per actor, bf16 autocast")
+    add_lazy(parser, "--mimic-layer", names=MIMIC_LAYER_ALIASES,
+                   help=f"an alias (%(names)s) or any 2-D parameter name of the model (default: {dflt('mimic_layer')})")
+    parser.add_argument("--score-kind", choices=SCORE_KINDS, help=f"proj or cos (default: {dflt('score_kind')})")
+    parser.add_argument("--tau", type=float, help=f"softmax temperature of the weight column, > 0 (default: {dflt('tau')})")
+    parser.add_argument("--batch-size", type=int, help=f"scoring batch: the contrastive loss runs over it (default: {dflt('batch_size')})")
+    parser.add_argument("--actors", type=int, help=f"scoring actors (default: {dflt('actors')})")
+    parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per actor, bf16 autocast")
     parser.add_argument("--step", type=int, help="value of the step column (default: read from the checkpoint, else -1)")
-    parser.set_defaults(func=run)
+    add_print_config(parser)
+    parser.set_defaults(func=run, parser=parser)
+
+
+OPTIONS = ("pool", "model", "checkpoint", "reference", "output", "mimic_layer", "score_kind", "tau", "batch_size", "actors", "gpu", "step")
 
 
 def run(args) -> int:
+    from raymimic.app.options import build, given, print_config
+    from raymimic.train.config import ScoreConfig
+
+    cfg = build(args.parser, ScoreConfig, **given(args, OPTIONS, {"gpu": "use_gpu"}))
+    if args.print_config:
+        return print_config(cfg)
     import ray
 
-    from raymimic.clip.models import local_copy
-    from raymimic.data.preprocess import clip_training_dataset
-    from raymimic.train.score_only import score_dataset, write_scores
+    from raymimic.train.score_only import run_score_only
 
     if not ray.is_initialized():
         ray.init()
-    checkpoint = args.checkpoint
-    if checkpoint and ("://" in checkpoint or "/" in checkpoint):
-        checkpoint = local_copy(checkpoint)
-    scored = score_dataset(clip_training_dataset(args.pool, args.model), args.model, checkpoint, args.reference,
-                           mimic_layer=args.mimic_layer, score_kind=args.score_kind, tau=args.tau,
-                           batch_size=args.batch_size, actors=args.actors, use_gpu=args.gpu, step=args.step)
-    uri = write_scores(scored, args.output)
-    print(f"score table written to {uri}")
+    print(f"score table written to {run_score_only(cfg)}")
     return 0

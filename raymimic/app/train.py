@@ -14,8 +14,9 @@ Writes under --output (local path or fsspec URI):
   checkpoints/final.pt    the trained model, open_clip format
   ray_train/              resumable checkpoints; rerun with the same --output to resume
 
---preset picks DataComp's scale (small, medium: ViT-B-32, batch 4096; large: ViT-B-16,
-batch 8192; xlarge: ViT-L-14, batch 90112) or raymimic's tiny/toy; any option overrides it."""
+--preset (default {default_preset}) sets the model, samples seen, global batch, lr and warm-up;
+every option given on the command line overrides the preset's value:
+{presets}"""
 
 EPILOG = """\
 examples:
@@ -23,33 +24,38 @@ examples:
       --output s3://bucket/runs/small-mimic --workers 8 --gpu
   raymimic train --preset toy --pool /tmp/toy --reference /tmp/ref.pt --output /tmp/run --workers 2
   raymimic train --smoke
+  raymimic train --preset tiny --model ViT-B-32 --global-batch 4096 --samples-seen 8192 \\
+      --pool P --reference R --output O --print-config     # the resolved settings, nothing runs
 """
 
 
-def register(subparsers) -> None:
+def _preset_table() -> str:
     from raymimic.train.config import PRESETS
+
+    return "\n".join(f"  {name:<7} {p['model']:<15} samples seen {p['samples_seen']:>14,}  batch {p['global_batch']:>6}  "
+                     f"lr {p['lr']:g}  warm-up {p['warmup']}" for name, p in PRESETS.items())
+
+
+def register(subparsers) -> None:
     from raymimic.app.train_job import add_train_arguments
+    from raymimic.train.config import DEFAULT_PRESET, PRESETS
 
     parser = subparsers.add_parser(
         "train",
         help="Stage 1: train CLIP on Ray Train and score every sample at every step (Grad-Mimic)",
-        description=DESCRIPTION,
+        description=DESCRIPTION.format(default_preset=DEFAULT_PRESET, presets=_preset_table()),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                        help="scale preset whose model, samples seen, batch, lr and warm-up are the defaults (default small)")
-    add_train_arguments(parser, "small")
-    parser.set_defaults(func=run)
+    parser.add_argument("--preset", choices=tuple(PRESETS),
+                        help=f"scale preset whose model, samples seen, batch, lr and warm-up are the defaults "
+                             f"(default: {DEFAULT_PRESET}; tiny with --smoke)")
+    add_train_arguments(parser, DEFAULT_PRESET, preset_is_option=True)
+    parser.set_defaults(func=run, parser=parser)
 
 
 def run(args) -> int:
-    from raymimic.train.config import PRESETS
     from raymimic.app.train_job import run_job
+    from raymimic.train.config import DEFAULT_PRESET
 
-    # options the user did not change take the chosen preset's value
-    small, chosen = PRESETS["small"], PRESETS[args.preset]
-    for key in ("model", "samples_seen", "global_batch", "lr", "warmup"):
-        if getattr(args, key) == small[key]:
-            setattr(args, key, chosen[key])
-    return run_job(args)
+    return run_job(args.parser, args, DEFAULT_PRESET)

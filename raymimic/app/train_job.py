@@ -4,122 +4,175 @@ A job reads a DataComp pool (``--pool``, any fsspec URI) through Ray Data, train
 Grad-Mimic weighting on Ray Train and writes ``<output>/scores/`` (the score table),
 ``<output>/checkpoints/final.pt`` (open_clip format) and ``<output>/ray_train/`` (resumable
 checkpoints). ``--smoke`` runs the same code for a few steps on a toy pool it writes itself.
+
+Options default to ``None``: the config is ``TrainConfig.from_preset(preset, **given)`` where
+``given`` holds only the options on the command line, so a preset fills everything else.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
-from raymimic.train.config import PRESETS, TrainConfig
+from raymimic.app.options import (
+    MIMIC_LAYER_ALIASES,
+    WEIGHTINGS,
+    add_lazy,
+    add_print_config,
+    build,
+    default,
+    fail,
+    given,
+    print_config,
+)
+from raymimic.train.config import PRECISIONS, PRESETS, SCORE_KINDS, TrainConfig
 
 WEIGHTING_HELP = (
-    "batch weighting: grad-mimic (softmax of mimic scores, the method), sgd (uniform: standard training, "
-    "scores still recorded when --reference is given), grad-norm (softmax of the mimic layer's per-sample "
-    "gradient norms), agra (equal weight to samples agreeing with the previous step's batch gradient), "
-    "rho (softmax of loss minus the reference model's loss; runs the reference model forward), "
-    "grad-match (weights matching the batch gradient, solved on each worker's LOCAL Gram matrix) "
-    "(default grad-mimic)"
+    "batch weighting, one of %(choices)s: grad-mimic (softmax of mimic scores, the method), sgd (uniform: standard training, "
+    "scores still recorded when --reference is given), grad-norm (softmax of the mimic layer's per-sample gradient norms), "
+    "agra (equal weight to samples agreeing with the previous step's batch gradient), rho (softmax of loss minus the reference "
+    "model's loss; runs the reference model forward), grad-match (weights matching the batch gradient, solved on each "
+    "worker's LOCAL Gram matrix) (default: {default})"
 )
 
+# option dest -> TrainConfig field, for every option that is a field (the rest are the same name)
+RENAME = {"gpu": "use_gpu"}
+FIELD_OPTIONS = (
+    "pool", "reference", "output", "shuffle_buffer", "model", "pretrained", "samples_seen", "global_batch", "lr", "warmup",
+    "weight_decay", "precision", "grad_checkpointing", "weighting", "mimic_layer", "tau", "score_kind", "reweight_all", "workers",
+    "min_workers", "max_workers", "gpu", "cpus_per_worker", "checkpoint_every", "max_failures", "seed",
+)
+# what --smoke changes on top of the tiny preset (options given on the command line still win)
+SMOKE = {"workers": 2, "use_gpu": False, "cpus_per_worker": 0.5, "checkpoint_every": 4}
+SMOKE_POOL = {"samples": 48, "noise": 0.3, "shard_size": 16, "eval_samples": 0, "workers": 1}
 
-def add_train_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
+
+def _default(name: str):
+    return default(TrainConfig, name)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, preset: str, preset_is_option: bool = False) -> None:
+    """The job's options; ``preset`` is the one whose values the help shows as defaults."""
     p = PRESETS[preset]
+    of_preset = "the preset's, " if preset_is_option else ""
+
+    def preset_default(key: str, fmt: str = "") -> str:
+        return f"(default: {of_preset}{preset}: {p[key]:{fmt}})"
+
     data = parser.add_argument_group("data and outputs")
     data.add_argument("--pool", help="DataComp pool: local folder or fsspec URI holding shards/{:08d}.tar (required unless --smoke)")
     data.add_argument("--reference", help="reference model whose weights the run mimics: MODEL:TAG (e.g. ViT-B-32:datacomp_m_s128m_b4k), "
-                      "a pretrained tag of --model, a local checkpoint or an fsspec URI; its architecture must equal --model's")
-    data.add_argument("--output", help="run folder, local path or fsspec URI (default with --smoke: a new temporary folder); "
-                      "rerunning with the same --output resumes from its latest checkpoint")
-    data.add_argument("--shuffle-buffer", type=int, default=0, help="rows in each worker's local shuffle buffer (default 0: pool order)")
+                      "a pretrained tag of --model, a local checkpoint or an fsspec URI; its architecture must equal --model's "
+                      "(required by --weighting grad-mimic and rho)")
+    data.add_argument("--output", help="run folder, local path or fsspec URI (required; with --smoke the default is a new temporary "
+                      "folder); rerunning with the same --output resumes from its latest checkpoint")
+    data.add_argument("--shuffle-buffer", type=int,
+                      help=f"rows in each worker's local shuffle buffer (default: {_default('shuffle_buffer')}: pool order)")
     model = parser.add_argument_group("model and recipe (defaults: the preset)")
-    model.add_argument("--model", default=p["model"], help=f"open_clip model name (default {p['model']})")
+    model.add_argument("--model", help=f"open_clip model name {preset_default('model')}")
     model.add_argument("--pretrained", help="initial weights (tag, path or URI); default: random initialisation as DataComp")
-    model.add_argument("--samples-seen", type=int, default=p["samples_seen"], help=f"training samples seen in total (default {p['samples_seen']:,})")
-    model.add_argument("--global-batch", type=int, default=p["global_batch"], help=f"global batch over all workers (default {p['global_batch']})")
-    model.add_argument("--lr", type=float, default=p["lr"], help=f"peak learning rate of the cosine schedule (default {p['lr']})")
-    model.add_argument("--warmup", type=int, default=p["warmup"], help=f"linear warm-up steps (default {p['warmup']})")
-    model.add_argument("--weight-decay", type=float, default=0.2, help="AdamW weight decay, not on gains/biases/logit scale (default 0.2)")
-    model.add_argument("--precision", choices=["auto", "fp32", "amp_bf16"], default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU (default auto)")
-    model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    model.add_argument("--samples-seen", type=int,
+                       help=f"training samples seen in total, >= --global-batch {preset_default('samples_seen', ',')}")
+    model.add_argument("--global-batch", type=int, help=f"global batch over all workers {preset_default('global_batch')}")
+    model.add_argument("--lr", type=float, help=f"peak learning rate of the cosine schedule {preset_default('lr')}")
+    model.add_argument("--warmup", type=int, help=f"linear warm-up steps {preset_default('warmup')}")
+    model.add_argument("--weight-decay", type=float,
+                       help=f"AdamW weight decay, not on gains/biases/logit scale (default: {_default('weight_decay')})")
+    model.add_argument("--precision", choices=PRECISIONS,
+                       help=f"auto: bf16 autocast on GPU, fp32 on CPU (default: {_default('precision')})")
+    model.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute activations in backward to save memory")
     mimic = parser.add_argument_group("mimic scoring")
-    mimic.add_argument("--weighting", choices=["grad-mimic", "sgd", "grad-norm", "agra", "rho", "grad-match"], default="grad-mimic", help=WEIGHTING_HELP)
-    mimic.add_argument("--mimic-layer", default="image-mlp", help="image-mlp (the image tower's last MLP c_proj, the paper's best), text-mlp, "
-                       "image-proj, text-proj, or any 2-D parameter name (default image-mlp)")
-    mimic.add_argument("--tau", type=float, default=0.05, help="softmax temperature of the weights (default 0.05, the paper's best at small scale)")
-    mimic.add_argument("--score-kind", choices=["proj", "cos"], default="proj", help="proj: <-g_i,V>/||V||; cos: also divided by ||g_i|| (default proj)")
+    mimic.add_argument("--weighting", choices=WEIGHTINGS, metavar="WEIGHTING", help=WEIGHTING_HELP.format(default=_default("weighting")))
+    add_lazy(mimic, "--mimic-layer", names=MIMIC_LAYER_ALIASES,
+                   help=f"the layer whose reference direction scores the samples: an alias (%(names)s) or any 2-D parameter "
+                        f"name of the model (default: {_default('mimic_layer')})")
+    mimic.add_argument("--tau", type=float, help=f"softmax temperature of the weights, > 0 (default: {_default('tau')})")
+    mimic.add_argument("--score-kind", choices=SCORE_KINDS,
+                       help=f"proj: <-g_i,V>/||V||; cos: also divided by ||g_i|| (default: {_default('score_kind')})")
+    mimic.add_argument("--reweight-all", action="store_true", default=None,
+                       help="re-weight every layer's gradient, not only the mimic layer's (a second backward pass)")
     cluster = parser.add_argument_group("cluster")
-    cluster.add_argument("--workers", type=int, default=2, help="data-parallel training workers (default 2)")
+    cluster.add_argument("--workers", type=int, help=f"data-parallel training workers (default: {_default('workers')})")
     cluster.add_argument("--min-workers", type=int, help="elastic training: fewest workers to run with (with --max-workers)")
     cluster.add_argument("--max-workers", type=int, help="elastic training: most workers to grow to")
-    cluster.add_argument("--gpu", action="store_true", help="one GPU per worker (default: CPU workers)")
-    cluster.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per training worker (default 1)")
-    cluster.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (default 0: five per run)")
-    cluster.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from by resuming (default 3)")
-    cluster.add_argument("--seed", type=int, default=0, help="initialisation and shuffle seed (default 0)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps of the same job with a tiny model on a toy pool written under "
-                        "<output>/toy_pool, 2 local CPU workers, a random reference: checks the whole path in about a minute")
+    cluster.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (default: CPU workers)")
+    cluster.add_argument("--cpus-per-worker", type=float,
+                         help=f"CPUs reserved per training worker (default: {_default('cpus_per_worker')})")
+    cluster.add_argument("--checkpoint-every", type=int,
+                         help=f"steps between checkpoints (default: {_default('checkpoint_every')}: five per run)")
+    cluster.add_argument("--max-failures", type=int,
+                         help=f"worker failures to recover from by resuming (default: {_default('max_failures')})")
+    cluster.add_argument("--seed", type=int, help=f"initialisation and shuffle seed (default: {_default('seed')})")
+    parser.add_argument("--smoke", action="store_true", help="a few steps of the same job on the tiny preset and a toy pool written under "
+                        "<output>/toy_pool, 2 local CPU workers, a random reference unless --reference is given: checks the whole path "
+                        "quickly; options given still override")
+    add_print_config(parser)
 
 
-def config_from_args(args, output: str, pool_model: str | None = None) -> TrainConfig:
-    values = dict(
-        output=output, model=args.model, pretrained=args.pretrained, reference=args.reference, mimic_layer=args.mimic_layer,
-        weighting=args.weighting, tau=args.tau, score_kind=args.score_kind, samples_seen=args.samples_seen,
-        global_batch=args.global_batch, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-        precision=args.precision, grad_checkpointing=args.grad_checkpointing, workers=args.workers,
-        min_workers=args.min_workers, max_workers=args.max_workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-        checkpoint_every=args.checkpoint_every, shuffle_buffer=args.shuffle_buffer, seed=args.seed, max_failures=args.max_failures,
-    )
-    return TrainConfig(**values)
+def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace, preset: str) -> TrainConfig:
+    """The one TrainConfig of this command line: ``preset`` (``tiny`` with --smoke) plus the options given.
+
+    Command-line mistakes end in ``error: ...`` and exit status 2.
+    """
+    from raymimic.train.trainer import normalise_output
+
+    preset = getattr(args, "preset", None) or ("tiny" if args.smoke else preset)
+    overrides = given(args, FIELD_OPTIONS, RENAME)
+    output = overrides.pop("output", None)
+    if output is None:
+        if not args.smoke:
+            fail(parser, "--output is required: the run folder (local path or fsspec URI) for scores/ and checkpoints/")
+        if args.print_config:
+            output = os.path.join(tempfile.gettempdir(), "raymimic-smoke-NEW")  # made when the job runs
+        else:
+            output = tempfile.mkdtemp(prefix="raymimic-smoke-")
+            print(f"no --output given: writing to {output}")
+    output = normalise_output(output)
+    if args.smoke:
+        smoke = {**SMOKE, "pool": os.path.join(output, "toy_pool"), "reference": os.path.join(output, "reference.pt")}
+        overrides = {**smoke, **overrides}
+    elif "pool" not in overrides:
+        fail(parser, "--pool is required (a DataComp pool folder or fsspec URI), or use --smoke")
+    return build(parser, TrainConfig.from_preset, preset, output=output, **overrides)
 
 
-def _smoke_setup(args, output: str) -> None:
-    """Toy pool and random reference under ``output``; a tiny preset that runs on 2 CPU workers."""
+def _prepare_smoke(cfg: TrainConfig) -> None:
+    """The toy pool and (unless the user named one) the random reference that --smoke trains with."""
     import torch
 
     from raymimic.clip import create_model, save_checkpoint
     from raymimic.data.toy_pool import make_toy_pool
 
-    tiny = PRESETS["tiny"]
-    args.pool = os.path.join(output, "toy_pool")
-    if not os.path.isdir(os.path.join(args.pool, "shards")):
-        make_toy_pool(args.pool, samples=48, noise=0.3, seed=args.seed, shard_size=16, eval_samples=0, workers=1)
-    args.model, args.samples_seen, args.global_batch = tiny["model"], tiny["samples_seen"], tiny["global_batch"]
-    args.lr, args.warmup, args.workers, args.gpu = tiny["lr"], tiny["warmup"], 2, False
-    args.min_workers = args.max_workers = None
-    args.cpus_per_worker = 0.5  # leave CPUs to the Ray Data reading stages on a small machine
-    args.checkpoint_every = args.checkpoint_every or 4
-    if not args.reference:
-        torch.manual_seed(args.seed + 1)
-        args.reference = save_checkpoint(create_model(args.model)[0], os.path.join(output, "reference.pt"), args.model)
+    if not os.path.isdir(os.path.join(cfg.pool, "shards")):
+        make_toy_pool(cfg.pool, seed=cfg.seed, **SMOKE_POOL)
+    if cfg.reference == os.path.join(cfg.output, "reference.pt"):
+        torch.manual_seed(cfg.seed + 1)
+        save_checkpoint(create_model(cfg.model)[0], cfg.reference, cfg.model)
 
 
-def run_job(args) -> int:
+def run_job(parser: argparse.ArgumentParser, args: argparse.Namespace, preset: str) -> int:
+    cfg = resolve_config(parser, args, preset)
+    if args.print_config:
+        return print_config(cfg)
     import ray
 
-    from raymimic.data.preprocess import clip_training_dataset
-    from raymimic.score_table import read_score_table
-    from raymimic.train.trainer import fit, normalise_output
+    from raymimic.score_table import count_rows
+    from raymimic.train.config import run_training
 
-    output = args.output
-    if output is None:
-        if not args.smoke:
-            sys.exit("error: --output is required (a local folder or fsspec URI for scores/ and checkpoints/)")
-        output = tempfile.mkdtemp(prefix="raymimic-smoke-")
-        print(f"no --output given: writing to {output}")
-    output = normalise_output(output)
     if args.smoke:
-        _smoke_setup(args, output)
-    if not args.pool:
-        sys.exit("error: --pool is required (a DataComp pool folder or URI), or use --smoke")
-    cfg = config_from_args(args, output)
+        _prepare_smoke(cfg)
     if not ray.is_initialized():
         ray.init()
-    summary = fit(cfg, clip_training_dataset(args.pool, cfg.model))
-    table = read_score_table(summary.scores)
+    try:
+        summary = run_training(cfg)
+    except ValueError as error:
+        from raymimic.train.preflight import PreflightError
+
+        if isinstance(error, PreflightError):  # a mistake in the settings or inputs, found before training
+            fail(parser, str(error))
+        raise
     print(f"trained {summary.metrics.get('step')} steps of {cfg.global_batch} samples on {cfg.workers} workers")
-    print(f"score table: {summary.scores} ({table.num_rows} rows: uid, step, epoch, rank, score, weight, batch_size)")
+    print(f"score table: {summary.scores} ({count_rows(summary.scores)} rows: uid, step, epoch, rank, score, weight, batch_size)")
     print(f"final model (open_clip checkpoint): {summary.final_checkpoint}")
     print(f"resumable Ray Train checkpoint: {summary.ray_checkpoint}")
     return 0
@@ -131,15 +184,16 @@ def build_parser(preset: str, prog: str | None = None) -> argparse.ArgumentParse
         prog=prog,
         description=(
             f"Stage 1 at DataComp's {preset} scale: train {p['model']} on {p['samples_seen']:,} samples "
-            f"(global batch {p['global_batch']}, lr {p['lr']}, warm-up {p['warmup']}, AdamW wd 0.2 beta2 0.98, cosine) "
-            "with Grad-Mimic weighting on Ray Train, scoring every sample at every step. Writes OUTPUT/scores/*.parquet "
-            "(one row per sample per step), OUTPUT/checkpoints/final.pt (open_clip format) and OUTPUT/ray_train/ "
-            "(resumable checkpoints)."
+            f"(global batch {p['global_batch']}, lr {p['lr']}, warm-up {p['warmup']}, AdamW wd {_default('weight_decay')} "
+            f"beta2 {_default('beta2')}, cosine) with Grad-Mimic weighting on Ray Train, scoring every sample at every step. "
+            "Writes OUTPUT/scores/*.parquet (one row per sample per step), OUTPUT/checkpoints/final.pt (open_clip format) "
+            "and OUTPUT/ray_train/ (resumable checkpoints)."
         ),
         epilog=(
             "example:\n  ray job submit --working-dir . -- python jobs/datacomp_medium.py "
             "--pool s3://bucket/pool --reference ViT-B-32:datacomp_m_s128m_b4k --output s3://bucket/runs/m1 --workers 8 --gpu\n"
-            "smoke test:\n  python jobs/datacomp_small.py --smoke"
+            "smoke test:\n  python jobs/datacomp_small.py --smoke\n"
+            "see the resolved settings without running:\n  python jobs/datacomp_small.py --pool P --reference R --output O --print-config"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -148,5 +202,5 @@ def build_parser(preset: str, prog: str | None = None) -> argparse.ArgumentParse
 
 
 def main(preset: str, argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(preset, prog).parse_args(argv)
-    return run_job(args)
+    parser = build_parser(preset, prog)
+    return run_job(parser, parser.parse_args(argv), preset)

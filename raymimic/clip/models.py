@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -62,22 +63,41 @@ def _is_tag(model_name: str, value: str) -> bool:
 
 
 def local_copy(uri: str, cache_dir: str | None = None) -> str:
-    """A local path for ``uri``: local files as they are, remote files copied once into a cache."""
+    """A local path for ``uri``: local files as they are, remote files copied once into a cache.
+
+    The cache key is the URI plus the remote file's version (ETag / generation / mtime, and
+    size), so a file rewritten at the same URI is fetched again instead of a stale copy being
+    used. Concurrent callers (training workers on one node) each download to a temporary name
+    and rename it into place atomically.
+    """
     if os.path.isfile(uri):
         return uri
     if uri.startswith("file://") and os.path.isfile(uri[len("file://"):]):
         return uri[len("file://"):]
     fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
+    try:
+        fs.invalidate_cache(path)  # a listing cached earlier in this process may predate a rewrite
+        info = fs.info(path)
+    except FileNotFoundError:
+        info = None
+    if info is None or info.get("type") == "directory":
         raise FileNotFoundError(f"checkpoint {uri!r} does not exist (expected an open_clip checkpoint file)")
+    version = "|".join(f"{k}={info[k]}" for k in _VERSION_FIELDS if info.get(k) is not None)
     cache = Path(cache_dir or os.environ.get("RAYMIMIC_CACHE", Path.home() / ".cache" / "raymimic"))
-    target = cache / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(path).name
+    target = cache / hashlib.sha1(f"{uri}\0{version}".encode()).hexdigest()[:16] / Path(path).name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".part")
-        fs.get(path, str(tmp))
-        tmp.rename(target)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+        try:
+            fs.get_file(path, str(tmp))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
     return str(target)
+
+
+# fields of fsspec ``info()`` that change when a file is rewritten (s3fs, gcsfs, adlfs, local, ...)
+_VERSION_FIELDS = ("ETag", "etag", "generation", "VersionId", "version_id", "mtime", "LastModified", "last_modified", "updated", "size")
 
 
 def parse_reference(spec: str, model_name: str) -> tuple[str, str]:
@@ -119,7 +139,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The tensors of an open_clip checkpoint file (``state_dict`` key and ``module.`` prefixes handled)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def save_checkpoint(model: nn.Module, uri: str, name: str, **extra) -> str:

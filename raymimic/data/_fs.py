@@ -3,6 +3,13 @@
 Ray workers run in other processes, so a filesystem must be one they can reach again from
 its pickled form: local disks, s3://, gs://, ... do; fsspec's ``memory://`` does not (each
 process has its own memory filesystem), so it is refused with an explanation.
+
+S3-compatible stores (MinIO, Ceph, moto, ...): set the standard ``AWS_ENDPOINT_URL`` (or
+``AWS_ENDPOINT_URL_S3``) variable. s3fs reads it through botocore (>= 1.31.57), and pyarrow's
+``FileSystem.from_uri``, which Ray Data's ``read_parquet``/``write_parquet`` and Ray Train's
+``storage_path`` use, reads it too, so no endpoint is passed anywhere. Every process that
+opens the store needs it in its environment: Ray workers inherit the driver's environment
+when the driver starts Ray; on a cluster set it on the nodes or in the job's ``runtime_env``.
 """
 from __future__ import annotations
 
@@ -19,7 +26,10 @@ def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(filesystem, path)`` for ``uri``; raise a clear error if the protocol is unusable."""
     try:
         fs, path = fsspec.core.url_to_fs(str(uri))
-    except (ValueError, ImportError) as error:
+    except ImportError as error:  # the protocol's fsspec package (s3fs, gcsfs, ...) is not installed
+        hint = " (pip install 'raymimic[s3]')" if str(uri).startswith(("s3://", "s3a://")) else ""
+        raise PoolNotReadableError(f"cannot open pool root {uri!r}: {error}{hint}") from error
+    except ValueError as error:
         raise PoolNotReadableError(f"cannot open pool root {uri!r}: {error}") from error
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     if PROCESS_LOCAL_PROTOCOLS.intersection(protocols):

@@ -41,15 +41,25 @@ def transforms_for_model(model_name: str):
     return transform, open_clip.get_tokenizer(model_name)
 
 
-def _decode_transform(images, transform) -> tuple[list[np.ndarray], list[int], list[str]]:
+def decode_image(value):
+    """An RGB PIL image from encoded bytes (JPEG, PNG, ...) or an H x W (x 3) uint8 pixel array.
+
+    The one image decoder of raymimic (training data, the CLIPScore teacher, evaluation). The
+    image is decoded in full, so truncated or corrupt data raises here; callers record or raise.
+    """
     from PIL import Image
 
+    if isinstance(value, (bytes, bytearray, memoryview, np.bytes_)):
+        with Image.open(io.BytesIO(bytes(value))) as image:
+            return image.convert("RGB")
+    return Image.fromarray(np.asarray(value, dtype=np.uint8)).convert("RGB")
+
+
+def _decode_transform(images, transform) -> tuple[list[np.ndarray], list[int], list[str]]:
     arrays, ok, errors = [], [], []
     for i, data in enumerate(images):
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                image = image.convert("RGB")  # forces a full decode: truncated data fails here
-            tensor = transform(image)
+            tensor = transform(decode_image(data))
             arrays.append(np.asarray(tensor, dtype=np.float32))
             ok.append(i)
         except Exception as error:  # PIL and transforms raise many types for bad data

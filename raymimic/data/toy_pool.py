@@ -519,3 +519,54 @@ def make_toy_pool(
     with open(os.path.join(output, "toy_pool.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _make_toy_pool_defaults() -> dict:
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(make_toy_pool).parameters.items()}
+
+
+_MAKE_DEFAULTS = _make_toy_pool_defaults()
+
+
+@dataclass
+class ToyPoolConfig:
+    """Arguments of :func:`make_toy_pool` as one config (defaults read from its signature)."""
+
+    output: str  # local directory to write the pool into
+    samples: int  # training samples in the pool
+    noise: float = 0.3  # fraction of samples with a corrupted caption, in [0, 1]
+    seed: int = _MAKE_DEFAULTS["seed"]
+    shard_size: int = _MAKE_DEFAULTS["shard_size"]
+    eval_samples: int = _MAKE_DEFAULTS["eval_samples"]
+    image_size: int = _MAKE_DEFAULTS["image_size"]
+    workers: int | None = _MAKE_DEFAULTS["workers"]  # processes writing shards; None = CPU count
+    images: str = _MAKE_DEFAULTS["images"]  # one of IMAGE_SOURCES
+
+    def __post_init__(self):
+        if not self.output:
+            raise ValueError("output is required")
+        if self.images not in IMAGE_SOURCES:
+            raise ValueError(f"images must be one of {list(IMAGE_SOURCES)}, got {self.images!r}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if not 0.0 <= self.noise <= 1.0:
+            raise ValueError(f"noise is a fraction in [0, 1], got {self.noise}")
+        if self.shard_size < 1 or self.image_size < 8 or self.eval_samples < 0:
+            raise ValueError(f"need shard_size >= 1, image_size >= 8, eval_samples >= 0 "
+                             f"(got {self.shard_size}, {self.image_size}, {self.eval_samples})")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def write(self) -> dict:
+        """Write the pool (:func:`make_toy_pool`); return its summary."""
+        return make_toy_pool(**self.to_dict())

@@ -5,13 +5,16 @@
 * :mod:`raymimic.mimic.scores` turns those into mimic scores, gradient norms, alignments and
   the re-weighted gradient with the paper's scaling.
 * :mod:`raymimic.mimic.weighting` holds Grad-Mimic and the baseline weightings.
+* :mod:`raymimic.mimic.stats` computes the statistics a weighting needs and its weights (one
+  place for training and the simulation; distribution comes in as callables).
 * :mod:`raymimic.mimic.reweight` re-weights every layer through a second backward (an option).
 * :mod:`raymimic.mimic.params` finds the mimic layer and the reference direction.
 """
 from raymimic.mimic.params import check_same_architecture, get_parameter, reference_direction, unwrap
 from raymimic.mimic.probe import MimicProbe
-from raymimic.mimic.reweight import OutputGrads, reweighted_backward
+from raymimic.mimic.reweight import output_grads, reweighted_backward, reweighted_loss_backward
 from raymimic.mimic.scores import alignment, clean_gradient_direction, grad_norms, gram, mean_batch_grad, mimic_scores, reweighted_grad
+from raymimic.mimic.stats import batch_weights, weighting_stats
 from raymimic.mimic.weighting import (
     AGRA,
     WEIGHTINGS,
@@ -26,7 +29,8 @@ from raymimic.mimic.weighting import (
 )
 
 __all__ = [
-    "AGRA", "GradMatch", "OutputGrads", "reweighted_backward", "GradMimic", "GraNd", "MimicProbe", "RHOLoss", "Uniform", "WEIGHTINGS", "Weighting",
-    "alignment", "check_same_architecture", "clean_gradient_direction", "get_parameter", "grad_norms", "gram", "make_weighting",
-    "mean_batch_grad", "mimic_scores", "reference_direction", "reweighted_grad", "softmax_weights", "unwrap",
+    "AGRA", "GradMatch", "GradMimic", "GraNd", "MimicProbe", "RHOLoss", "Uniform", "WEIGHTINGS", "Weighting",
+    "alignment", "batch_weights", "check_same_architecture", "clean_gradient_direction", "get_parameter", "grad_norms", "gram",
+    "make_weighting", "mean_batch_grad", "mimic_scores", "output_grads", "reference_direction", "reweighted_backward", "reweighted_grad",
+    "reweighted_loss_backward", "softmax_weights", "unwrap", "weighting_stats",
 ]

@@ -44,7 +44,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-SCORE_COLUMNS = ("uid", "step", "epoch", "rank", "score", "weight", "batch_size")
+from raymimic.score_table import COLUMNS as SCORE_COLUMNS  # the Stage 1 score-table columns (raymimic.score_table owns them)
+
 FEATURES = ("step_z", "log_norm_weight", "norm_weight", "score")
 METHODS = ("threshold", "kmeans", "gmm")
 DEFAULT_FEATURE = {"threshold": "norm_weight", "kmeans": "step_z", "gmm": "step_z"}

@@ -1,33 +1,87 @@
 """The Stage 2 pipeline behind ``raymimic filter``: mimic filter, optional pool stages, outputs."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
+from dataclasses import dataclass
 
-from raymimic.select.mimic import MimicFilter
+from raymimic.select.binarize import FEATURES
+from raymimic.select.ensemble import check_rule
+from raymimic.select.mimic import MIMIC_METHODS, MimicFilter
 from raymimic.select.output import write_outputs
 from raymimic.select.stages import keep_where
 
 _POOL_COLUMNS = ["uid", "text", "original_width", "original_height", "clip_b32_similarity_score", "clip_l14_similarity_score"]
+NAN_HANDLING = ("drop", "error")  # rows with NaN/inf score or weight
+DUPLICATE_HANDLING = ("error", "count")  # repeated (uid, step) rows
+UNSCORED_HANDLING = ("drop", "keep", "error")  # pool uids without any score (with a pool)
 
 
-def run_filter(scores: str, output: str, pool: str | None = None, method: str = "gmm", feature: str | None = None, rule="majority",
-               fraction: float = 0.3, fit_sample: int = 100_000, seed: int = 0, nan: str = "drop", duplicates: str = "error",
-               unscored: str = "drop", clip_top: float | None = None, min_clip_score: float | None = None,
-               clip_column: str = "clip_l14_similarity_score", basic: bool = False, language_model: str | None = None,
-               report: bool = False) -> dict:
-    """Run Stage 2 end to end and return the summary written to ``output/summary.json``."""
+@dataclass
+class FilterConfig:
+    """Stage 2 (:func:`run_filter`): score tables in, a DataComp subset and its decisions out."""
+
+    scores: str  # score tables: RUN/scores, a directory of parquet files (local path or fsspec URI)
+    output: str  # output directory (local path or fsspec URI)
+    pool: str | None = None  # DataComp pool root: join its metadata on uid (clip_top, min_clip_score, basic need it)
+    method: str = "gmm"  # one of raymimic.select.mimic.MIMIC_METHODS
+    feature: str | None = None  # what the binarizers fit (raymimic.select.binarize.FEATURES); None = the method's default
+    rule: str | float = "majority"  # vote across epochs and methods: majority, all, any or a fraction in (0, 1]
+    fraction: float = 0.3  # top-fraction: share of uids to keep
+    fit_sample: int = 100_000  # rows sampled at random to fit the binarizers
+    seed: int = 0
+    nan: str = "drop"  # one of NAN_HANDLING
+    duplicates: str = "error"  # one of DUPLICATE_HANDLING
+    unscored: str = "drop"  # one of UNSCORED_HANDLING
+    clip_top: float | None = None  # with a pool: also keep only this top fraction by CLIP score
+    min_clip_score: float | None = None  # with a pool: also keep only CLIP score >= this
+    clip_column: str = "clip_l14_similarity_score"
+    basic: bool = False  # with a pool: also apply DataComp basic filtering
+    language_model: str | None = None  # fastText language-id model for basic's English check
+    report: bool = False  # also write report.md with histograms
+
+    def __post_init__(self):
+        for name in ("scores", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        if self.method not in MIMIC_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {list(MIMIC_METHODS)}")
+        if self.feature is not None and self.feature not in FEATURES:
+            raise ValueError(f"unknown feature {self.feature!r}; choose one of {list(FEATURES)}")
+        self.rule = check_rule(self.rule)
+        if self.method == "top-fraction" and not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1] for top-fraction, got {self.fraction}")
+        if self.fit_sample < 2:
+            raise ValueError(f"fit_sample must be at least 2 rows, got {self.fit_sample}")
+        for name, allowed in (("nan", NAN_HANDLING), ("duplicates", DUPLICATE_HANDLING), ("unscored", UNSCORED_HANDLING)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use one of {list(allowed)}")
+        if self.clip_top is not None and not 0 < self.clip_top <= 1:
+            raise ValueError(f"clip_top is a fraction in (0, 1], got {self.clip_top}")
+        needs_pool = self.clip_top is not None or self.min_clip_score is not None or self.basic
+        if needs_pool and self.pool is None:
+            raise ValueError("--clip-top, --min-clip-score and --basic read the pool's metadata: give --pool")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def run_filter(cfg: FilterConfig) -> dict:
+    """Run Stage 2 end to end and return the summary written to ``cfg.output/summary.json``."""
     started = time.time()
-    needs_pool = clip_top is not None or min_clip_score is not None or basic
-    if needs_pool and pool is None:
-        raise ValueError("--clip-top, --min-clip-score and --basic read the pool's metadata: give --pool")
-    mimic = MimicFilter(scores, method=method, fraction=fraction, feature=feature, rule=rule, fit_sample=fit_sample, seed=seed,
-                        nan=nan, duplicates=duplicates, missing=unscored, drop=False).fit()
+    scores, output, pool, method = cfg.scores, cfg.output, cfg.pool, cfg.method
+    mimic = MimicFilter(scores, method=method, fraction=cfg.fraction, feature=cfg.feature, rule=cfg.rule, fit_sample=cfg.fit_sample,
+                        seed=cfg.seed, nan=cfg.nan, duplicates=cfg.duplicates, missing=cfg.unscored, drop=False).fit()
     stages = [mimic]
     if pool is None:
         decisions = mimic.decisions.rename_columns({"mimic_keep": "keep"})
         extra = {}
     else:
-        decisions, stages, extra = _with_pool(mimic, pool, clip_top, min_clip_score, clip_column, basic, language_model)
+        decisions, stages, extra = _with_pool(mimic, pool, cfg.clip_top, cfg.min_clip_score, cfg.clip_column, cfg.basic, cfg.language_model)
     per_method = [f"keep_{m}" for m in mimic.methods]
     columns = ["uid", "mimic_score", "mean_norm_weight", "mean_raw_score", "n_obs", *per_method, "mimic_keep", "mimic_scored",
                "clip_score", "clip_keep", "basic_keep", "keep"]
@@ -38,7 +92,7 @@ def run_filter(scores: str, output: str, pool: str | None = None, method: str = 
     summary = write_outputs(decisions, output, keep_column="keep", quality_column="mean_raw_score", columns=columns, summary=summary)
     summary["seconds"] = round(time.time() - started, 2)
     summary["files"]["fit_sample.parquet"] = _write_fit_sample(mimic, output)
-    if report:
+    if cfg.report:
         from raymimic.select.report import write_report
 
         summary["files"]["report.md"] = write_report(output, summary=summary)

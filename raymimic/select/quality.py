@@ -1,4 +1,5 @@
-"""Dataset-quality estimate from a filter's decisions (paper, Stage 2).
+"""Dataset-quality estimate from a filter's decisions (paper, Stage 2), and how well a filter
+finds known noise (:func:`detection_metrics`, the one precision/recall/F1 of raymimic).
 
 Two numbers describe how clean a dataset looks to the mimic score:
 
@@ -55,3 +56,20 @@ class QualityAccumulator:
 def quality_estimate(keep: np.ndarray, scores: np.ndarray) -> dict:
     """``fraction_kept``, ``mean_score`` and the means over kept / dropped samples."""
     return QualityAccumulator().update(keep, scores).result()
+
+
+def detection_metrics(keep: np.ndarray, is_noisy: np.ndarray) -> dict:
+    """Precision, recall and F1 of the dropped samples (``~keep``) as a detector of ``is_noisy``.
+
+    One entry per sample in each array. Precision is 0 when nothing is dropped, recall 0
+    when nothing is noisy, F1 0 when both are 0. Also returns ``n_dropped`` and ``n_noisy``.
+    """
+    keep, is_noisy = np.asarray(keep, dtype=bool), np.asarray(is_noisy, dtype=bool)
+    if keep.shape != is_noisy.shape:
+        raise ValueError(f"keep {keep.shape} and is_noisy {is_noisy.shape} must have one entry per sample each")
+    dropped = ~keep
+    hits, n_dropped, n_noisy = int((dropped & is_noisy).sum()), int(dropped.sum()), int(is_noisy.sum())
+    precision = hits / n_dropped if n_dropped else 0.0
+    recall = hits / n_noisy if n_noisy else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "n_dropped": n_dropped, "n_noisy": n_noisy}

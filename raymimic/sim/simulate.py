@@ -10,7 +10,7 @@ import numpy as np
 
 from raymimic.sim.data import load_dataset, symmetric_noise
 from raymimic.sim.detect import evaluate_detection
-from raymimic.sim.report import markdown, write_results
+from raymimic.sim.report import write_results
 from raymimic.sim.train import TrainConfig, train_reference, train_run
 
 

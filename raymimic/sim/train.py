@@ -2,9 +2,11 @@
 
 Every step is one ordinary forward/backward of the batch-mean cross-entropy; a
 :class:`~raymimic.mimic.MimicProbe` on the classification head records what the per-sample
-statistics need, a :mod:`raymimic.mimic.weighting` turns them into weights, and the head's
-gradient is replaced by the re-weighted one ``sum_i w_i g_i`` (with ``reweight_all`` every
-layer gets ``d/dtheta sum_i w_i l_i`` instead). Every sample's score and weight at every
+statistics need, a :mod:`raymimic.mimic.weighting` turns them into weights (statistics and weights come from
+:mod:`raymimic.mimic.stats`, as in Stage-1 training), and the head's gradient is replaced by the
+re-weighted one ``sum_i w_i g_i`` (with ``reweight_all`` every layer gets ``sum_i w_i g_i``, the
+gradient of ``sum_i w_i l_i`` for these independent per-sample losses:
+:func:`raymimic.mimic.reweight.reweighted_loss_backward`). Every sample's score and weight at every
 step is recorded in the score-table layout, so the Stage-2 binarizers apply unchanged.
 """
 from __future__ import annotations
@@ -20,13 +22,13 @@ from torch import nn
 
 from raymimic.mimic import (
     MimicProbe,
-    alignment,
-    grad_norms,
-    gram,
+    batch_weights,
     make_weighting,
-    mimic_scores,
+    output_grads,
     reference_direction,
     reweighted_grad,
+    reweighted_loss_backward,
+    weighting_stats,
 )
 from raymimic.sim.data import SimData
 
@@ -143,18 +145,24 @@ def train_run(
             optimizer.zero_grad(set_to_none=True)
             with probe.capture():
                 losses = F.cross_entropy(model(x), y, reduction="none")
-            losses.mean().backward(retain_graph=config.reweight_all)
-            stats = _batch_stats(probe, model, reference, needs, x, y, losses, size, data, labels, batches, b, config.score_kind)
+            if config.reweight_all:  # the probe needs the output gradient; no .grad until the re-weighted pass
+                output_grads(losses.mean(), [], through=[head])
+            else:
+                losses.mean().backward()
+            direction = reference_direction(model, reference, MIMIC_LAYER) if reference is not None else None
             # the mimic score is recorded for every method: the score column means one thing
-            score = stats["mimic"] if "mimic" in stats else _mimic(probe, model, reference, size, config.score_kind)
-            weights = weighting.weights(stats).float()
+            stats, _ = weighting_stats(
+                weighting, probe, direction, size, kind=config.score_kind, losses=losses.detach(),
+                ref_losses=lambda: _reference_losses(reference, x, y),
+                align_with=lambda: _next_batch_grad(model, data, labels, batches, b),
+            )
+            weights, _ = batch_weights(weighting, stats)
             if config.reweight_all:
-                optimizer.zero_grad(set_to_none=True)
-                (losses * weights).sum().backward()  # sum_i w_i dl_i/dtheta = sum_i w_i g_i
+                reweighted_loss_backward(losses, weights)  # sum_i w_i dl_i/dtheta = sum_i w_i g_i
             else:
                 head.grad = reweighted_grad(probe, weights, size)
             optimizer.step()
-            frames.append(_rows(uids[idx.numpy()], step, epoch, score, weights, size, method_statistic(stats, weights)))
+            frames.append(_rows(uids[idx.numpy()], step, epoch, stats["mimic"], weights, size, method_statistic(needs, stats, weights)))
             step += 1
     rows = pd.concat(frames, ignore_index=True)
     return RunResult(
@@ -178,51 +186,34 @@ def _batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return batches
 
 
-def _mimic(probe: MimicProbe, model: nn.Module, reference: nn.Module | None, size: int, kind: str = "proj") -> torch.Tensor:
-    """Raw mimic scores ``m_i`` of the batch (NaN without a reference, e.g. for the reference run)."""
-    if reference is None:
-        return torch.full((size,), float("nan"))
-    return mimic_scores(probe, reference_direction(model, reference, MIMIC_LAYER), size, kind=kind)
+def _reference_losses(reference: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.cross_entropy(reference(x), y, reduction="none")
 
 
-def _batch_stats(probe, model, reference, needs, x, y, losses, size, data, labels, batches, b, kind="proj"):
-    """The per-sample statistics the weighting ``needs`` (see raymimic.mimic.weighting)."""
-    stats: dict[str, torch.Tensor] = {"batch_size": torch.tensor(size)}
-    if "mimic" in needs:
-        stats["mimic"] = _mimic(probe, model, reference, size, kind)
-    if "grad_norm" in needs:
-        stats["grad_norm"] = grad_norms(probe, size)
-    if "gram" in needs:
-        stats["gram"] = gram(probe, size)
-    if "loss" in needs:
-        stats["loss"] = losses.detach()
-    if "ref_loss" in needs:
-        with torch.no_grad():
-            stats["ref_loss"] = F.cross_entropy(reference(x), y, reduction="none")
-    if "align" in needs:
-        # AGRA compares with the mean head gradient of another batch: the next one of the epoch
-        other = batches[(b + 1) % len(batches)]
-        other_loss = F.cross_entropy(model(data.x_train[other]), labels[other])
-        comparison = torch.autograd.grad(other_loss, model.head.weight)[0]
-        stats["align"] = alignment(probe, comparison)
-    return stats
+def _next_batch_grad(model: Classifier, data: SimData, labels: torch.Tensor, batches: list[torch.Tensor], b: int) -> torch.Tensor:
+    """AGRA's comparison: the mean head gradient of another batch, the next one of the epoch."""
+    other = batches[(b + 1) % len(batches)]
+    other_loss = F.cross_entropy(model(data.x_train[other]), labels[other])
+    return torch.autograd.grad(other_loss, model.head.weight)[0]
 
 
-def method_statistic(stats: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+def method_statistic(needs, stats: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """The per-sample number a weighting ranks samples by (its weights grow with it).
 
     Grad-Mimic: the mimic score; GraNd: the gradient norm; AGRA: the alignment; RHO: the
     reducible loss; Grad-Match (no such number: its weights come from a solver) and plain
     SGD: the normalised weight ``B * w``. Detecting mislabeled samples from another
     method's weights binarizes this number, so every method is judged on its own signal.
+    ``needs``: the weighting's :attr:`~raymimic.mimic.weighting.Weighting.needs`.
     """
-    if "mimic" in stats:
+    if "mimic" in needs:
         return stats["mimic"]
-    if "grad_norm" in stats:
+    if "grad_norm" in needs:
         return stats["grad_norm"]
-    if "align" in stats:
+    if "align" in needs:
         return stats["align"]
-    if "ref_loss" in stats:
+    if "ref_loss" in needs:
         return stats["loss"] - stats["ref_loss"]
     return weights * len(weights)
 

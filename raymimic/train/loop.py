@@ -73,9 +73,8 @@ class _Worker:
         import ray.train
         import ray.train.torch
 
-        from raymimic.clip import create_model, load_reference, resolve_mimic_layer, sample_dim
-        from raymimic.mimic import get_parameter
-        from raymimic.train.step import MimicStep, exclude_from_ddp, world
+        from raymimic.clip import create_model
+        from raymimic.train.step import build_mimic_step, world
 
         self.cfg = cfg
         self.rank, self.world_size = world()
@@ -84,7 +83,6 @@ class _Worker:
 
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         model, _, _ = create_model(cfg.model, pretrained=cfg.pretrained, device=self.device)
-        self.mimic_name = resolve_mimic_layer(model, cfg.mimic_layer)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.optimizer = build_optimizer(model, cfg)
@@ -94,23 +92,12 @@ class _Worker:
             with checkpoint.as_directory() as directory:
                 self.state, previous_grad = load_train_checkpoint(directory, model, self.optimizer, self.device)
 
-        reference_weight, reference_model = None, None
-        if cfg.reference:
-            reference = load_reference(cfg.reference, cfg.model, device=self.device)
-            reference_weight = get_parameter(reference, self.mimic_name).detach().clone()
-            reference_model = reference if cfg.weighting == "rho" else None  # only rho needs the whole model
-        scoring = cfg.reference is not None or cfg.weighting != "sgd"
-        if scoring and self.world_size > 1:
-            exclude_from_ddp(model, self.mimic_name)
-        self.model = ray.train.torch.prepare_model(model)
-        if scoring and self.world_size > 1:  # DDP does not broadcast ignored tensors
-            torch.distributed.broadcast(get_parameter(self.model, self.mimic_name).data, src=0)
-        self.unwrapped = model
-        self.step_fn = MimicStep(
-            self.model, self.mimic_name, cfg.weighting, tau=cfg.tau, score_kind=cfg.score_kind,
-            reference_weight=reference_weight, reference_model=reference_model,
-            batch_dim=sample_dim(model, self.mimic_name), autocast=autocast_for(cfg, self.device),
+        self.step_fn, _ = build_mimic_step(
+            model, cfg.model, mimic_layer=cfg.mimic_layer, reference=cfg.reference, weighting=cfg.weighting, tau=cfg.tau,
+            score_kind=cfg.score_kind, reweight_all=cfg.reweight_all, device=self.device, autocast=autocast_for(cfg, self.device),
+            wrap=ray.train.torch.prepare_model,
         )
+        self.unwrapped = model
         self.step_fn.previous_mean_grad = previous_grad
         self.logit_scale = getattr(model, "logit_scale", None)
 

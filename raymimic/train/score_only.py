@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from raymimic.score_table import SCHEMA
+from raymimic.score_table import discard_parts, parse_file_name, write_part
 
 
 def checkpoint_position(checkpoint: str | None) -> tuple[int, int]:
@@ -36,17 +36,14 @@ class MimicScorer:
                  score_kind: str = "proj", tau: float = 0.05, step: int | None = None, use_gpu: bool = False):
         import torch
 
-        from raymimic.clip import create_model, load_reference, resolve_mimic_layer, sample_dim
-        from raymimic.mimic import get_parameter
-        from raymimic.train.step import MimicStep
+        from raymimic.clip import create_model
+        from raymimic.train.step import build_mimic_step
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = create_model(model, pretrained=checkpoint, device=self.device)[0]
-        name = resolve_mimic_layer(self.model, mimic_layer)
-        reference_weight = get_parameter(load_reference(reference, model, device=self.device), name).detach().clone()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
-        self.step_fn = MimicStep(self.model, name, "grad-mimic", tau=tau, score_kind=score_kind,
-                                 reference_weight=reference_weight, batch_dim=sample_dim(self.model, name), autocast=autocast)
+        self.step_fn, _ = build_mimic_step(self.model, model, mimic_layer=mimic_layer, reference=reference, weighting="grad-mimic",
+                                           tau=tau, score_kind=score_kind, device=self.device, autocast=autocast)
         local = checkpoint if checkpoint and "://" not in checkpoint else None
         found_step, self.epoch = checkpoint_position(local)
         self.step = found_step if step is None else step
@@ -93,13 +90,49 @@ def _actor_pool(actors: int):
     return ActorPoolStrategy(size=actors)
 
 
-def write_scores(scored, output: str) -> str:
-    """Write the scored dataset as parquet under ``<output>/scores/`` with the contract's types."""
+def _write_block(table, uri: str):
+    """``map_batches`` body of :func:`write_scores`: one block -> one score file; returns its name and steps."""
     import pyarrow as pa
 
-    def cast(table: pa.Table) -> pa.Table:
-        return table.select(SCHEMA.names).cast(SCHEMA)
+    name = write_part(table, uri)
+    if name is None:
+        return pa.table({"file": pa.array([], pa.string()), "first_step": pa.array([], pa.int64()), "last_step": pa.array([], pa.int64())})
+    first, last, _, _ = parse_file_name(name)
+    return pa.table({"file": [name], "first_step": pa.array([first], pa.int64()), "last_step": pa.array([last], pa.int64())})
 
+
+def write_scores(scored, output: str) -> str:
+    """Write the scored dataset under ``<output>/scores/`` as score files the readers find; returns that URI.
+
+    Each block becomes one file, written atomically and named
+    ``steps-{step}-{step}-rank-00000-part-{hash}.parquet`` (:func:`raymimic.score_table.write_part`)
+    with the hash of its (uid, step) pairs: a block written again by a retried task replaces its
+    file. Columns are cast to the contract's types (``score_<name>`` columns kept, others
+    dropped). Once every block is written, score-only files of the same step(s) left by an earlier
+    pass into the same folder are deleted, so rerunning replaces the output instead of doubling it.
+    """
     uri = f"{output.rstrip('/')}/scores"
-    scored.map_batches(cast, batch_format="pyarrow", batch_size=None).write_parquet(uri)
+    written = scored.map_batches(_write_block, fn_kwargs={"uri": uri}, batch_format="pyarrow", batch_size=None).take_all()
+    if written:
+        first, last = min(int(r["first_step"]) for r in written), max(int(r["last_step"]) for r in written)
+        discard_parts(uri, {r["file"] for r in written}, first, last)
     return uri
+
+
+def run_score_only(cfg) -> str:
+    """The whole score-only pass for a :class:`~raymimic.train.config.ScoreConfig`; returns the score table's URI.
+
+    Reads ``cfg.pool`` as the CLIP training dataset of ``cfg.model``, scores it (:func:`score_dataset`)
+    and writes ``<cfg.output>/scores/`` (:func:`write_scores`). A checkpoint given as a path or URI is
+    copied to local disk first; a pretrained tag is passed on as is. Needs a running (or startable) Ray.
+    """
+    from raymimic.clip.models import local_copy
+    from raymimic.data.preprocess import clip_training_dataset
+
+    checkpoint = cfg.checkpoint
+    if checkpoint and ("://" in checkpoint or "/" in checkpoint):
+        checkpoint = local_copy(checkpoint)
+    scored = score_dataset(clip_training_dataset(cfg.pool, cfg.model), cfg.model, checkpoint, cfg.reference,
+                           mimic_layer=cfg.mimic_layer, score_kind=cfg.score_kind, tau=cfg.tau, batch_size=cfg.batch_size,
+                           actors=cfg.actors, use_gpu=cfg.use_gpu, step=cfg.step)
+    return write_scores(scored, cfg.output)

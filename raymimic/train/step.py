@@ -7,12 +7,18 @@ the local samples -> all-gather -> weights over the global batch (identical on e
 
 The mimic layer is excluded from DDP's reduction (:func:`exclude_from_ddp`) so that its
 gradient is communicated once, already re-weighted, instead of averaged by DDP and then
-overwritten (which would all-reduce it twice). All maths comes from :mod:`raymimic.mimic`.
+overwritten (which would all-reduce it twice). With ``reweight_all`` the first pass only
+computes the output gradients (no ``.grad``, so DDP does not reduce yet) and a second backward
+of the re-weighted outputs gives every tensor ``sum_i w_i g_i``, reduced by DDP once
+(:mod:`raymimic.mimic.reweight`). All maths comes from :mod:`raymimic.mimic`;
+:func:`build_mimic_step` is the one place that turns run settings into a step (training and the
+score-only pass both use it).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -21,14 +27,13 @@ from torch import nn
 from raymimic.clip.loss import grad_scale, per_sample_contrastive_loss
 from raymimic.mimic import (
     MimicProbe,
-    alignment,
+    batch_weights,
     get_parameter,
-    grad_norms,
-    gram,
     make_weighting,
-    mean_batch_grad,
-    mimic_scores,
+    output_grads,
+    reweighted_backward,
     reweighted_grad,
+    weighting_stats,
 )
 
 
@@ -77,7 +82,9 @@ class MimicStep:
 
     ``reference_weight`` is ``W_ref`` of the mimic layer (``V_t = W_ref - W_t`` is recomputed
     every call); ``reference_model`` is only needed by ``rho``. With ``weighting="sgd"`` and no
-    reference the step is plain data-parallel training (no probe at all).
+    reference the step is plain data-parallel training (no probe at all). ``reweight_all``:
+    every trainable tensor's gradient becomes ``sum_i w_i g_i`` (a second backward), not only
+    the mimic layer's; tensors the features do not reach (the logit scale) keep the plain one.
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class MimicStep:
         reference_model: nn.Module | None = None,
         batch_dim: int = 0,
         autocast: contextlib.AbstractContextManager | None = None,
+        reweight_all: bool = False,
     ):
         self.model = model
         self.mimic_name = mimic_name
@@ -100,6 +108,7 @@ class MimicStep:
         self.reference_model = reference_model
         self.autocast = autocast or contextlib.nullcontext()
         self.plain = weighting == "sgd" and reference_weight is None
+        self.reweight_all = reweight_all and not self.plain  # uniform weights: the plain backward is already it
         self.probe = None if self.plain else MimicProbe(model, mimic_name, batch_dim=batch_dim)
         self.parameter = get_parameter(model, mimic_name)
         if "ref_loss" in self.weighting.needs and reference_model is None:
@@ -113,21 +122,35 @@ class MimicStep:
         batch = local * size
         capture = self.probe.capture() if self.probe is not None else contextlib.nullcontext()
         with self.autocast, capture:
-            image_features, text_features, logit_scale = self.model(images, texts)[:3]
-            losses = per_sample_contrastive_loss(image_features, text_features, logit_scale)
+            outputs = self.model(images, texts)[:3]  # image features, text features, logit scale
+            losses = per_sample_contrastive_loss(*outputs)
             loss = losses.mean()
-        loss.backward()
         if self.plain:
+            loss.backward()
             uniform = torch.full((local,), 1.0 / batch, device=images.device)
             nan = torch.full((local,), float("nan"), device=images.device)
             return StepResult(loss.detach(), nan, uniform, gather_global(nan), gather_global(uniform), batch)
+        if self.reweight_all:
+            grads = output_grads(loss, outputs, through=[self.parameter])
+        else:
+            loss.backward()
 
         scale = grad_scale()
-        local_scores = self._local_scores(batch, scale)
-        stats = self._global_stats(images, texts, losses.detach(), local_scores, batch, scale)
-        weights, local_weights = self._weights(stats, rank, local, batch)
-        new_grad = reweighted_grad(self.probe, local_weights, batch, scale).float()
-        self.parameter.grad = all_reduce_sum(new_grad).to(self.parameter.dtype)
+        direction = self.direction() if self.reference_weight is not None else None
+        stats, mean_grad = weighting_stats(
+            self.weighting, self.probe, direction, batch, scale, kind=self.score_kind, losses=losses.detach(),
+            ref_losses=lambda: self._reference_losses(images, texts), align_with=self.previous_mean_grad,
+            gather=gather_global, all_reduce=all_reduce_sum,
+        )
+        if mean_grad is not None:
+            self.previous_mean_grad = mean_grad
+        weights, local_weights = batch_weights(self.weighting, stats, rank, local, gather_global)
+        # before any second backward: it would overwrite the output gradient the probe keeps
+        new_grad = all_reduce_sum(reweighted_grad(self.probe, local_weights, batch, scale).float())
+        if self.reweight_all:
+            reweighted_backward(outputs[:2], grads[:2], local_weights, batch, shared=[(outputs[2], grads[2])])
+        self.parameter.grad = new_grad.to(self.parameter.dtype)
+        local_scores = stats["mimic"][rank * local:(rank + 1) * local]
         return StepResult(loss.detach(), local_scores, local_weights, stats["mimic"], weights, batch)
 
     # -- pieces ------------------------------------------------------------------------
@@ -135,42 +158,50 @@ class MimicStep:
         """``V_t = W_ref - W_t`` (float32), recomputed every step: one subtraction."""
         return self.reference_weight.to(self.parameter.device, torch.float32) - self.parameter.detach().float()
 
-    def _local_scores(self, batch: int, scale: float) -> torch.Tensor:
-        if self.reference_weight is None:
-            return torch.full((self.probe.batch_size,), float("nan"), device=self.parameter.device)
-        return mimic_scores(self.probe, self.direction(), batch, self.score_kind, scale)
-
-    def _global_stats(self, images, texts, losses, local_scores, batch: int, scale: float) -> dict[str, torch.Tensor]:
-        stats = {"mimic": gather_global(local_scores.float()), "batch_size": torch.tensor(batch)}
-        needs = self.weighting.needs
-        if "grad_norm" in needs:
-            stats["grad_norm"] = gather_global(grad_norms(self.probe, batch, scale).float())
-        if "align" in needs:
-            current = all_reduce_sum(mean_batch_grad(self.probe, scale).float())
-            if self.previous_mean_grad is None:  # first step: nothing to compare with, agree with all
-                stats["align"] = torch.ones(batch, device=local_scores.device)
-            else:
-                stats["align"] = gather_global(alignment(self.probe, self.previous_mean_grad).float())
-            self.previous_mean_grad = current
-        if "loss" in needs:
-            stats["loss"] = gather_global(losses.float())
-        if "ref_loss" in needs:
-            stats["ref_loss"] = gather_global(self._reference_losses(images, texts).float())
-        if "gram" in needs:
-            stats["gram"] = gram(self.probe, batch, scale)  # local samples only (see _weights)
-        return stats
-
     def _reference_losses(self, images, texts) -> torch.Tensor:
         with torch.no_grad(), self.autocast:
             image_features, text_features, logit_scale = self.reference_model(images, texts)[:3]
             return per_sample_contrastive_loss(image_features, text_features, logit_scale)
 
-    def _weights(self, stats, rank: int, local: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        device = stats["mimic"].device
-        if "gram" in self.weighting.needs:
-            # Grad-Match solves on the local Gram matrix only (the global one would need every
-            # rank's per-sample gradients); local weights sum to local/batch so the global sum is 1.
-            local_weights = self.weighting.weights(stats).to(device) * (local / batch)
-            return gather_global(local_weights), local_weights
-        weights = self.weighting.weights(stats).to(device).float()
-        return weights, weights[rank * local:(rank + 1) * local]
+
+def build_mimic_step(
+    model: nn.Module,
+    model_name: str,
+    *,
+    mimic_layer: str = "image-mlp",
+    reference: str | nn.Module | None = None,
+    weighting: str = "grad-mimic",
+    tau: float = 0.05,
+    score_kind: str = "proj",
+    reweight_all: bool = False,
+    device: str | torch.device = "cpu",
+    autocast: contextlib.AbstractContextManager | None = None,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+) -> tuple[MimicStep, str]:
+    """``(step, mimic parameter name)`` for an open_clip ``model`` (created by the caller).
+
+    Resolves ``mimic_layer`` (alias or parameter name), loads ``reference`` (spec of
+    :func:`raymimic.clip.load_reference`, or a module) and keeps its mimic weight (and the whole
+    reference model only for a weighting that needs reference losses). ``wrap`` (e.g. Ray
+    Train's ``prepare_model``) wraps the model for data parallelism: with more than one process
+    and scores to compute, the mimic layer is first excluded from DDP and afterwards broadcast
+    from rank 0 (DDP does not broadcast ignored tensors).
+    """
+    from raymimic.clip import load_reference, resolve_mimic_layer, sample_dim
+
+    name = resolve_mimic_layer(model, mimic_layer)
+    reference_weight, reference_model = None, None
+    if reference is not None:
+        loaded = load_reference(reference, model_name, device=device)
+        reference_weight = get_parameter(loaded, name).detach().clone()
+        reference_model = loaded if "ref_loss" in make_weighting(weighting).needs else None
+    scoring = reference is not None or weighting != "sgd"
+    distributed = scoring and world()[1] > 1
+    if distributed:
+        exclude_from_ddp(model, name)
+    wrapped = wrap(model) if wrap is not None else model
+    if distributed:
+        dist.broadcast(get_parameter(wrapped, name).data, src=0)
+    step = MimicStep(wrapped, name, weighting, tau=tau, score_kind=score_kind, reference_weight=reference_weight,
+                     reference_model=reference_model, batch_dim=sample_dim(model, name), autocast=autocast, reweight_all=reweight_all)
+    return step, name

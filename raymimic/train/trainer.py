@@ -3,6 +3,17 @@
 The dataset (columns ``uid`` str, ``image`` float32 CxHxW, ``text`` int64 tokens) is split
 across workers by Ray Train with ``preserve_order=True``: the split is then deterministic, so
 a resumed attempt sees the same batches as the one that failed (same worker count).
+
+:func:`fit` runs :func:`raymimic.train.preflight.preflight` first: settings, model, reference,
+pool and output are checked on the driver, and the cluster must hold (or be able to autoscale
+to) the workers plus the CPUs Ray Data needs to feed them, so a mistake or a run that would
+wait forever ends at once with a ``ValueError`` that says what to change.
+
+Beyond :class:`TrainConfig`'s fields, ``cfg.extra`` may hold ``"resources_per_worker"`` (custom
+Ray resources per worker, e.g. ``{"trainer_slot": 1}`` to land workers on one node type) and
+``"collective_timeout_s"`` (torch.distributed timeout, default
+:data:`raymimic.train.preflight.COLLECTIVE_TIMEOUT_S`: a rank stuck in a collective fails the
+run instead of waiting forever).
 """
 from __future__ import annotations
 
@@ -28,23 +39,23 @@ def normalise_output(uri: str) -> str:
 
 def build_trainer(cfg: TrainConfig, dataset):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from raymimic.train.loop import train_loop_per_worker
+    from raymimic.train.preflight import collective_timeout_s, worker_resources
 
     cfg.output = normalise_output(cfg.output)
     if cfg.min_workers is not None or cfg.max_workers is not None:
         workers = (cfg.min_workers or 1, cfg.max_workers or cfg.workers)
     else:
         workers = cfg.workers
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = 1
+    resources = worker_resources(cfg)  # CPU, GPU when use_gpu, and cfg.extra["resources_per_worker"]
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # deterministic split and order: exact resume
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(timeout_s=max(1, round(collective_timeout_s(cfg)))),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run_name,
@@ -57,8 +68,24 @@ def build_trainer(cfg: TrainConfig, dataset):
     )
 
 
-def fit(cfg: TrainConfig, dataset) -> RunSummary:
-    """Train (resuming from ``<output>/<run_name>`` when a previous attempt left checkpoints)."""
+def fit(cfg: TrainConfig, dataset, *, pool: str | None = None, data_cpus: float | None = None, validate: bool = True,
+        check_resources: bool = True) -> RunSummary:
+    """Train (resuming from ``<output>/<run_name>`` when a previous attempt left checkpoints).
+
+    First :func:`raymimic.train.preflight.preflight` (``PreflightError``, a ``ValueError``, on a
+    mistake): ``pool`` (default ``cfg.pool`` when the config has one) is the pool ``dataset`` was
+    read from, checked for shards; ``data_cpus`` CPUs (default 1) must stay free for the Ray Data
+    tasks that produce ``dataset``; ``validate=False`` skips the settings/input checks (already
+    run by :func:`~raymimic.train.preflight.check_run`, which remembers passing configs anyway),
+    ``check_resources=False`` the cluster check.
+    """
+    from raymimic.train.preflight import DATA_CPUS, preflight
+
+    cfg.output = normalise_output(cfg.output)
+    if pool is None:
+        pool = getattr(cfg, "pool", None)
+    preflight(cfg, pool=pool, data_cpus=DATA_CPUS if data_cpus is None else data_cpus, validate=validate,
+              resources=check_resources)
     result = build_trainer(cfg, dataset).fit()
     if result.error is not None:
         raise result.error

@@ -1,0 +1,135 @@
+"""One config for the whole label-noise simulation, and the library call that runs it.
+
+:class:`SimConfig` holds the data, the noise levels, the methods, the per-run training
+settings and where the results go; :func:`run_simulation` runs
+:func:`raymimic.sim.simulate.simulate` with it. Importing this module does not import torch:
+the registries it validates against are imported when a config is built.
+
+Why the defaults are what they are (the model, 10 epochs at lr 3e-3, tau 0.3 where the paper
+used 5 epochs at lr 1e-4 and tau 1) and what they give is measured in docs/simulation.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+def _all_methods() -> tuple[str, ...]:
+    from raymimic.mimic.weighting import WEIGHTINGS
+
+    return tuple(WEIGHTINGS)
+
+
+@dataclass
+class SimConfig:
+    """Everything one simulation needs: data, noise, methods, the per-run training, outputs."""
+
+    # data
+    dataset: str = "digits"  # digits (ships with scikit-learn) or a torchvision dataset on disk (raymimic.sim.data.DATASETS)
+    data_dir: str | None = None  # folder torchvision stored the dataset in; needed for every dataset but digits
+    max_train: int | None = None  # random subset of this many training samples; None = all
+    max_test: int | None = None  # random subset of this many test samples; None = all
+    noise_levels: tuple[float, ...] = (0.4, 0.5, 0.6)  # symmetric label-noise rates, each in [0, 1)
+    seed: int = 0  # split, noise, model initialisation and batch order
+    # methods compared: names of raymimic.mimic.weighting.WEIGHTINGS; default every one of them
+    methods: tuple[str, ...] = field(default_factory=_all_methods)
+    # training of every run and of the reference (raymimic.sim.train.TrainConfig)
+    model: str = "probe"  # probe (frozen random features + trainable head), linear or mlp (raymimic.sim.train.MODELS)
+    hidden: int = 256  # width of the encoder's feature map for probe/mlp
+    epochs: int = 10
+    lr: float = 3e-3  # AdamW learning rate
+    weight_decay: float = 1e-5
+    batch_size: int = 32
+    tau: float = 0.3  # softmax temperature of Grad-Mimic, GraNd and RHO
+    score_kind: str = "proj"  # proj or cos (raymimic.train.config.SCORE_KINDS)
+    reweight_all: bool = False  # re-weight every layer's gradient, not only the head's
+    # detection and outputs
+    vote_rule: str | float = "majority"  # ensemble rule over epochs and binarizers: majority, all, any or a fraction in (0, 1]
+    threads: int = 1  # torch CPU threads while it runs (the models are tiny)
+    output: str = "simulation-results"  # folder for results.json and results.md
+    save_scores: bool = False  # also write each run's score rows to OUTPUT/scores/<noise>_<method>.parquet
+
+    def __post_init__(self):
+        from raymimic.mimic.weighting import WEIGHTINGS
+        from raymimic.select.ensemble import check_rule
+        from raymimic.sim.data import DATASETS
+        from raymimic.sim.train import MODELS
+        from raymimic.train.config import SCORE_KINDS
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset {self.dataset!r} is not known; choose one of {list(DATASETS)}")
+        if self.dataset != "digits" and not self.data_dir:
+            raise ValueError(f"dataset {self.dataset!r} is read from disk: give data_dir (--data-dir), the folder torchvision stored it in")
+        for name in ("max_train", "max_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for all samples), got {getattr(self, name)}")
+        if isinstance(self.noise_levels, (int, float)):
+            self.noise_levels = (self.noise_levels,)
+        self.noise_levels = tuple(float(rate) for rate in self.noise_levels)
+        if not self.noise_levels:
+            raise ValueError("noise_levels is empty: give at least one noise rate in [0, 1)")
+        for rate in self.noise_levels:
+            if not 0 <= rate < 1:
+                raise ValueError(f"noise_levels: {rate} is not a noise rate; each is a fraction in [0, 1)")
+        if isinstance(self.methods, str):
+            self.methods = (self.methods,)
+        self.methods = tuple(self.methods)
+        if not self.methods:
+            raise ValueError(f"methods is empty: give at least one of {list(WEIGHTINGS)}")
+        unknown = [m for m in self.methods if m not in WEIGHTINGS]
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; choose from {list(WEIGHTINGS)}")
+        if self.model not in MODELS:
+            raise ValueError(f"model {self.model!r} is not one of {list(MODELS)}")
+        for name in ("hidden", "epochs", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("lr", "tau"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.score_kind not in SCORE_KINDS:
+            raise ValueError(f"score_kind {self.score_kind!r} is not one of {list(SCORE_KINDS)}")
+        if not isinstance(self.reweight_all, bool):
+            raise ValueError(f"reweight_all must be True or False, got {self.reweight_all!r}")
+        self.vote_rule = check_rule(self.vote_rule)
+        if not self.output:
+            raise ValueError("output is required: the folder for results.json and results.md")
+
+    def train_config(self):
+        """The per-run training settings as :class:`raymimic.sim.train.TrainConfig`."""
+        from raymimic.sim.train import TrainConfig
+
+        return TrainConfig(model=self.model, hidden=self.hidden, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                           batch_size=self.batch_size, tau=self.tau, score_kind=self.score_kind, reweight_all=self.reweight_all,
+                           seed=self.seed)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def run_simulation(cfg: SimConfig, log: Callable[[str], None] | None = None) -> tuple[dict, str, str]:
+    """Run the simulation of ``cfg`` with ``cfg.threads`` torch threads; return (results, json path, md path).
+
+    The caller's torch thread count is restored afterwards.
+    """
+    import torch
+
+    from raymimic.sim.simulate import simulate
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return simulate(
+            dataset=cfg.dataset, data_dir=cfg.data_dir, noise_levels=list(cfg.noise_levels), methods=list(cfg.methods),
+            config=cfg.train_config(), output_dir=cfg.output, max_train=cfg.max_train, max_test=cfg.max_test,
+            vote_rule=cfg.vote_rule, save_scores=cfg.save_scores, log=log,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)  # callers in the same process keep their setting

@@ -1,0 +1,371 @@
+"""Stage 1 and Stage 2 on an autoscaling cluster: Ray's fake multi-node autoscaler starts nodes as local processes.
+
+The head (1 CPU, no ``trainer_slot``) cannot host a training worker. The autoscaler adds
+``trainer_node``s (2 CPUs and 1 ``trainer_slot``, standing in for a GPU; 0 to 2 of them) when
+Stage 1 asks for its workers with ``cfg.extra["resources_per_worker"] = {"trainer_slot": 1}``.
+One module-scoped cluster serves three checks, each a driver that runs this file in a
+subprocess: a run on autoscaled nodes; a run during which one trainer node's raylet is killed
+(it resumes on a replacement node from its last checkpoint); Stage 2 on the second run's scores.
+Both runs must end with exactly one score row per (uid, step).
+
+The cluster starts as ``ray.cluster_utils.AutoscalingCluster.start`` does (``ray start --head
+--autoscaling-config`` with ``RAY_FAKE_CLUSTER=1``, fake multi-node provider), except that it
+does not run ``ray stop --force`` (which stops every Ray instance on the machine), it keeps its
+own temp dir (so a plain ``ray.init()`` elsewhere never finds it) and its own process group, and
+it ends by killing exactly the processes it started, by pid. (The installed Ray wheel also lacks
+the ``example.yaml`` that ``AutoscalingCluster`` reads.) The drivers run in subprocesses, so the
+session's local Ray (``ray_session`` in conftest.py) is never touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+MODEL = "raymimic-tiny"
+SLOT = "trainer_slot"
+NODE_TYPE = "trainer_node"
+POOL_SAMPLES, BATCH = 48, 8
+
+
+# ----------------------------------------------------------------------------- the cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every process, from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            table[int(entry)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class FakeAutoscalingCluster:
+    """A head with ``head_cpus`` CPUs and an autoscaler that launches 0..max_nodes ``trainer_node``s."""
+
+    def __init__(self, head_cpus: int = 1, node_cpus: int = 2, max_nodes: int = 2, autoscaler_v2: bool = True):
+        self.temp_dir = tempfile.mkdtemp(prefix="rmas-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+        self.head_cpus, self.node_cpus, self.max_nodes = head_cpus, node_cpus, max_nodes
+        self.autoscaler_v2 = autoscaler_v2
+        self.pgid: int | None = None
+        self.address: str | None = None
+
+    def _config(self, gcs_address: str) -> dict:
+        from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+        store = 150 * 1024 ** 2
+        provider = {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                    "disable_launch_config_check": True, "gcs_address": gcs_address}
+        if self.autoscaler_v2:
+            provider.update(launch_multiple=True, head_node_id=FAKE_HEAD_NODE_ID)
+        return {
+            "cluster_name": "raymimic-fake", "max_workers": self.max_nodes, "upscaling_speed": 1.0, "idle_timeout_minutes": 5.0,
+            "provider": provider,
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": self.head_cpus}, "node_config": {}, "max_workers": 0},
+                NODE_TYPE: {"resources": {"CPU": self.node_cpus, SLOT: 1, "object_store_memory": store}, "node_config": {},
+                            "min_workers": 0, "max_workers": self.max_nodes},
+            },
+            "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [],
+            "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+        }
+
+    def start(self) -> "FakeAutoscalingCluster":
+        from ray._private.services import get_node_ip_address
+
+        port = _free_port()
+        self.address = f"{get_node_ip_address()}:{port}"
+        config = os.path.join(self.temp_dir, "autoscaling.json")
+        with open(config, "w") as f:
+            json.dump(self._config(self.address), f)
+        env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_USAGE_STATS_ENABLED": "0",
+               # a killed node: the GCS marks it dead after a few missed health checks, the autoscaler then replaces it
+               "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10", "RAY_AUTH_MODE": "disabled"}
+        env.pop("RAY_ADDRESS", None)
+        if self.autoscaler_v2:  # as AutoscalingCluster(autoscaler_v2=True)
+            from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+            env.update(RAY_enable_autoscaler_v2="1", RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID, RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID)
+        system = {"health_check_period_ms": 1000, "health_check_timeout_ms": 3000, "health_check_failure_threshold": 5}
+        command = [
+            str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--temp-dir={self.temp_dir}",
+            f"--autoscaling-config={config}", f"--num-cpus={self.head_cpus}", "--object-store-memory=150000000",
+            "--include-dashboard=false", f"--dashboard-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}", f"--system-config={json.dumps(system)}", "--disable-usage-stats",
+        ]
+        with open(os.path.join(self.temp_dir, "ray-start.log"), "w") as log:
+            process = subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+            self.pgid = process.pid  # every process Ray starts stays in this group (workers: children of its raylets)
+            code = process.wait(timeout=300)
+        if code != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed ({code}): {Path(self.temp_dir, 'ray-start.log').read_text()[-3000:]}")
+        return self
+
+    def pids(self) -> set[int]:
+        """Every process of this cluster: its process group, their descendants, anything naming its temp dir."""
+        table = _processes()
+        mine = {pid for pid, (_, group) in table.items() if group == self.pgid}
+        mine |= {pid for pid in table if self.temp_dir in _cmdline(pid)}
+        while True:
+            children = {pid for pid, (parent, _) in table.items() if parent in mine} - mine
+            if not children:
+                return mine - {os.getpid()}
+            mine |= children
+
+    def stop(self) -> None:
+        for _ in range(3):  # processes may still start while others die
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(1)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    fake = FakeAutoscalingCluster().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A toy pool of 48 samples in 3 shards and a random raymimic-tiny reference (made without Ray)."""
+    import torch
+
+    from raymimic.clip import create_model, save_checkpoint
+    from raymimic.data.toy_pool import make_toy_pool
+
+    root = tmp_path_factory.mktemp("autoscaling")
+    make_toy_pool(str(root / "pool"), samples=POOL_SAMPLES, noise=0.3, seed=0, shard_size=16, eval_samples=0, workers=1)
+    torch.manual_seed(1)
+    reference = save_checkpoint(create_model(MODEL)[0], str(root / "reference.pt"), MODEL)
+    return {"root": root, "pool": str(root / "pool"), "reference": reference}
+
+
+def _drive(cluster: FakeAutoscalingCluster, job: dict, timeout: float) -> dict:
+    """Run this file as a driver on ``cluster`` for ``job``; return what it reports."""
+    out = Path(job["result"])
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "RAYMIMIC_FAKE_CLUSTER_TEMP_DIR": cluster.temp_dir}
+    log = out.with_suffix(".log")
+    started = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.run([sys.executable, __file__, json.dumps(job)], env=env, stdout=f, stderr=subprocess.STDOUT,
+                              timeout=timeout, cwd=Path(__file__).parent.parent).returncode
+    elapsed = time.perf_counter() - started
+    tail = log.read_text()[-6000:]
+    assert code == 0 and out.exists(), f"driver {job['phase']} failed ({code}) after {elapsed:.0f} s:\n{tail}"
+    result = json.loads(out.read_text())
+    result["driver_seconds"] = elapsed
+    print(f"{job['phase']}: {elapsed:.0f} s")
+    return result
+
+
+def _check_exactly_once(scores: str, steps: int) -> None:
+    from raymimic.score_table import read_score_table
+
+    table = read_score_table(scores)
+    pairs = list(zip(table["uid"].to_pylist(), table["step"].to_pylist()))
+    assert len(pairs) == steps * BATCH, f"{len(pairs)} rows for {steps} steps of {BATCH}"
+    assert len(set(pairs)) == len(pairs), "a (uid, step) pair appears twice"
+    assert sorted(set(table["step"].to_pylist())) == list(range(steps))
+    assert set(table["batch_size"].to_pylist()) == {BATCH}
+
+
+def _job(inputs, phase: str, name: str, **values) -> dict:
+    return {"phase": phase, "pool": inputs["pool"], "reference": inputs["reference"], "output": str(inputs["root"] / name),
+            "result": str(inputs["root"] / f"{name}.json"), **values}
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster, inputs):
+    """6 steps on 2 workers that only autoscaled nodes can host."""
+    return _drive(cluster, _job(inputs, "stage1", "run1", samples_seen=6 * BATCH, checkpoint_every=2, max_failures=1), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def killed_run(cluster, inputs, first_run):
+    """36 steps (throttled data: >= 0.5 s a step); a trainer node's raylet is killed once the step-4 checkpoint exists."""
+    job = _job(inputs, "stage1", "run2", samples_seen=36 * BATCH, checkpoint_every=4, max_failures=2, throttle_s=0.5,
+               kill_after_checkpoint=4)
+    return _drive(cluster, job, timeout=900)
+
+
+@pytest.mark.timeout(900)
+def test_workers_run_on_nodes_the_autoscaler_adds(first_run):
+    assert first_run["slots_before"] == 0, "the head must not be able to host a training worker"
+    assert first_run["autoscaler_ceiling"] is None, "Ray 2.60's autoscaler reports no ceiling (get_max_resources_from_cluster_config)"
+    assert first_run["preflight"] == {"autoscaling": True, "source": "unverified"}
+    assert len(first_run["trainer_nodes_after"]) == 2, first_run
+    assert first_run["step"] == 6
+    _check_exactly_once(first_run["scores"], 6)
+
+
+@pytest.mark.timeout(1200)
+def test_a_removed_node_is_replaced_and_the_run_resumes_exactly_once(killed_run):
+    killed = killed_run["killed"]
+    assert killed is not None, f"no trainer node was killed: {killed_run}"
+    assert not killed["run_had_finished"], "the node died after the run had finished: nothing was resumed"
+    assert killed["node"] not in killed_run["trainer_nodes_after"]
+    replacements = set(killed_run["trainer_nodes_after"]) - set(killed["trainer_nodes"])
+    assert replacements, f"no replacement node: before the kill {killed['trainer_nodes']}, after {killed_run['trainer_nodes_after']}"
+    assert killed_run["step"] == 36
+    _check_exactly_once(killed_run["scores"], 36)
+
+
+@pytest.mark.timeout(900)
+def test_stage2_runs_on_the_cluster(cluster, inputs, killed_run):
+    result = _drive(cluster, _job(inputs, "stage2", "stage2", scores=killed_run["scores"]), timeout=600)
+    assert result["n_rows"] == 36 * BATCH
+    assert result["n_uids"] == POOL_SAMPLES
+    assert result["n_duplicate_rows"] == 0
+    assert 0 < result["kept"] <= POOL_SAMPLES
+
+
+# ----------------------------------------------------------------------------- the drivers (subprocesses)
+
+
+def _throttle(batch: dict, seconds: float) -> dict:
+    time.sleep(seconds)
+    return batch
+
+
+def _trainer_nodes() -> list[str]:
+    import ray
+
+    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get(SLOT))
+
+
+def _raylet_pid(node_id: str) -> int | None:
+    temp_dir = os.environ["RAYMIMIC_FAKE_CLUSTER_TEMP_DIR"]
+    for pid in _processes():
+        command = _cmdline(pid)
+        if "/raylet/raylet " in command and f"--node_id={node_id}" in command and temp_dir in command:
+            return pid
+    return None
+
+
+def _kill_a_trainer_node(output: str, step: int, done, report: dict) -> None:
+    """Once the checkpoint at ``step`` exists, SIGKILL the raylet of a trainer node that is not the driver's."""
+    import ray
+
+    checkpoint = Path(output) / "ray_train" / f"checkpoint_step_{step:010d}"
+    while not checkpoint.exists():
+        if done.is_set():
+            return
+        time.sleep(0.1)
+    own = ray.get_runtime_context().get_node_id()  # the Train controller and the data split live here
+    nodes = _trainer_nodes()
+    victims = [n for n in nodes if n != own]
+    pid = _raylet_pid(victims[0]) if victims else None
+    if pid is None:
+        report["killed"] = {"error": f"no raylet to kill among {nodes}"}
+        return
+    os.kill(pid, signal.SIGKILL)
+    report["killed"] = {"node": victims[0], "pid": pid, "trainer_nodes": nodes, "run_had_finished": done.is_set(),
+                        "at": time.time()}
+    print(f"killed the raylet (pid {pid}) of node {victims[0]} after the step-{step} checkpoint", flush=True)
+
+
+def _stage1(job: dict) -> dict:
+    import threading
+
+    import ray
+    from ray._private.state import state
+
+    from raymimic.data.preprocess import clip_training_dataset
+    from raymimic.train import preflight
+    from raymimic.train.config import TrainConfig
+    from raymimic.train.trainer import fit
+
+    report: dict = {"slots_before": ray.cluster_resources().get(SLOT, 0),
+                    "autoscaler_ceiling": state.get_max_resources_from_cluster_config()}
+    view = preflight.current_cluster()
+    cfg = TrainConfig(
+        output=job["output"], model=MODEL, reference=job["reference"], weighting="grad-mimic", tau=0.5, samples_seen=job["samples_seen"],
+        global_batch=BATCH, lr=1e-3, warmup=2, workers=2, cpus_per_worker=1, checkpoint_every=job["checkpoint_every"],
+        score_flush_every=1, log_every=1, progress=False, max_failures=job["max_failures"],
+        extra={"resources_per_worker": {SLOT: 1}},
+    )
+    report["preflight"] = {"autoscaling": view.autoscaling, "source": preflight.check_resources(cfg, cluster=view).source}
+    dataset = clip_training_dataset(job["pool"], MODEL)
+    if job.get("throttle_s"):
+        dataset = dataset.map_batches(_throttle, batch_size=BATCH, batch_format="numpy", concurrency=1,
+                                      fn_kwargs={"seconds": job["throttle_s"]})
+    done, killer = threading.Event(), None
+    report["killed"] = None
+    if job.get("kill_after_checkpoint"):
+        killer = threading.Thread(target=_kill_a_trainer_node, args=(job["output"], job["kill_after_checkpoint"], done, report),
+                                  daemon=True)
+        killer.start()
+    started = time.time()
+    try:
+        summary = fit(cfg, dataset, pool=job["pool"])
+    finally:
+        done.set()
+    report.update(seconds=time.time() - started, step=summary.metrics.get("step"), scores=summary.scores,
+                  trainer_nodes_after=_trainer_nodes())
+    return report
+
+
+def _stage2(job: dict) -> dict:
+    from raymimic.select.mimic import MimicFilter
+
+    mimic = MimicFilter(job["scores"], method="gmm").fit()
+    return {"n_rows": mimic.stats["n_rows"], "n_uids": mimic.stats["n_uids"], "n_duplicate_rows": mimic.stats["n_duplicate_rows"],
+            "kept": mimic.apply().count()}
+
+
+def _main(job: dict) -> None:
+    import ray
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    result = {"stage1": _stage1, "stage2": _stage2}[job["phase"]](job)
+    Path(job["result"]).write_text(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    _main(json.loads(sys.argv[1]))
