@@ -2,9 +2,15 @@
 step vs a step that gets the same scores from torch.func per-sample gradients (what the
 paper's code does), same model, batch and optimizer, measured in one process.
 
+Also the cost of the control directions every Stage-1 run records (``--controls``, default
+zero,fixed,init,random): a mimic step that also scores every control (as
+:class:`raymimic.train.step.MimicStep` does), and, timed alone after a backward pass, each
+control's own work (its direction, norm and one ``probe.dot``) as a fraction of the mimic step.
+
     python benchmarks/mimic_overhead.py                      # tiny CLIP and ViT-B-32
     python benchmarks/mimic_overhead.py --models raymimic-tiny --batch 32 --json out.json
     python benchmarks/mimic_overhead.py --models ViT-B-32 --batch 256 --device cuda --precision bf16 --json gpu.json
+    python benchmarks/mimic_overhead.py --controls none       # without the controls variant
 
 On CUDA the forward pass and loss of every mode run under bf16 autocast (``--precision auto``
 or ``bf16``), as in training, and each timed step ends with ``torch.cuda.synchronize()``.
@@ -21,7 +27,16 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from raymimic.clip import contrastive_loss, create_model, resolve_mimic_layer, sample_dim
-from raymimic.mimic import GradMimic, MimicProbe, get_parameter, mimic_scores, reweighted_grad
+from raymimic.mimic import (
+    GradMimic,
+    MimicProbe,
+    control_directions,
+    direction_scores,
+    get_parameter,
+    make_control,
+    mimic_scores,
+    reweighted_grad,
+)
 
 
 def make_batch(model_name: str, model, batch: int, device: str | torch.device = "cpu"):
@@ -58,6 +73,38 @@ def mimic_step(model, optimizer, images, texts, probe, reference_weight, weighti
     # as raymimic's training step: the re-weighted gradient in float32, stored in the parameter's dtype
     probe.parameter.grad = reweighted_grad(probe, weights, global_batch=len(images)).float().to(probe.parameter.dtype)
     optimizer.step()
+
+
+def mimic_controls_step(model, optimizer, images, texts, probe, reference_weight, weighting, controls, autocast=None, **_):
+    """The mimic step plus every control's score from the same probe (before the re-weighted gradient, as in training)."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast or contextlib.nullcontext(), probe.capture():
+        loss = contrastive_loss(*model(images, texts)[:3])
+    loss.backward()
+    direction = reference_weight - probe.parameter.detach().float()
+    scores = mimic_scores(probe, direction, global_batch=len(images))
+    extra = direction_scores(probe, control_directions(controls, probe.parameter), global_batch=len(images))
+    torch.stack([scores, *extra.values()], dim=1).cpu()  # as training: one tensor for the gather, then to the writer
+    weights = weighting.weights({"mimic": scores.float()})
+    probe.parameter.grad = reweighted_grad(probe, weights, global_batch=len(images)).float().to(probe.parameter.dtype)
+    optimizer.step()
+
+
+def time_controls_alone(probe, controls: dict, batch: int, repeats: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each control's own work on a probe that holds a backward pass (direction, norm, one dot), per repeat.
+
+    The controls take turns within every repeat, so drift in machine load hits all of them alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in controls}
+    for r in range(repeats + 1):
+        for name, control in controls.items():
+            _sync(device)
+            start = time.perf_counter()
+            direction_scores(probe, control_directions({name: control}, probe.parameter), global_batch=batch)
+            _sync(device)
+            if r:  # the first round is a warm-up
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def torch_func_step(model, optimizer, images, texts, probe, reference_weight, weighting, name, autocast=None, **_):
@@ -115,7 +162,7 @@ def resolve_device(device: str) -> str:
 
 
 def bench(model_name: str, batch: int, repeats: int, layer: str, skip_torch_func: bool, device: str = "cpu",
-          precision: str = "auto") -> dict:
+          precision: str = "auto", controls: tuple[str, ...] = ("zero", "fixed", "init", "random")) -> dict:
     torch.manual_seed(0)
     model, _, _ = create_model(model_name, device=device)
     model.train()
@@ -123,19 +170,23 @@ def bench(model_name: str, batch: int, repeats: int, layer: str, skip_torch_func
     probe = MimicProbe(model, name, batch_dim=sample_dim(model, name))
     weight = get_parameter(model, name)
     reference_weight = weight.detach().float().clone() + 0.01 * torch.randn(weight.shape).to(device)
+    initial = weight.detach().float().clone() + 0.01 * torch.randn(weight.shape).to(device)
+    built = {c: make_control(c, reference=reference_weight, initial=initial, seed=0) for c in controls}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.2, betas=(0.9, 0.98))
     images, texts = make_batch(model_name, model, batch, device)
     autocast = autocast_for(device, precision)
     kwargs = dict(model=model, optimizer=optimizer, images=images, texts=texts, probe=probe, device=device,
-                  reference_weight=reference_weight, weighting=GradMimic(tau=0.05), name=name, autocast=autocast)
+                  reference_weight=reference_weight, weighting=GradMimic(tau=0.05), name=name, autocast=autocast, controls=built)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # interleave the modes so drift in machine load hits all of them alike
-    plain, mimic, func = [], [], []
+    plain, mimic, with_controls, func = [], [], [], []
     func_error = None
     for _ in range(repeats):
         plain.append(time_step(plain_step, 1, **kwargs))
         mimic.append(time_step(mimic_step, 1, **kwargs))
+        if built:
+            with_controls.append(time_step(mimic_controls_step, 1, **kwargs))
         if not skip_torch_func and func_error is None:
             try:
                 func.append(time_step(torch_func_step, 1, **kwargs))
@@ -151,6 +202,17 @@ def bench(model_name: str, batch: int, repeats: int, layer: str, skip_torch_func
               "torch_func_s": func_s, "mimic_over_plain": mimic_s / plain_s, "torch_func_over_plain": func_s / plain_s,
               "threads": torch.get_num_threads(), "device": device, "precision": "bf16" if bf16 else "fp32",
               "plain_samples_per_s": batch / plain_s, "mimic_samples_per_s": batch / mimic_s}
+    if built:
+        controls_s = statistics.median(with_controls)
+        alone = time_controls_alone(probe, built, batch, max(10, 2 * repeats), device)  # the probe holds the last step's pass
+        median = {c: statistics.median(t) for c, t in alone.items()}
+        result.update({
+            "controls": list(built), "mimic_controls_s": controls_s, "controls_over_mimic": controls_s / mimic_s,
+            "per_control_s": median, "per_control_over_mimic": {c: t / mimic_s for c, t in median.items()},
+            # the least-disturbed repeats, for a busy machine: fastest control run / fastest mimic step
+            "per_control_min_s": {c: min(t) for c, t in alone.items()}, "mimic_min_s": min(mimic),
+            "per_control_min_over_mimic_min": {c: min(t) / min(mimic) for c, t in alone.items()},
+        })
     if func_error is not None:
         result["torch_func_error"] = func_error
     if device == "cuda":
@@ -170,15 +232,27 @@ def main(argv=None) -> int:
                         help="where to run: cpu, cuda (fails without a GPU) or auto (cuda when available) (default cpu)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: bf16 autocast on either (default auto)")
+    parser.add_argument("--controls", default="zero,fixed,init,random",
+                        help="comma-separated control directions of the 'mimic + controls' variant, 'none' to skip it "
+                             "(default zero,fixed,init,random)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    controls = tuple(c.strip() for c in args.controls.split(",") if c.strip() and c.strip() != "none")
     batches = args.batch * len(args.models) if len(args.batch) == 1 else args.batch
-    results = [bench(m, b, args.repeats, args.layer, args.skip_torch_func, device, args.precision) for m, b in zip(args.models, batches)]
+    results = [bench(m, b, args.repeats, args.layer, args.skip_torch_func, device, args.precision, controls)
+               for m, b in zip(args.models, batches)]
     print(f"{'model':<16}{'batch':>6}{'plain s':>10}{'mimic s':>10}{'func s':>10}{'mimic/plain':>13}{'func/plain':>12}")
     for r in results:
         print(f"{r['model']:<16}{r['batch']:>6}{r['plain_s']:>10.4f}{r['mimic_s']:>10.4f}{r['torch_func_s']:>10.4f}"
               f"{r['mimic_over_plain']:>13.3f}{r['torch_func_over_plain']:>12.2f}")
+    if controls:
+        print(f"\n{'model':<16}{'batch':>6}{'+controls s':>12}{'(+controls)/mimic':>19}  each control alone / mimic step "
+              "(median; min/min)")
+        for r in results:
+            each = "  ".join(f"{c} {100 * x:.2f}% ({100 * r['per_control_min_over_mimic_min'][c]:.2f}%)"
+                             for c, x in r["per_control_over_mimic"].items())
+            print(f"{r['model']:<16}{r['batch']:>6}{r['mimic_controls_s']:>12.4f}{r['controls_over_mimic']:>19.3f}  {each}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results}, f, indent=2)

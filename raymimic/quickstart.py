@@ -214,7 +214,51 @@ def _bar_png(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def reference_lift(output: str, results: dict) -> dict | None:
+    """The reference lift of the Stage-2 filter (:func:`raymimic.select.quality.lift_metrics`); None without control columns.
+
+    ``results["lift"]`` when the run put one there; else the filter's ``summary.json`` lift when it
+    was computed with the ground truth; else computed here from ``filter/decisions.parquet`` (its
+    ``step_z_<column>`` columns, written when the score table has control columns) and the toy
+    pool's ``ground_truth.parquet`` (every scored uid: no sampling).
+    """
+    import pandas as pd
+
+    from raymimic.select.mimic import check_truth
+    from raymimic.select.quality import LIFT_VALUE_PREFIX, lift_metrics
+
+    if results.get("lift") is not None:
+        return results["lift"]
+    summary_path = os.path.join(output, "filter", "summary.json")
+    summary = {}
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        if (summary.get("lift") or {}).get("ground_truth"):
+            return summary["lift"]
+    decisions_path = os.path.join(output, "filter", "decisions.parquet")
+    if not os.path.exists(decisions_path):
+        return None
+    decisions = pd.read_parquet(decisions_path)
+    value_columns = [c for c in decisions.columns if c.startswith(LIFT_VALUE_PREFIX)]
+    if len(value_columns) < 2:  # the reference's own column alone: no control recorded
+        return None
+    if "mimic_scored" in decisions:
+        decisions = decisions[decisions["mimic_scored"].to_numpy() == 1]
+    truth_path, is_noisy = os.path.join(output, "pool", "ground_truth.parquet"), None
+    if os.path.exists(truth_path):
+        decisions = decisions.merge(check_truth(pd.read_parquet(truth_path)), on="uid", how="inner")
+        is_noisy = decisions["is_noisy"].to_numpy(bool)
+    values = {c[len(LIFT_VALUE_PREFIX):]: decisions[c].to_numpy(np.float64) for c in value_columns}
+    lift = lift_metrics(values, decisions["mimic_keep"].to_numpy(bool), summary.get("score_column", "score"), is_noisy)
+    lift.update(n_uids_total=len(decisions), sampled=False)
+    return lift
+
+
 def write_report(output: str, results: dict) -> str:
+    from raymimic.select.report import lift_lines
+
+    results["lift"] = reference_lift(output, results)
     with open(os.path.join(output, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     _bar_png(results, os.path.join(output, "models.png"))
@@ -225,9 +269,12 @@ def write_report(output: str, results: dict) -> str:
         f"model `{results['config']['model']}`; finished in {results['seconds']:.0f} s.", "",
         "## Noise detection (dropped = predicted noisy)", "",
         "| filter | kept | precision | recall | F1 |", "|---|---|---|---|---|",
-        f"| mimic ({results['config']['method']}) | {results['filter']['kept']} | {det['precision']:.3f} | {det['recall']:.3f} | {det['f1']:.3f} |",
-        f"| CLIPScore, same size | {results['filter']['kept']} | {clip_det['precision']:.3f} | {clip_det['recall']:.3f} | {clip_det['f1']:.3f} |",
+        f"| mimic ({results['config']['method']}) | {results['filter']['kept']} | {det['precision']:.3f} | {det['recall']:.3f} "
+        f"| {det['f1']:.3f} |",
+        f"| CLIPScore, same size | {results['filter']['kept']} | {clip_det['precision']:.3f} | {clip_det['recall']:.3f} "
+        f"| {clip_det['f1']:.3f} |",
         "", f"Quality estimate of the pool (mimic filter): {json.dumps(results['filter']['quality'])}", "",
+        *lift_lines(results["lift"]), "",
         "## Models trained on each subset (same number of steps)", "",
         "| training data | samples | zero-shot top-1 | top-5 | image->text R@1 | R@5 | text->image R@1 | R@5 |",
         "|---|---|---|---|---|---|---|---|",

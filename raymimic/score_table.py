@@ -8,8 +8,13 @@ step, with the required columns uid (str), step (int64), epoch (int32), rank (in
 (float32, raw m_i), weight (float32, w_i), batch_size (int32, global B). ``step`` is the 0-based
 index of the optimizer update the sample took part in. Optional float32 columns
 ``score_<name>`` (``<name>`` in ``[a-z0-9_]+``) hold the same sample's score against control
-directions (``score_zero``, ``score_fixed``, ``score_init``, ``score_random``, another
-reference's name). Readers accept tables with or without them, also when only some files have
+directions (``score_zero``, ``score_fixed``, ``score_init``, ``score_random``, ``score_current``,
+another reference's name; same score kind as ``score``) or a baseline of the same step, all
+with higher = more likely to keep: ``score_loss = -loss`` (the target's per-sample contrastive
+loss: small-loss selection), ``score_ref_loss = -ref_loss`` (the reference model's loss of the
+pair in the same global batch), ``score_rho = loss - ref_loss`` (RHO-loss's own sign: high
+reducible loss = learnable, not yet learnt), ``score_ref_clipscore`` (cosine of the reference's
+image and text embeddings). Readers accept tables with or without them, also when only some files have
 them: the small reader fills the missing values with null, the Ray reader reads with the union
 schema of all files, so every block has every column (null where a file lacks it).
 

@@ -8,8 +8,8 @@ subprocess: a run on autoscaled nodes; a run during which one trainer node's ray
 (it resumes on a replacement node from its last checkpoint); Stage 2 on the second run's scores.
 Both runs must end with exactly one score row per (uid, step).
 
-The cluster starts as ``ray.cluster_utils.AutoscalingCluster.start`` does (``ray start --head
---autoscaling-config`` with ``RAY_FAKE_CLUSTER=1``, fake multi-node provider), except that it
+The cluster starts as ``ray.cluster_utils.AutoscalingCluster(autoscaler_v2=True).start`` does (``ray start
+--head --autoscaling-config`` with ``RAY_FAKE_CLUSTER=1``, fake multi-node provider), except that it
 does not run ``ray stop --force`` (which stops every Ray instance on the machine), it keeps its
 own temp dir (so a plain ``ray.init()`` elsewhere never finds it) and its own process group, and
 it ends by killing exactly the processes it started, by pid. (The installed Ray wheel also lacks
@@ -72,12 +72,16 @@ def _cmdline(pid: int) -> str:
 
 
 class FakeAutoscalingCluster:
-    """A head with ``head_cpus`` CPUs and an autoscaler that launches 0..max_nodes ``trainer_node``s."""
+    """A head with ``head_cpus`` CPUs and autoscaler v2 launching 0..max_nodes ``trainer_node``s as local processes.
 
-    def __init__(self, head_cpus: int = 1, node_cpus: int = 2, max_nodes: int = 2, autoscaler_v2: bool = True):
+    Autoscaler v2, as ``AutoscalingCluster(autoscaler_v2=True)``: v1 never terminates a fake node whose raylet died
+    (the fake provider's nodes keep the status tag "uninitialized", which v1 leaves alone), so at ``max_nodes`` it
+    could not launch a replacement; v2 reconciles dead Ray nodes with the provider's instances and replaces them.
+    """
+
+    def __init__(self, head_cpus: int = 1, node_cpus: int = 2, max_nodes: int = 2):
         self.temp_dir = tempfile.mkdtemp(prefix="rmas-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
         self.head_cpus, self.node_cpus, self.max_nodes = head_cpus, node_cpus, max_nodes
-        self.autoscaler_v2 = autoscaler_v2
         self.pgid: int | None = None
         self.address: str | None = None
 
@@ -85,10 +89,11 @@ class FakeAutoscalingCluster:
         from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
         store = 150 * 1024 ** 2
-        provider = {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                    "disable_launch_config_check": True, "gcs_address": gcs_address}
-        if self.autoscaler_v2:
-            provider.update(launch_multiple=True, head_node_id=FAKE_HEAD_NODE_ID)
+        # type "external" naming the fake provider's class: with type "fake_multinode" the autoscaler reads defaults from
+        # the provider's example.yaml, which the installed Ray wheel lacks
+        provider = {"type": "external", "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                    "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True,
+                    "gcs_address": gcs_address, "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID}
         return {
             "cluster_name": "raymimic-fake", "max_workers": self.max_nodes, "upscaling_speed": 1.0, "idle_timeout_minutes": 5.0,
             "provider": provider,
@@ -103,8 +108,9 @@ class FakeAutoscalingCluster:
             "worker_start_ray_commands": [],
         }
 
-    def start(self) -> "FakeAutoscalingCluster":
+    def start(self) -> FakeAutoscalingCluster:
         from ray._private.services import get_node_ip_address
+        from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
         port = _free_port()
         self.address = f"{get_node_ip_address()}:{port}"
@@ -112,13 +118,10 @@ class FakeAutoscalingCluster:
         with open(config, "w") as f:
             json.dump(self._config(self.address), f)
         env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_USAGE_STATS_ENABLED": "0",
-               # a killed node: the GCS marks it dead after a few missed health checks, the autoscaler then replaces it
-               "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10", "RAY_AUTH_MODE": "disabled"}
+               "RAY_AUTH_MODE": "disabled", "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+               "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
         env.pop("RAY_ADDRESS", None)
-        if self.autoscaler_v2:  # as AutoscalingCluster(autoscaler_v2=True)
-            from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
-
-            env.update(RAY_enable_autoscaler_v2="1", RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID, RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID)
+        # a killed raylet: the GCS marks its node dead after 5 missed 1 s health checks, the autoscaler then replaces it
         system = {"health_check_period_ms": 1000, "health_check_timeout_ms": 3000, "health_check_failure_threshold": 5}
         command = [
             str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--temp-dir={self.temp_dir}",
@@ -227,7 +230,7 @@ def first_run(cluster, inputs):
 
 @pytest.fixture(scope="module")
 def killed_run(cluster, inputs, first_run):
-    """36 steps (throttled data: >= 0.5 s a step); a trainer node's raylet is killed once the step-4 checkpoint exists."""
+    """36 steps (throttled data: >= 0.5 s a step); a trainer node's raylet is killed once the step-4 checkpoint is committed."""
     job = _job(inputs, "stage1", "run2", samples_seen=36 * BATCH, checkpoint_every=4, max_failures=2, throttle_s=0.5,
                kill_after_checkpoint=4)
     return _drive(cluster, job, timeout=900)
@@ -253,6 +256,13 @@ def test_a_removed_node_is_replaced_and_the_run_resumes_exactly_once(killed_run)
     assert replacements, f"no replacement node: before the kill {killed['trainer_nodes']}, after {killed_run['trainer_nodes_after']}"
     assert killed_run["step"] == 36
     _check_exactly_once(killed_run["scores"], 36)
+    # resumed from the committed checkpoint, not restarted: the rows of the steps before it are the first attempt's files
+    from raymimic.score_table import parse_file_name
+
+    written = {path.name: path.stat().st_mtime for path in Path(killed_run["scores"]).glob("*.parquet")}
+    before = [t for name, t in written.items() if parse_file_name(name)[1] < killed["committed_step"]]
+    assert before and max(before) < killed["at"], "rows of steps before the restored checkpoint were written again"
+    assert max(written.values()) > killed["at"]
 
 
 @pytest.mark.timeout(900)
@@ -287,12 +297,20 @@ def _raylet_pid(node_id: str) -> int | None:
     return None
 
 
+def _committed_step(output: str) -> int:
+    """The step of the latest checkpoint Ray Train has committed (its checkpoint manager snapshot), -1 if none."""
+    try:
+        snapshot = json.loads((Path(output) / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
+        return -1
+
+
 def _kill_a_trainer_node(output: str, step: int, done, report: dict) -> None:
-    """Once the checkpoint at ``step`` exists, SIGKILL the raylet of a trainer node that is not the driver's."""
+    """Once the checkpoint of ``step`` is committed, SIGKILL the raylet of a trainer node that is not the driver's."""
     import ray
 
-    checkpoint = Path(output) / "ray_train" / f"checkpoint_step_{step:010d}"
-    while not checkpoint.exists():
+    while _committed_step(output) < step:
         if done.is_set():
             return
         time.sleep(0.1)
@@ -305,7 +323,7 @@ def _kill_a_trainer_node(output: str, step: int, done, report: dict) -> None:
         return
     os.kill(pid, signal.SIGKILL)
     report["killed"] = {"node": victims[0], "pid": pid, "trainer_nodes": nodes, "run_had_finished": done.is_set(),
-                        "at": time.time()}
+                        "at": time.time(), "committed_step": _committed_step(output)}
     print(f"killed the raylet (pid {pid}) of node {victims[0]} after the step-{step} checkpoint", flush=True)
 
 

@@ -102,6 +102,10 @@ def test_train_default_preset_and_dataclass_defaults(config_of):
     (["--grad-checkpointing"], "grad_checkpointing", True),
     (["--pretrained", "/ckpt/start.pt"], "pretrained", "/ckpt/start.pt"),
     (["--min-workers", "2", "--max-workers", "8"], "max_workers", 8),
+    (["--direction", "fixed"], "direction", "fixed"),
+    (["--controls", "zero,init,random,b16=ViT-B-32:openai"], "controls", ["zero", "init", "random", "b16=ViT-B-32:openai"]),
+    (["--controls", "none"], "controls", []),
+    (["--baselines", "loss,ref_loss,rho,ref_clipscore"], "baselines", ["loss", "ref_loss", "rho", "ref_clipscore"]),
 ])
 def test_train_every_option_takes_effect(config_of, option, field, value):
     cfg = config_of("train", "--preset", "toy", *TRAIN_IO, *option)
@@ -136,6 +140,35 @@ def test_train_command_line_mistakes_exit_2(error_of, argv, words):
     assert all(word in line for word in words), line
 
 
+def test_train_controls_direction_and_baselines(config_of, error_of):
+    cfg = config_of("train", "--preset", "tiny", *TRAIN_IO)
+    assert cfg["controls"] == ["zero", "fixed"] and cfg["direction"] == "current" and cfg["baselines"] == []
+    # direction fixed: the default set drops the fixed control (it would repeat the score); current is allowed
+    assert config_of("train", "--preset", "tiny", *TRAIN_IO, "--direction", "fixed")["controls"] == ["zero"]
+    assert config_of("train", "--preset", "tiny", *TRAIN_IO, "--direction", "fixed", "--controls", "zero,current")["controls"] == [
+        "zero", "current"]
+    # no reference: no score, the default set is empty; zero, init and the loss baseline still work
+    plain = ["train", "--preset", "tiny", "--pool", "P", "--output", "O", "--weighting", "sgd"]
+    assert config_of(*plain)["controls"] == [] and config_of(*plain)["baselines"] == []
+    cfg = config_of(*plain, "--controls", "zero,init", "--baselines", "loss")
+    assert cfg["controls"] == ["zero", "init"] and cfg["baselines"] == ["loss"]
+    for argv, words in [
+        ([*TRAIN_IO, "--controls", "zero,nope"], ["unknown control 'nope'"]),
+        ([*TRAIN_IO, "--controls", "zero,zero"], ["more than once"]),
+        ([*TRAIN_IO, "--controls", "Bad=ViT-B-32:openai"], ["[a-z0-9_]+"]),
+        ([*TRAIN_IO, "--controls", "fixed=ViT-B-32:openai"], ["taken"]),
+        ([*TRAIN_IO, "--controls", "current"], ["repeat the primary score"]),
+        ([*TRAIN_IO, "--direction", "fixed", "--controls", "fixed"], ["repeat the primary score"]),
+        ([*TRAIN_IO, "--baselines", "clip"], ["unknown baseline"]),
+        ([*plain[3:], "--controls", "random"], ["needs a reference"]),
+        ([*plain[3:], "--baselines", "rho"], ["needs a reference"]),
+        ([*plain[3:], "--direction", "fixed"], ["needs a reference"]),
+    ]:
+        line = error_of("train", "--preset", "tiny", *argv, "--print-config")
+        assert all(word in line for word in words), line
+    assert "direction" in error_of("train", *TRAIN_IO, "--direction", "sideways", one_line=False)
+
+
 def test_train_choices_come_from_the_registries(error_of, config_of):
     from raymimic.mimic.weighting import WEIGHTINGS
 
@@ -163,9 +196,12 @@ def test_help_lists_registries_and_dataclass_defaults(capsys, monkeypatch):
     train = help_of("train")
     assert all(name in train for name in [*WEIGHTINGS, *ALIASES, *PRESETS])
     assert f"default: {DEFAULT_TAU}" in train and f"default: {DEFAULT_MIMIC_LAYER}" in train and "--reweight-all" in train
+    assert "--controls" in train and "default: zero,fixed" in train and "--direction" in train and "--baselines" in train
+    assert all(name in train for name in ("zero", "init", "random", "NAME=SPEC", "ref_clipscore", "rho"))
     filt = help_of("filter")
     assert all(name in filt for name in [*MIMIC_METHODS, *FEATURES]) and "default: gmm" in filt
-    assert all(name in help_of("score") for name in ALIASES)
+    score = help_of("score")
+    assert all(name in score for name in ALIASES) and "--controls" in score and "--baselines" in score
     simulate = help_of("simulate")
     assert all(name in simulate for name in WEIGHTINGS) and "docs/simulation.md" in simulate
     assert "86%" not in simulate and "97%" not in simulate and "0.99" not in simulate
@@ -179,7 +215,12 @@ def test_score_config(config_of, error_of):
     base = ["score", "--pool", "P", "--model", "ViT-B-32", "--reference", "R", "--output", "O"]
     cfg = config_of(*base)
     assert cfg == {"pool": "P", "model": "ViT-B-32", "reference": "R", "output": "O", "checkpoint": None, "mimic_layer": "image-mlp",
-                   "score_kind": "proj", "tau": 0.05, "batch_size": 256, "actors": 1, "use_gpu": False, "step": None}
+                   "score_kind": "proj", "tau": 0.05, "controls": ["zero"], "baselines": [], "batch_size": 256, "actors": 1,
+                   "use_gpu": False, "step": None}  # the default controls without fixed: at a checkpoint it repeats the score
+    cfg = config_of(*base, "--controls", "zero,random,b16=ViT-B-32:openai", "--baselines", "ref_clipscore,loss")
+    assert cfg["controls"] == ["zero", "random", "b16=ViT-B-32:openai"] and cfg["baselines"] == ["ref_clipscore", "loss"]
+    assert "degenerate" in error_of(*base, "--controls", "zero,init", "--print-config")
+    assert "repeat the primary score" in error_of(*base, "--controls", "fixed", "--print-config")
     cfg = config_of(*base, "--checkpoint", "s3://b/final.pt", "--mimic-layer", "text-mlp", "--score-kind", "cos", "--tau", "0.5",
                     "--batch-size", "64", "--actors", "3", "--gpu", "--step", "11")
     assert cfg["checkpoint"] == "s3://b/final.pt" and cfg["mimic_layer"] == "text-mlp" and cfg["score_kind"] == "cos"
@@ -199,6 +240,17 @@ def test_filter_config(config_of, error_of):
     assert "fraction" in error_of("filter", "--scores", "S", "--output", "O", "--method", "top-fraction", "--fraction", "1.5",
                                   "--print-config")
     assert "rule" in error_of("filter", "--scores", "S", "--output", "O", "--rule", "most", "--print-config")
+    assert cfg["score_column"] == "score" and cfg["paper_rule"] is False and cfg["ground_truth"] is None
+    cfg = config_of("filter", "--scores", "S", "--output", "O", "--score-column", "zero", "--ground-truth", "POOL/ground_truth.parquet")
+    assert cfg["score_column"] == "score_zero" and cfg["ground_truth"] == "POOL/ground_truth.parquet"
+    assert config_of("filter", "--scores", "S", "--output", "O", "--score-column", "score_fixed")["score_column"] == "score_fixed"
+    assert config_of("filter", "--scores", "S", "--output", "O", "--method", "ensemble", "--paper-rule")["paper_rule"] is True
+    assert "primary score only" in error_of("filter", "--scores", "S", "--output", "O", "--score-column", "zero", "--feature",
+                                            "norm_weight", "--print-config")
+    assert "score column 'Zero' is not valid" in error_of("filter", "--scores", "S", "--output", "O", "--score-column", "Zero",
+                                                          "--print-config")
+    assert "top-fraction" in error_of("filter", "--scores", "S", "--output", "O", "--method", "top-fraction", "--paper-rule",
+                                      "--print-config")
 
 
 def test_quickstart_config(config_of):
@@ -332,7 +384,7 @@ def test_simulate_runs(tmp_path, capsys):
     threads = torch.get_num_threads()
     out = tmp_path / "sim"
     assert main(["simulate", "--methods", "sgd", "grad-mimic", "--noise", "0.5", "--epochs", "1", "--max-train", "200",
-                 "--output", str(out)]) == 0
+                 "--controls", "none", "--output", str(out)]) == 0
     assert torch.get_num_threads() == threads  # the caller's setting is restored
     results = json.loads((out / "results.json").read_text())
     assert results["noise_levels"] == [0.5] and {r["method"] for r in results["runs"]} == {"sgd", "grad-mimic"}

@@ -17,12 +17,16 @@ from raymimic.mimic import (
     GradMimic,
     batch_weights,
     MimicProbe,
+    control_directions,
+    direction_scores,
     get_parameter,
     grad_norms,
+    make_control,
     make_weighting,
     mean_batch_grad,
     mimic_scores,
     output_grads,
+    random_matrix,
     reference_direction,
     reweighted_backward,
     reweighted_grad,
@@ -276,3 +280,36 @@ def test_approximate_influence_direction_from_clean_samples():
     per_sample = _brute_classifier(model, x, y, "2.weight")
     expected = (per_sample * clean_mean).sum(dim=(1, 2)) / clean_mean.norm()
     close(mimic_scores(probe, v, global_batch=8), expected)
+
+
+@pytest.mark.parametrize("layer", ["image-mlp", "text-proj"])
+@pytest.mark.parametrize("kind", ["proj", "cos"])
+def test_control_directions_and_scores_match_per_sample_gradients(tiny_clip, layer, kind):
+    """Every control's score is <-g_i, V_c>/||V_c|| (or the cosine) of brute-force per-sample gradients, from one probe."""
+    model, reference, images, texts = tiny_clip
+    model.zero_grad()
+    name = resolve_mimic_layer(model, layer)
+    probe = MimicProbe(model, name, batch_dim=sample_dim(model, name))
+    with probe.capture():
+        loss = _clip_loss(model, images, texts)
+    loss.backward()
+    per_sample = _brute_clip(model, images, texts, name)
+    w_t, w_ref = get_parameter(model, name).detach(), get_parameter(reference, name).detach()
+    w_0, w_other = w_t + 0.1 * torch.randn_like(w_t), torch.randn_like(w_t)
+    controls = {c: make_control(c, reference=w_ref, initial=w_0, seed=3) for c in ("zero", "init", "random", "fixed", "current")}
+    controls["other"] = make_control("other", other=w_other)
+    r = random_matrix(w_ref.shape, float(w_ref.norm()), 3)
+    expected_v = {"zero": -w_t, "init": w_0 - w_t, "random": r - w_t, "fixed": w_ref - w_0, "current": w_ref - w_t,
+                  "other": w_other - w_t}
+    directions = control_directions(controls, get_parameter(model, name))
+    got = direction_scores(probe, directions, global_batch=6, kind=kind)
+    assert list(got) == list(expected_v)
+    norms = per_sample.flatten(1).norm(dim=1)
+    for c, v in expected_v.items():
+        close(directions[c], v)
+        dots = -(per_sample * v).sum(dim=tuple(range(1, per_sample.ndim)))
+        close(got[c], dots / v.norm() if kind == "proj" else dots / (norms * v.norm()), rtol=2e-4)
+        assert torch.equal(got[c], mimic_scores(probe, directions[c], global_batch=6, kind=kind))  # the same numbers as the score
+    assert direction_scores(probe, {}, 6) == {}
+    with pytest.raises(ValueError, match="needs"):
+        make_control("fixed", reference=w_ref)

@@ -171,9 +171,13 @@ def test_missing_gpus_and_custom_resources(files):
         check_resources(slots, cluster=ClusterView(nodes=[{"CPU": 1}, {"CPU": 2, "trainer_slot": 1}]))
 
 
-def test_elastic_runs_need_room_for_min_workers(files):
+def test_elastic_runs_need_room_for_min_workers_and_must_not_grow_into_the_data_cpus(files):
     cfg = _cfg(files, min_workers=1, max_workers=4)
-    assert check_resources(cfg, cluster={"CPU": 2}).workers == 1
+    with pytest.raises(PreflightError, match=r"may grow to 2 workers .* Use max_workers=1 \(--max-workers 1\)"):
+        check_resources(cfg, cluster={"CPU": 2})
+    assert check_resources(cfg, cluster={"CPU": 5}).workers == 1
+    with pytest.raises(PreflightError, match="the training workers alone do not fit"):
+        check_resources(_cfg(files, min_workers=3, max_workers=4), cluster={"CPU": 2})
 
 
 def test_data_cpus(files):
@@ -201,17 +205,22 @@ def _status(mapping: dict) -> bytes:
 
 
 def test_autoscaler_detection_from_the_status(monkeypatch):
+    import ray.autoscaler.v2.utils as v2
     import ray.experimental.internal_kv as kv
 
+    monkeypatch.setattr(v2, "is_autoscaler_v2", lambda **kwargs: False)
     statuses = {
         # plain ray.init: the readonly provider names each node's type after the node
         "plain": (_status({"ab12": "node_ab12"}), False),
-        # Ray's autoscaler (ray up, AutoscalingCluster): node types from the cluster config
+        # Ray's autoscaler v1 (ray up, AutoscalingCluster): node types from the cluster config
         "autoscaler": (_status({"ff00": "ray.head.default", "ff01": "trainer_node"}), True),
+        "no status yet": (None, False),
     }
     for raw, expected in statuses.values():
         monkeypatch.setattr(kv, "_internal_kv_get", lambda key, *a, _raw=raw, **k: _raw if key == "__autoscaling_status" else None)
         assert pf._autoscaler_running() is expected
+    monkeypatch.setattr(v2, "is_autoscaler_v2", lambda **kwargs: True)  # autoscaler v2 writes no such status
+    assert pf._autoscaler_running() is True
 
 
 # ----------------------------------------------------------------------------- with Ray

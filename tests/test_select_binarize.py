@@ -32,7 +32,8 @@ def synthetic_scores(n_samples=1200, batch=40, epochs=2, noise=0.4, tau=0.05, sc
             weight = np.exp(logits - logits.max())
             weight /= weight.sum()
             rows.append(pd.DataFrame({"uid": uids[idx], "step": np.int64(step), "epoch": np.int32(epoch), "rank": np.int32(0),
-                                      "score": score.astype(np.float32), "weight": weight.astype(np.float32), "batch_size": np.int32(batch)}))
+                                      "score": score.astype(np.float32), "weight": weight.astype(np.float32),
+                                      "batch_size": np.int32(batch)}))
     return pd.concat(rows, ignore_index=True), dict(zip(uids, noisy))
 
 
@@ -72,6 +73,28 @@ def test_threshold_default_is_paper_rule_weight_above_uniform(drifting):
     np.testing.assert_array_equal(keep, expected)
 
 
+def test_uniform_weights_pick_score_features_and_refuse_weight_features():
+    from raymimic.select.binarize import default_feature, informative_weights
+
+    table, noisy = synthetic_scores(n_samples=300, batch=30, seed=3)
+    table["weight"] = np.float32(1 / 30)  # recorded under uniform weights (--weighting sgd): B*w = 1 on every row
+    assert informative_weights(table) is False and informative_weights(table.drop(columns="weight")) is None
+    threshold = make_binarizer("threshold").fit(table)
+    assert threshold.feature == "step_z" and threshold.boundary == 0.0 and threshold.params()["weights_informative"] is False
+    keep = threshold.keep(table)
+    assert 0.3 < keep.mean() < 0.9 and f1_drop(table, keep, noisy) > 0.9  # it no longer drops every sample
+    for method in ("threshold", "gmm", "kmeans"):
+        with pytest.raises(ValueError, match="recorded under uniform weights"):
+            make_binarizer(method, feature="norm_weight").fit(table)
+    with pytest.raises(ValueError, match="recorded under uniform weights"):
+        make_binarizer("threshold", feature="log_norm_weight").fit(table)
+    # the caller may decide from the whole table: informative weights restore the paper's default
+    assert make_binarizer("threshold").fit(table, weights_informative=True).feature == "norm_weight"
+    assert make_binarizer("threshold").fit(table.drop(columns=["weight", "batch_size"])).feature == "step_z"
+    assert [default_feature(m, False) for m in ("threshold", "gmm")] == ["step_z", "step_z"]
+    assert make_binarizer("threshold", cut=0.5).fit(table).boundary == 0.5  # an explicit cut stays
+
+
 def test_threshold_on_a_moderate_table_and_scale_free_variant():
     table, noisy = synthetic_scores(tau=1.0, scale_from=1.0, scale_to=1.0, seed=1)
     assert f1_drop(table, make_binarizer("threshold").fit(table).keep(table), noisy) > 0.8
@@ -93,7 +116,8 @@ def test_fit_on_a_sample_apply_to_other_rows(drifting):
 def test_step_stats_from_partials_equal_whole_table(drifting):
     table, _ = drifting
     whole = StepStats.from_table(table)
-    combined = StepStats.from_partials(pd.concat([StepStats.partials(part) for part in (table.iloc[i:i + 700] for i in range(0, len(table), 700))]))
+    parts = (table.iloc[i:i + 700] for i in range(0, len(table), 700))
+    combined = StepStats.from_partials(pd.concat([StepStats.partials(part) for part in parts]))
     np.testing.assert_allclose(combined.mean, whole.mean, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(combined.std, whole.std, rtol=1e-9)
     np.testing.assert_array_equal(combined.count, whole.count)
@@ -153,7 +177,8 @@ def test_bad_parameters_and_unknown_names():
 
 
 def test_degenerate_step_uses_documented_fallback():
-    table = pd.DataFrame({"uid": [f"{i:032x}" for i in range(7)], "step": [0, 0, 0, 1, 1, 1, 2], "score": [1.0, 2.0, 3.0, 10.0, 20.0, 30.0, 4.0]})
+    table = pd.DataFrame({"uid": [f"{i:032x}" for i in range(7)], "step": [0, 0, 0, 1, 1, 1, 2],
+                          "score": [1.0, 2.0, 3.0, 10.0, 20.0, 30.0, 4.0]})
     stats = StepStats.from_table(table)
     assert stats.degenerate_steps == [2]
     assert stats.std[2] == pytest.approx(np.median(stats.std[:2]))

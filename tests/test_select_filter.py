@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from test_select_binarize import synthetic_scores
 
 from raymimic.data.uids import read_subset, uids_to_array
-from test_select_binarize import synthetic_scores
 
 pytestmark = pytest.mark.ray
 
@@ -26,7 +26,8 @@ def write_pool(root, uids, clip_scores, rng) -> str:
     os.makedirs(f"{root}/metadata", exist_ok=True)
     n = len(uids)
     frame = pd.DataFrame({"uid": uids, "url": "http://x", "text": ["a photo of a dog"] * n, "original_width": 300, "original_height": 300,
-                          "clip_b32_similarity_score": clip_scores, "clip_l14_similarity_score": clip_scores, "face_bboxes": [[]] * n, "sha256": "0" * 64})
+                          "clip_b32_similarity_score": clip_scores, "clip_l14_similarity_score": clip_scores, "face_bboxes": [[]] * n,
+                          "sha256": "0" * 64})
     frame.loc[0, "original_width"] = 100  # fails the basic size rule
     for part, idx in enumerate(np.array_split(np.arange(n), 2)):
         frame.iloc[idx].to_parquet(f"{root}/metadata/{part:08d}.parquet", index=False)
@@ -71,6 +72,7 @@ def test_cli_ensemble_filter_finds_noisy_samples_and_writes_contract(ray_session
     assert gmm["means"][0] < gmm["boundary"] < gmm["means"][1]
     assert (out / "report.md").exists() and (out / "hist_step_z.png").stat().st_size > 1000
     assert main(["report", str(out)]) == 0 and "## Quality estimate" in (out / "report.md").read_text()
+    assert summary["lift"] is None and "No control columns recorded" in (out / "report.md").read_text()  # a table without controls
 
 
 def test_bad_score_tables(ray_session, run_dir, tmp_path):
@@ -138,3 +140,50 @@ def test_uid_pairs_match_reference_and_reject_bad_uids():
     assert np.array_equal(got, ref)
     with pytest.raises(ValueError, match="malformed uid 'xyz'"):
         uid_pairs(np.array(["xyz"], dtype=object))
+
+
+def test_cli_reference_lift_and_score_column_on_ray(ray_session, tmp_path):
+    """The Ray path: control columns (one file without score_fixed), --ground-truth, --report; --score-column zero; same as locally."""
+    from test_select_lift import lift_table
+
+    from raymimic.app.cli import main
+    from raymimic.select.mimic import MimicFilter
+
+    table, truth = lift_table(n_samples=300, batch=30)
+    scores = write_scores(table, tmp_path / "scores")
+    pd.read_parquet(f"{scores}/00002.parquet").drop(columns="score_fixed").to_parquet(f"{scores}/00002.parquet", index=False)
+    truth.to_parquet(tmp_path / "ground_truth.parquet", index=False)
+    out = tmp_path / "out"
+    argv = ["filter", "--scores", scores, "--output", str(out), "--method", "ensemble",
+            "--ground-truth", str(tmp_path / "ground_truth.parquet")]
+    assert main([*argv, "--report"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    lift = summary["lift"]
+    assert summary["score_column"] == "score" and summary["stages"][0]["features"]["threshold"] == "norm_weight"
+    assert set(lift["columns"]) == {"score", "score_fixed", "score_zero"} and lift["ground_truth"] is True
+    assert lift["reference_lift"] == pytest.approx(0.5, abs=0.1) and lift["columns"]["score_zero"]["uids"] == 300
+    assert 200 < lift["columns"]["score_fixed"]["uids"] < 300  # uids whose every row is in the file without it have none
+    assert lift["ground_truth_path"].endswith("ground_truth.parquet") and lift["n_matched_uids"] == 300
+    decisions = pd.read_parquet(out / "decisions.parquet")
+    assert {"step_z_score", "step_z_score_fixed", "step_z_score_zero"} <= set(decisions.columns)
+    unfixed = table.iloc[2::3]  # the rows of the file without score_fixed
+    local_table = table.assign(score_fixed=table["score_fixed"].where(~table.index.isin(unfixed.index)))
+    local = MimicFilter(local_table, method="ensemble").fit()
+    local_lift = local.reference_lift(truth)
+    for key in ("reference_lift", "reference_lift_f1", "n_kept"):
+        assert lift[key] == pytest.approx(local_lift[key], rel=1e-9), key
+    for column, row in local_lift["columns"].items():
+        numbers = {k: v for k, v in row.items() if not isinstance(v, str)}
+        assert {k: lift["columns"][column][k] for k in numbers} == pytest.approx(numbers, rel=1e-9), column
+    report = (out / "report.md").read_text()
+    assert "## Reference lift" in report and "| `score_zero` | control | 300 |" in report and "AUC either sign" in report
+    assert "score column: `score`; binarizer features: gmm: `step_z`, kmeans: `step_z`, threshold: `norm_weight`" in report
+    # --score-column zero on Ray decides as the local path does
+    out_zero = tmp_path / "out_zero"
+    assert main(["filter", "--scores", scores, "--output", str(out_zero), "--method", "threshold", "--score-column", "zero"]) == 0
+    summary = json.loads((out_zero / "summary.json").read_text())
+    assert summary["score_column"] == "score_zero" and summary["mimic"]["features"] == {"threshold": "step_z"}
+    assert summary["lift"]["ground_truth"] is False and "no ground truth" in summary["lift"]["verdict"]
+    got = pd.read_parquet(out_zero / "decisions.parquet").sort_values("uid", ignore_index=True)
+    expected = MimicFilter(local_table, method="threshold", score_column="zero").fit().decisions
+    np.testing.assert_array_equal(got["keep"].to_numpy(), expected["mimic_keep"].to_numpy())

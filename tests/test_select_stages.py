@@ -107,8 +107,9 @@ def test_chain_teacher_clip_normsim_basic_and_user_step(ray_session):
 @pytest.mark.ray
 def test_mimic_filter_on_a_pandas_table_decides_as_on_ray(ray_session):
     """The local path (a pandas table, no Ray: what the simulation uses) and the Ray path share the decision logic."""
-    from raymimic.select.mimic import MimicFilter
     from test_select_binarize import synthetic_scores
+
+    from raymimic.select.mimic import MimicFilter
 
     table, _ = synthetic_scores(n_samples=300, batch=30, epochs=2)
     local = MimicFilter(table, method="ensemble").fit()
@@ -126,16 +127,20 @@ def test_mimic_filter_on_a_pandas_table_decides_as_on_ray(ray_session):
 
 
 def test_mimic_filter_leaves_out_a_binarizer_that_cannot_fit():
-    from raymimic.select.mimic import MimicFilter
     from test_select_binarize import synthetic_scores
 
+    from raymimic.select.mimic import MimicFilter
+
     table, _ = synthetic_scores(n_samples=60, batch=30, epochs=2)
-    table["weight"] = np.float32(1 / 30)  # uniform weights: one distinct norm_weight value, nothing for k-means/GMM to split
+    table["weight"] = np.float32(0.5 / 30)  # constant weights: one distinct norm_weight value, nothing for k-means/GMM to split
     with pytest.raises(ValueError, match="distinct"):
         MimicFilter(table, method="ensemble", feature="norm_weight").fit()
     stage = MimicFilter(table, method="ensemble", feature="norm_weight", unfit="skip").fit()
     assert stage.methods == ["threshold"] and set(stage.stats["unfit"]) == {"gmm", "kmeans"}
     assert stage.decisions["mimic_keep"].nunique() == 1  # every row has the same B * w: one decision for all
+    table["weight"] = np.float32(1 / 30)  # uniform weights: a weight feature is refused outright, even with unfit="skip"
+    with pytest.raises(ValueError, match="uniform weights"):
+        MimicFilter(table, method="ensemble", feature="norm_weight", unfit="skip").fit()
 
 
 def test_one_decoder_and_one_embedder_for_bytes_pixels_and_preprocessed_images():
@@ -147,7 +152,7 @@ def test_one_decoder_and_one_embedder_for_bytes_pixels_and_preprocessed_images()
     png = _png(3)
     pixels = np.asarray(decode_image(png))
     assert pixels.shape == (40, 40, 3) and np.array_equal(np.asarray(decode_image(pixels)), pixels)
-    with pytest.raises(Exception):  # truncated data fails in the decoder itself (callers record or raise it)
+    with pytest.raises(Exception):  # noqa: B017 - truncated data fails in the decoder itself (callers record or raise it)
         decode_image(png[: len(png) // 2])
     torch.manual_seed(0)
     embedder = ClipEmbedder("raymimic-tiny")

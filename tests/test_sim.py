@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from raymimic.select.quality import detection_metrics, roc_auc
+from raymimic.sim.analysis import noise_summary, score_auroc, steps_to_reach
+from raymimic.sim.controls import CONTROLS, control_reference
 from raymimic.sim.data import load_dataset, symmetric_noise
-from raymimic.select.quality import detection_metrics
 from raymimic.sim.train import TrainConfig, train_reference, train_run
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "simulation.py"
@@ -142,7 +144,21 @@ def test_short_simulation_writes_results_json(tmp_path):
     assert results["reference_test_accuracy"] * 450 == pytest.approx(round(results["reference_test_accuracy"] * 450), abs=1e-3)
     assert results["reference_test_accuracy"] > 0.5
     runs = {r["method"]: r for r in results["runs"]}
-    assert set(runs) == {"sgd", "grad-mimic"}
+    controls = {f"grad-mimic[{c}]" for c in CONTROLS}
+    assert set(runs) == {"sgd", "grad-mimic"} | controls  # every control by default
+    assert {runs[c]["reference"] for c in controls} == set(CONTROLS) and runs["grad-mimic"]["reference"] == "clean"
+    assert all(runs[c]["weighting"] == "grad-mimic" for c in controls)
+    # the head starts at zero, so the init control is the zero control, run for run
+    assert results["controls"]["init_equals_zero"]
+    assert runs["grad-mimic[init]"]["test_accuracy"] == runs["grad-mimic[zero]"]["test_accuracy"]
+    # the noisy control's reference is the SGD run of the same noisy labels
+    assert results["controls"]["noisy_reference_test_accuracy"]["0.5"] == runs["sgd"]["test_accuracy"]
+    for name in controls | {"grad-mimic"}:
+        assert 0 <= runs[name]["auroc"] <= 1 and runs[name]["auroc_either_sign"] == max(runs[name]["auroc"], 1 - runs[name]["auroc"])
+    assert runs["sgd"]["auroc"] is None and runs["sgd"]["steps_ratio_to_sgd"] == 1.0
+    assert runs["grad-mimic"]["accuracy_curve"][-1] == [20, runs["grad-mimic"]["test_accuracy"]]  # 2 epochs x 10 batches of <= 32
+    summary = results["summary"][0]
+    assert summary["noise"] == 0.5 and set(summary["goal"]["compared_with"]) == {"sgd"} | controls
     mimic = runs["grad-mimic"]
     assert mimic["noise"] == 0.5 and mimic["test_accuracy"] * 450 == pytest.approx(round(mimic["test_accuracy"] * 450), abs=1e-3)
     for name in ("threshold", "kmeans", "gmm", "ensemble"):
@@ -157,6 +173,7 @@ def test_short_simulation_writes_results_json(tmp_path):
     assert mimic["quality_estimate"] == pytest.approx(1 - mimic["detection"]["ensemble"]["n_dropped"] / 300)
     table = (out / "results.md").read_text()
     assert "| grad-mimic |" in table and "grad-mimic / gmm" in table
+    assert "| grad-mimic[zero] |" in table and "- noise 0.5: " in table and "## Reference lift" in table
 
 
 def test_cli_and_job_share_the_options():
@@ -170,3 +187,113 @@ def test_cli_and_job_share_the_options():
     from_job = config_from_args(job_parser, job_parser.parse_args(argv))
     assert config_from_args(cli_args.parser, cli_args) == from_job
     assert from_job.methods == ("agra",) and from_job.noise_levels == (0.2,) and from_job.tau == 0.5 and from_job.reweight_all
+
+
+def test_control_references_set_the_direction(digits, reference):
+    labels, _ = symmetric_noise(digits.y_train, 0.5, digits.num_classes, seed=0)
+    config = TrainConfig(epochs=1, lr=3e-3, tau=0.3)
+    seen = {}
+
+    def observe(step, model, direction):
+        if step in (0, 5):
+            seen[step] = (direction.clone(), model.head.weight.detach().clone())
+
+    zero = control_reference("zero", digits, config, reference.model)
+    train_run(digits, labels, "grad-mimic", config, zero, observe=observe)
+    for step in (0, 5):
+        direction, weight = seen[step]
+        assert torch.equal(direction, -weight)  # W_ref = 0: V = -W_t
+    assert seen[5][1].abs().sum() > 0  # the head has moved by step 5, so the check is not 0 == 0
+    # init is the run's own W_0, which is zero for this head; random has the clean reference's norm
+    assert torch.count_nonzero(control_reference("init", digits, config, reference.model).head.weight) == 0
+    clean_head = reference.model.head.weight
+    random_head = control_reference("random", digits, config, reference.model).head.weight
+    assert float(random_head.norm()) == pytest.approx(float(clean_head.norm()), rel=1e-5)
+    assert not torch.allclose(random_head, clean_head)
+    sgd = train_run(digits, labels, "sgd", config, reference=None)
+    noisy = control_reference("noisy", digits, config, reference.model, sgd.model)
+    assert torch.equal(noisy.head.weight, sgd.model.head.weight)
+    with pytest.raises(ValueError, match="noisy labels"):
+        control_reference("noisy", digits, config, reference.model)
+
+
+def test_roc_auc_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    positive = rng.random(60) < 0.4
+    scores = np.round(rng.normal(size=60) + positive, 1)  # rounded: ties occur
+    assert roc_auc(positive, scores) == pytest.approx(roc_auc_score(positive, scores))
+    assert roc_auc([True, False, True, False], [0.9, 0.1, 0.5, 0.5]) == pytest.approx(0.875)
+    assert roc_auc([True, False], [0.0, 1.0]) == 0.0  # perfectly wrong way round
+    with pytest.raises(ValueError, match="positives and negatives"):
+        roc_auc([True, True], [0.1, 0.2])
+    with pytest.raises(ValueError, match="NaN"):
+        roc_auc([True, False], [np.nan, 0.2])
+
+
+def test_score_auroc_low_score_flags_noisy():
+    import pandas as pd
+
+    rows = pd.DataFrame({"uid": [f"{i:032x}" for i in (0, 1, 2, 3, 0, 1, 2, 3)],
+                         "method_stat": [-1.0, 2.0, -0.5, 1.0, -1.0, 2.0, 0.5, 1.0]})
+    found = score_auroc(rows, np.array([True, False, True, False]))
+    assert found == {"auroc": 1.0, "auroc_either_sign": 1.0}
+    flipped = score_auroc(rows.assign(method_stat=-rows["method_stat"]), np.array([True, False, True, False]))
+    assert flipped == {"auroc": 0.0, "auroc_either_sign": 1.0}
+
+
+def test_steps_to_reach_and_the_noise_summary():
+    curve = [(0, 0.1), (10, 0.5), (20, 0.8), (30, 0.75), (40, 0.9)]
+    assert steps_to_reach(curve, 0.8) == 20 and steps_to_reach(curve, 0.75) == 20
+    assert steps_to_reach(curve, 0.9) == 40 and steps_to_reach(curve, 0.95) is None
+
+    def run(method, acc, curve, auroc=None):
+        either = None if auroc is None else max(auroc, 1 - auroc)
+        return {"noise": 0.5, "method": method, "test_accuracy": acc, "accuracy_curve": curve, "auroc": auroc, "auroc_either_sign": either}
+
+    runs = [run("sgd", 0.8, [(0, 0.1), (10, 0.7), (20, 0.85), (30, 0.8)]),
+            run("grad-mimic", 0.9, [(0, 0.1), (10, 0.8), (20, 0.9)], auroc=0.95),
+            run("grad-mimic[zero]", 0.7, [(0, 0.1), (10, 0.7)], auroc=0.02),
+            run("grad-mimic[noisy]", 0.85, [(0, 0.1), (10, 0.6), (20, 0.82)], auroc=0.6)]
+    summary = noise_summary(runs, 0.5, ["zero", "noisy"])
+    by = {r["method"]: r for r in runs}
+    assert summary["sgd_steps"] == 20 and by["sgd"]["steps_ratio_to_sgd"] == 1.0
+    assert by["grad-mimic"]["steps_to_sgd_accuracy"] == 10 and by["grad-mimic"]["steps_ratio_to_sgd"] == 0.5
+    assert by["grad-mimic[zero]"]["steps_to_sgd_accuracy"] is None and by["grad-mimic[noisy]"]["steps_to_sgd_accuracy"] == 20
+    lift = summary["lift"]
+    assert lift["best_control_auroc"] == "zero" and lift["auroc_lift"] == pytest.approx(0.95 - 0.98)  # either sign: 1 - 0.02
+    assert lift["best_control_accuracy"] == "noisy" and lift["accuracy_gain"] == pytest.approx(0.05)
+    assert summary["goal"]["holds"] and summary["goal"]["closest"] == "grad-mimic[noisy]"
+    assert summary["goal"]["margin"] == pytest.approx(0.05)
+    from raymimic.sim.report import _lift
+
+    assert any("<= 0" in line and "`zero`" in line for line in _lift([summary]))
+
+
+def test_cli_controls_print_config(capsys):
+    job = load_job()
+    assert job.main(["--controls", "zero", "random", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["controls"] == ["zero", "random"] and printed["eval_every"] == 5
+    assert job.main(["--controls", "none", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["controls"] == []
+    assert job.main(["--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["controls"] == list(CONTROLS)
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(["--controls", "bogus", "--print-config"])
+    assert exit_info.value.code == 2 and "controls: unknown" in capsys.readouterr().err
+
+
+def test_noisy_control_without_an_sgd_run(tmp_path):
+    from raymimic.sim.simulate import simulate
+
+    results, _, md_path = simulate(methods=["grad-mimic"], noise_levels=[0.5], controls=["noisy"], max_train=120,
+                                   config=TrainConfig(epochs=1, lr=3e-3, tau=0.3, eval_every=3), output_dir=str(tmp_path))
+    assert [r["method"] for r in results["runs"]] == ["grad-mimic", "grad-mimic[noisy]"]
+    assert 0 < results["controls"]["noisy_reference_test_accuracy"]["0.5"] <= 1  # an SGD model trained for the control alone
+    summary = results["summary"][0]
+    assert summary["goal"] is None and summary["sgd_steps"] is None and summary["lift"]["best_control_auroc"] == "noisy"
+    assert all(r["steps_to_sgd_accuracy"] is None for r in results["runs"])
+    assert [s for s, _ in results["runs"][0]["accuracy_curve"]] == [0, 3, 4]  # every 3 steps and the last (4 batches)
+    assert "## Steps to reach" not in open(md_path).read()

@@ -3,7 +3,9 @@
 A single TorchTrainer.fit() (each costs ~20 s here) whose rank 1 dies once mid-run: its score
 table must hold exactly one row per (uid, step) in the same data order, and a single-process
 replay of its global batches must reproduce its scores, weights and final weights (which
-also proves the resume restored model and optimizer exactly).
+also proves the resume restored model and optimizer exactly), and its control and baseline
+columns (``init`` and ``fixed`` after the resume use the first attempt's ``W_0``, saved in the
+checkpoint).
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ from raymimic.train.step import MimicStep
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROWS = 24  # 3 global batches of 8 per pass: 4 steps wrap into a second epoch
+CONTROLS = ["zero", "fixed", "init", "random"]
+BASELINES = ["loss", "ref_loss", "rho", "ref_clipscore"]
+EXTRA = sorted(f"score_{n}" for n in CONTROLS + BASELINES)
 
 
 def _items():
@@ -44,7 +49,7 @@ def _config(output, reference, **overrides) -> TrainConfig:
     values = dict(
         output=str(output), model="raymimic-tiny", reference=str(reference), weighting="grad-mimic", tau=0.5,
         samples_seen=32, global_batch=8, lr=1e-3, warmup=2, workers=2, checkpoint_every=2,
-        score_flush_every=1, log_every=1, progress=False, max_failures=2,
+        score_flush_every=1, log_every=1, progress=False, max_failures=2, controls=CONTROLS, baselines=BASELINES,
     )
     return TrainConfig(**{**values, **overrides})
 
@@ -79,8 +84,11 @@ def test_killed_worker_resumes_with_exactly_once_scores_and_same_data_order(run)
     cfg, summary = run["cfg"], run["summary"]
     assert (Path(cfg.output) / ".crash-injected-step-3").exists(), "the injected crash did not happen"
     table = read_score_table(summary.scores)
-    assert table.schema.names == ["uid", "step", "epoch", "rank", "score", "weight", "batch_size"]
-    assert [str(t) for t in table.schema.types] == ["string", "int64", "int32", "int32", "float", "float", "int32"]
+    assert table.schema.names == ["uid", "step", "epoch", "rank", "score", "weight", "batch_size", *EXTRA]
+    assert [str(t) for t in table.schema.types] == ["string", "int64", "int32", "int32", "float", "float", "int32"] + ["float"] * 8
+    for column in EXTRA:  # score_zero, score_fixed, ... on every row, finite
+        values = table[column].to_numpy(zero_copy_only=False)
+        assert table[column].null_count == 0 and np.isfinite(values).all(), column
     _check_exactly_once(table, cfg.total_steps, cfg.global_batch)
     assert not [p for p in (Path(cfg.output) / "scores").iterdir() if p.name.startswith(".tmp-")]
     # epoch 0 (steps 0-2, the last one trained before AND after the crash) sees every sample once
@@ -100,8 +108,12 @@ def test_two_workers_match_single_process(run):
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model)[0]
     name = resolve_mimic_layer(model, cfg.mimic_layer)
-    reference = create_model(cfg.model, pretrained=run["reference"])[0]
-    step = MimicStep(model, name, "grad-mimic", tau=cfg.tau, reference_weight=get_parameter(reference, name).detach())
+    reference = create_model(cfg.model, pretrained=run["reference"])[0].eval()
+    step = MimicStep(model, name, "grad-mimic", tau=cfg.tau, reference_weight=get_parameter(reference, name).detach(),
+                     reference_model=reference, controls=CONTROLS, baselines=BASELINES, seed=cfg.seed)  # W_0: the seeded init
+    # the Ray checkpoint keeps W_0 (the mimic layer at step 0), which init and fixed score against after a resume
+    saved = torch.load(Path(summary.ray_checkpoint) / "train_state.pt", weights_only=True)
+    torch.testing.assert_close(saved["initial_weight"], get_parameter(model, name).detach(), rtol=0, atol=0)
     optimizer = build_optimizer(model, cfg)
     for s in range(cfg.total_steps):
         rows = _rows_of_step(table, s)
@@ -117,6 +129,9 @@ def test_two_workers_match_single_process(run):
             model.logit_scale.clamp_(0, math.log(100))
         np.testing.assert_allclose([r["score"] for r in rows], result.scores.numpy(), rtol=2e-3, atol=1e-5)
         np.testing.assert_allclose([r["weight"] for r in rows], result.weights.numpy(), rtol=2e-3, atol=1e-6)
+        for column in EXTRA:  # step 3 ran after the resume: init and fixed still against the first attempt's W_0
+            np.testing.assert_allclose([r[column] for r in rows], result.extra[column].numpy(), rtol=2e-3, atol=1e-5,
+                                       err_msg=f"{column} at step {s}")
 
     # the trained model, loaded as an open_clip checkpoint, equals the single-process one
     trained, _, _ = open_clip.create_model_and_transforms(cfg.model, pretrained=summary.final_checkpoint)

@@ -7,7 +7,9 @@ EPILOG = """
 outputs (in --output, any fsspec URI):
   keep.npy           sorted numpy array of dtype "u8,u8": DataComp's resharder.py -s keep.npy
   decisions.parquet  one row per uid: aggregated mimic score, votes and keep per method, keep
-  summary.json       counts, fraction kept, quality estimate, method and fitted parameters
+  summary.json       counts, fraction kept, quality estimate, method and fitted parameters (features chosen), and
+                     "lift": per score column (score, score_<name>) Spearman with score_zero and with the filter's
+                     column, overlap of the kept sets; with --ground-truth also ROC-AUC, F1 and the reference lift
 
 examples:
   raymimic filter --scores RUN/scores --output OUT                       # GMM, defaults
@@ -15,12 +17,15 @@ examples:
   raymimic filter --scores RUN/scores --output OUT --method top-fraction --fraction 0.3
   # the paper's best DataComp filter: CLIP-score top 30% minus mimic bottom 20%
   raymimic filter --scores RUN/scores --pool POOL --output OUT --method top-fraction --fraction 0.8 --clip-top 0.3
+  raymimic filter --scores RUN/scores --output OUT --method ensemble --paper-rule        # the paper's rule: binarize w_i
+  raymimic filter --scores RUN/scores --output OUT --score-column zero                  # filter on the zero control instead
+  raymimic filter --scores RUN/scores --output OUT --ground-truth POOL/ground_truth.parquet --report   # reference lift
 """
 
 
 _CONFIG = ("raymimic.select.pipeline", "FilterConfig")
 OPTIONS = ("scores", "output", "pool", "method", "feature", "rule", "fraction", "fit_sample", "seed", "nan", "duplicates", "unscored",
-           "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report")
+           "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report", "score_column", "paper_rule", "ground_truth")
 
 
 def _default(name: str):
@@ -47,7 +52,19 @@ def register(subparsers) -> None:
                   "top-fraction: keep the --fraction of uids with the highest mean score")
     add_lazy(p, "--feature", choices=FEATURES, metavar="FEATURE",
              help="what the binarizers fit, one of %(choices)s; default step_z (per-step standardised score: robust to heavy-tailed "
-                  "weights and drifting scale) for gmm/kmeans, norm_weight for threshold")
+                  "weights and drifting scale) for gmm/kmeans, norm_weight (B*w > 1) for threshold when the table's weights are "
+                  "informative, step_z (cut 0) when it was recorded under uniform weights (B*w = 1 everywhere, e.g. --weighting sgd; "
+                  "a weight feature is refused there)")
+    add_lazy(p, "--score-column", metavar="NAME", config_default=_default("score_column"),
+             help="the score column to filter on: score (the mimic score against the reference), any score_<name> column of the "
+                  "table (a control direction or a baseline, higher = keep) or a bare control name (zero = score_zero); weight "
+                  "features are refused for any column but score (default: %(config_default)s)")
+    p.add_argument("--paper-rule", action="store_true", default=None,
+                   help="the paper's Stage-2 rule: every binarizer on the weight w_i (threshold at 1/B, i.e. B*w > 1; GMM and "
+                        "k-means on B*w); refused on a table recorded under uniform weights")
+    p.add_argument("--ground-truth", metavar="PATH",
+                   help="parquet with uid and a boolean is_noisy (a toy pool's ground_truth.parquet): adds ROC-AUC, F1 and the "
+                        "reference lift (AUC of score minus the best control's) to summary.json and the report")
     add_lazy(p, "--rule", names=VOTE_RULES, config_default=_default("rule"),
              help="vote across epochs and methods: %(names)s, or a fraction in (0, 1] like 0.6 (default: %(config_default)s; "
                   "majority drops ties)")

@@ -7,8 +7,10 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("report", help="Stage 2: histograms, fitted mixtures, kept/dropped counts for a filter output",
                               description="Read OUT/summary.json and OUT/fit_sample.parquet written by `raymimic filter` and write "
-                                          "OUT/report.md with per-epoch score histograms (the fitted mixture drawn on them), counts and "
-                                          "the quality estimate. No Ray needed.")
+                                          "OUT/report.md with per-epoch score histograms (the fitted mixture drawn on them), counts, "
+                                          "the quality estimate and, when the score table had control columns (score_<name>), the "
+                                          "reference-lift table (Spearman, overlap, and with --ground-truth ROC-AUC, F1 and the lift). "
+                                          "No Ray needed.")
     p.add_argument("output", help="the --output directory of `raymimic filter` (local or fsspec URI)")
     add_print_config(p)
     p.set_defaults(func=run)

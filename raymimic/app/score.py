@@ -10,7 +10,8 @@ actor with --gpu). Useful for pools larger than what one training run sees.
 
 Writes --output/scores/*.parquet with the score-table columns: uid, step (the checkpoint's
 step, -1 if unknown), epoch, rank (0), score (raw m_i), weight (softmax over the scoring
-batch), batch_size (samples in the scoring batch)."""
+batch), batch_size (samples in the scoring batch), and one float32 score_<name> per control
+(--controls, default: score_zero) and baseline (--baselines)."""
 
 EPILOG = """\
 example:
@@ -21,7 +22,7 @@ example:
 
 def register(subparsers) -> None:
     from raymimic.app.options import MIMIC_LAYER_ALIASES, add_lazy, add_print_config, default
-    from raymimic.train.config import SCORE_KINDS, ScoreConfig
+    from raymimic.train.config import BASELINES, SCORE_KINDS, ScoreConfig
 
     def dflt(name: str):
         return default(ScoreConfig, name)
@@ -41,11 +42,20 @@ def register(subparsers) -> None:
     parser.add_argument("--actors", type=int, help=f"scoring actors (default: {dflt('actors')})")
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per actor, bf16 autocast")
     parser.add_argument("--step", type=int, help="value of the step column (default: read from the checkpoint, else -1)")
+    parser.add_argument("--controls", metavar="LIST",
+                        help="comma-separated control directions, one column score_<name> each: zero (V = -W_ckpt), random "
+                             "(R - W_ckpt, R seeded with the reference's norm), NAME=SPEC (another reference); init, fixed and "
+                             "current are refused here (at a fixed checkpoint W_0 = W_ckpt); 'none' for no controls "
+                             f"(default: {','.join(dflt('controls'))}, fixed left out)")
+    parser.add_argument("--baselines", metavar="LIST",
+                        help=f"comma-separated per-sample baselines, columns score_<name>, higher = more likely kept: "
+                             f"{', '.join(BASELINES)} (see raymimic train --help) (default: none)")
     add_print_config(parser)
     parser.set_defaults(func=run, parser=parser)
 
 
-OPTIONS = ("pool", "model", "checkpoint", "reference", "output", "mimic_layer", "score_kind", "tau", "batch_size", "actors", "gpu", "step")
+OPTIONS = ("pool", "model", "checkpoint", "reference", "output", "mimic_layer", "score_kind", "tau", "batch_size", "actors", "gpu", "step",
+           "controls", "baselines")
 
 
 def run(args) -> int:

@@ -19,9 +19,18 @@ The paper's label-noise simulation, offline and on the CPU.
    re-weights the batch with softmax(score / tau).
 3. Every sample's weight at every step is recorded in the score-table layout, and the
    Stage-2 binarizers (threshold, k-means, GMM) and their ensemble vote flag samples as
-   noisy; precision/recall/F1 against the true noise mask are reported.
+   noisy; precision/recall/F1 against the true noise mask are reported, and the AUROC of
+   each sample's mean score (and max(AUC, 1 - AUC), the same ranking with either sign).
+4. Controls: Grad-Mimic also runs with references that do not carry what the clean one
+   learned (zero: V = -W_t; init: the run's own initial head, which is zero here, so it
+   coincides with zero; random: a random matrix of the clean reference's norm; noisy: a
+   reference trained the same way on the noisy labels). The reference lift (clean AUROC minus
+   the best control's) and the accuracy gain over the best control say what the reference adds.
+5. Test accuracy every --eval-every steps gives the steps each run needs to reach SGD's final
+   test accuracy, and the goal check says whether Grad-Mimic with the clean reference beats
+   SGD and every control at each noise level.
 
-Writes OUTPUT/results.json and OUTPUT/results.md (test accuracy and detection F1 tables).
+Writes OUTPUT/results.json and OUTPUT/results.md (accuracy, AUROC, steps, lift, goal and F1 tables).
 
 Defaults: the model is a frozen random ReLU feature map with a trainable head (the analogue
 of the paper's linear probing on a frozen encoder); the mimic layer is the head weight. The
@@ -39,12 +48,13 @@ examples:
   %(prog)s --dataset cifar10 --data-dir ~/data --max-train 5000 --model probe
   %(prog)s --tau 1.0 --lr 1e-4 --epochs 5    # the paper's optimiser settings
   %(prog)s --tau 0.7 --noise 0.5 --print-config
+  %(prog)s --controls zero noisy             # only these control references (--controls none: no controls)
 """
 
 # option dest -> SimConfig field (the others have the same name)
 RENAME = {"noise": "noise_levels"}
-OPTIONS = ("dataset", "data_dir", "max_train", "max_test", "noise", "seed", "methods", "model", "hidden", "epochs", "lr", "weight_decay",
-           "batch_size", "tau", "score_kind", "reweight_all", "vote_rule", "threads", "output", "save_scores")
+OPTIONS = ("dataset", "data_dir", "max_train", "max_test", "noise", "seed", "methods", "controls", "model", "hidden", "epochs", "lr",
+           "weight_decay", "batch_size", "tau", "score_kind", "reweight_all", "eval_every", "vote_rule", "threads", "output", "save_scores")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -74,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train = parser.add_argument_group("training")
     train.add_argument("--methods", nargs="+", choices=WEIGHTINGS, metavar="METHOD",
                        help="weighting methods to compare, any of %(choices)s (default: all of them)")
+    add_lazy(train, "--controls", nargs="+", metavar="CONTROL", names=Names("raymimic.sim.controls", "CONTROLS"),
+             help="control references Grad-Mimic also runs with in place of the clean one, any of %(names)s, or none "
+                  "(default: all of them; only when grad-mimic is among the methods)")
     add_lazy(train, "--model", names=Names("raymimic.sim.train", "MODELS"),
              help="one of %(names)s. probe: frozen random-feature encoder + trainable head (linear probing); linear: head on the "
                   f"pixels; mlp: every layer trained (fine-tuning) (default: {dflt('model')})")
@@ -90,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             f"(default: {dflt('score_kind')})")
     train.add_argument("--reweight-all", action="store_true", default=None,
                        help="re-weight the gradient of every layer (backward of sum_i w_i l_i), not only the head's")
+    train.add_argument("--eval-every", type=int, metavar="K",
+                       help=f"evaluate test accuracy every K steps, for the steps each run needs to reach SGD's final accuracy "
+                            f"(default: {dflt('eval_every')})")
     train.add_argument("--vote-rule", help=f"ensemble rule over epochs and binarizers: majority, all, any or a fraction in (0, 1] "
                        f"(default: {dflt('vote_rule')})")
 

@@ -25,7 +25,7 @@ from raymimic.app.options import (
     given,
     print_config,
 )
-from raymimic.train.config import PRECISIONS, PRESETS, SCORE_KINDS, TrainConfig
+from raymimic.train.config import BASELINES, BUILTIN_CONTROLS, DIRECTIONS, PRECISIONS, PRESETS, SCORE_KINDS, TrainConfig
 
 WEIGHTING_HELP = (
     "batch weighting, one of %(choices)s: grad-mimic (softmax of mimic scores, the method), sgd (uniform: standard training, "
@@ -40,7 +40,21 @@ RENAME = {"gpu": "use_gpu"}
 FIELD_OPTIONS = (
     "pool", "reference", "output", "shuffle_buffer", "model", "pretrained", "samples_seen", "global_batch", "lr", "warmup",
     "weight_decay", "precision", "grad_checkpointing", "weighting", "mimic_layer", "tau", "score_kind", "reweight_all", "workers",
-    "min_workers", "max_workers", "gpu", "cpus_per_worker", "checkpoint_every", "max_failures", "seed",
+    "min_workers", "max_workers", "gpu", "cpus_per_worker", "checkpoint_every", "max_failures", "seed", "direction", "controls",
+    "baselines",
+)
+CONTROLS_HELP = (
+    "comma-separated control directions, each scored from the same backward pass into a column score_<name> (one more matmul "
+    "each; they never change the weights): {builtins}: zero (V = -W_t, the target model alone), init (W_0 - W_t), random "
+    "(R - W_t, R seeded by --seed with the reference's norm), fixed (W_ref - W_0), current (W_ref - W_t, for --direction fixed), "
+    "or NAME=SPEC (W_ref' - W_t for another reference, SPEC as --reference takes); 'none' for no controls (default: {default}; "
+    "without --reference none, and fixed is left out under --direction fixed)"
+)
+BASELINES_HELP = (
+    "comma-separated per-sample baselines recorded as columns score_<name>, higher = more likely kept: {names}: loss "
+    "(score_loss = -loss, small-loss selection), ref_loss (-reference loss), rho (loss - reference loss, RHO-loss's sign), "
+    "ref_clipscore (cosine of the reference's image and text embeddings); all but loss run the reference forward "
+    "(default: none)"
 )
 # what --smoke changes on top of the tiny preset (options given on the command line still win)
 SMOKE = {"workers": 2, "use_gpu": False, "cpus_per_worker": 0.5, "checkpoint_every": 4}
@@ -91,6 +105,12 @@ def add_train_arguments(parser: argparse.ArgumentParser, preset: str, preset_is_
                        help=f"proj: <-g_i,V>/||V||; cos: also divided by ||g_i|| (default: {_default('score_kind')})")
     mimic.add_argument("--reweight-all", action="store_true", default=None,
                        help="re-weight every layer's gradient, not only the mimic layer's (a second backward pass)")
+    mimic.add_argument("--direction", choices=DIRECTIONS,
+                       help=f"the score's direction: current = W_ref - W_t every step (the paper), fixed = W_ref - W_0 "
+                            f"(default: {_default('direction')})")
+    mimic.add_argument("--controls", metavar="LIST",
+                       help=CONTROLS_HELP.format(builtins=", ".join(BUILTIN_CONTROLS), default=",".join(_default("controls"))))
+    mimic.add_argument("--baselines", metavar="LIST", help=BASELINES_HELP.format(names=", ".join(BASELINES)))
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--workers", type=int, help=f"data-parallel training workers (default: {_default('workers')})")
     cluster.add_argument("--min-workers", type=int, help="elastic training: fewest workers to run with (with --max-workers)")
@@ -159,18 +179,20 @@ def run_job(parser: argparse.ArgumentParser, args: argparse.Namespace, preset: s
     from raymimic.score_table import count_rows
     from raymimic.train.config import run_training
 
+    from raymimic.train.preflight import PreflightError, check_run
+
     if args.smoke:
         _prepare_smoke(cfg)
+    try:
+        check_run(cfg)  # settings, model, mimic layer, reference, pool, output: before Ray starts any work
+    except PreflightError as error:
+        fail(parser, str(error))
     if not ray.is_initialized():
         ray.init()
     try:
         summary = run_training(cfg)
-    except ValueError as error:
-        from raymimic.train.preflight import PreflightError
-
-        if isinstance(error, PreflightError):  # a mistake in the settings or inputs, found before training
-            fail(parser, str(error))
-        raise
+    except PreflightError as error:  # the cluster cannot host the run (found before training starts)
+        fail(parser, str(error))
     print(f"trained {summary.metrics.get('step')} steps of {cfg.global_batch} samples on {cfg.workers} workers")
     print(f"score table: {summary.scores} ({count_rows(summary.scores)} rows: uid, step, epoch, rank, score, weight, batch_size)")
     print(f"final model (open_clip checkpoint): {summary.final_checkpoint}")

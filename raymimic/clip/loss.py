@@ -36,9 +36,37 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     dist.all_gather(sizes, torch.tensor([features.shape[0]], device=features.device))
     if len({int(s) for s in sizes}) != 1:
         raise ValueError(f"every worker needs the same local batch size; got {[int(s) for s in sizes]} (use drop_last batches)")
-    from torch.distributed.nn.functional import all_gather
+    return _AllGatherCat.apply(features)
 
-    return torch.cat(all_gather(features), dim=0)
+
+class _AllGatherCat(torch.autograd.Function):
+    """``cat(all_gather(x))`` with autograd, on public ``torch.distributed`` collectives only.
+
+    Replaces ``torch.distributed.nn.functional.all_gather`` (deprecated, FutureWarning, in torch 2.x). The backward
+    sums every rank's gradient of the gathered tensor and keeps this rank's rows: a reduce-scatter where the backend
+    has one (NCCL), an all-reduce and a slice elsewhere (gloo); both give the same sum.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        features = features.contiguous()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        ctx.rank, ctx.world = rank, world
+        parts = [torch.empty_like(features) for _ in range(world)]
+        dist.all_gather(parts, features)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        n = grad.shape[0] // ctx.world
+        if dist.get_backend() in ("nccl", "xccl"):
+            out = torch.empty((n, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total[ctx.rank * n:(ctx.rank + 1) * n].contiguous()
 
 
 def per_sample_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ when the backward pass ran on a scaled loss (e.g. ``world_size * L`` under DDP a
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
 from raymimic.mimic.probe import MimicProbe
@@ -31,6 +33,31 @@ def mimic_scores(
     if kind == "proj":
         return -global_batch * grad_scale * dot / v_norm
     return -dot / (probe.sq_norms().clamp_min(0).sqrt().clamp_min(_EPS) * v_norm)
+
+
+def direction_scores(
+    probe: MimicProbe,
+    directions: Mapping[str, torch.Tensor],
+    global_batch: int,
+    kind: str = "proj",
+    grad_scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """:func:`mimic_scores` against several directions from one probe: ``{name: scores}``.
+
+    One :meth:`~raymimic.mimic.probe.MimicProbe.dot` per direction; ``cos`` computes ``||g_i||``
+    once for all of them. Each value equals ``mimic_scores(probe, V, ...)`` for its ``V``.
+    """
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"score kind {kind!r} is not one of {SCORE_KINDS}")
+    if not directions:
+        return {}
+    g_norms = probe.sq_norms().clamp_min(0).sqrt().clamp_min(_EPS) if kind == "cos" else None
+    out = {}
+    for name, direction in directions.items():
+        v_norm = direction.float().norm().clamp_min(_EPS)
+        dot = probe.dot(direction)
+        out[name] = -global_batch * grad_scale * dot / v_norm if kind == "proj" else -dot / (g_norms * v_norm)
+    return out
 
 
 def grad_norms(probe: MimicProbe, global_batch: int, grad_scale: float = 1.0) -> torch.Tensor:

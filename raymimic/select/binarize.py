@@ -21,13 +21,28 @@ The quantity each binarizer works on (its *feature*) is a parameter:
 ``log_norm_weight``
     ``log(B * w_i)``; 0 = uniform weight. Robust to heavy tails, not to drifting scale.
     Weights that underflowed to 0 in float32 are clipped to the smallest positive float32.
-``norm_weight`` (default for ``threshold``)
+``norm_weight`` (default for ``threshold`` when the weights are informative)
     ``B * w_i``; 1.0 = uniform weight. ``threshold`` keeps ``B * w_i > 1``, which is the
     paper's rule ``w_i > 1/B``. Note that with a small temperature the softmax is
     dominated by its tail and this rule keeps few samples; ``threshold`` with
     ``feature="step_z"`` (cut 0: above the step's mean score) is the scale-free variant.
 ``score``
     The raw mimic score ``m_i``, for tables with a single step or a user's own cut.
+
+Uniform weights. A table recorded under uniform weights (``--weighting sgd``) has
+``B * w_i = 1`` on every row: the weight features carry nothing there (``threshold`` on
+``norm_weight`` would drop every sample). Whether the weights are informative is decided
+at fit time (:func:`informative_weights`: some row has ``|B * w_i - 1| >`` :data:`UNIFORM_TOLERANCE`),
+from the whole table's statistics when the caller passes them (``fit(weights_informative=...)``,
+as :class:`~raymimic.select.mimic.MimicFilter` does) or else from the fit table. Without
+informative weights a binarizer built without a feature uses :data:`UNIFORM_DEFAULT_FEATURE`
+(``step_z`` for every method; ``threshold`` then cuts at 0, above the step's mean score),
+and one asked explicitly for a weight feature raises ``ValueError``.
+
+The paper's own Stage-2 rule binarizes the weight ``w_i`` itself: ``threshold`` at ``1/B``
+(``B * w_i > 1``), GMM and k-means on ``w_i``: every method with feature
+:data:`PAPER_FEATURE` (``norm_weight``; ``B`` is fixed within a run, so the scale does not
+change any of the three). It needs informative weights.
 
 Degenerate input never yields a silent answer: empty tables, NaN or infinite values and
 samples with fewer than two distinct values raise ``ValueError`` saying what is wrong. A
@@ -39,7 +54,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,6 +64,15 @@ from raymimic.score_table import COLUMNS as SCORE_COLUMNS  # the Stage 1 score-t
 FEATURES = ("step_z", "log_norm_weight", "norm_weight", "score")
 METHODS = ("threshold", "kmeans", "gmm")
 DEFAULT_FEATURE = {"threshold": "norm_weight", "kmeans": "step_z", "gmm": "step_z"}
+"""Each method's feature when the table's weights are informative."""
+UNIFORM_DEFAULT_FEATURE = {"threshold": "step_z", "kmeans": "step_z", "gmm": "step_z"}
+"""Each method's feature when they are not (uniform weights, or no weight columns)."""
+WEIGHT_FEATURES = ("norm_weight", "log_norm_weight")
+"""Features computed from the weight ``w_i`` (meaningless under uniform weights)."""
+PAPER_FEATURE = "norm_weight"
+"""The paper's Stage-2 rule: every binarizer on the weight (threshold at 1/B, GMM and k-means on w_i)."""
+UNIFORM_TOLERANCE = 1e-5
+"""``|B * w_i - 1|`` at or below this counts as uniform (float32 rounding of ``1/B`` is below 1e-6)."""
 # Cut of `threshold` for each feature: "above uniform weight" / "above the step's mean".
 DEFAULT_CUT = {"norm_weight": 1.0, "log_norm_weight": 0.0, "step_z": 0.0}
 _FEATURE_COLUMNS = {
@@ -64,7 +88,8 @@ def _column(table: Any, name: str) -> np.ndarray:
         values = table[name]
     except (KeyError, IndexError) as exc:
         have = list(table.columns) if hasattr(table, "columns") else list(table)
-        raise ValueError(f"score table has no column {name!r} (columns: {have}); expected the Stage 1 score-table columns {list(SCORE_COLUMNS)}") from exc
+        raise ValueError(f"score table has no column {name!r} (columns: {have}); "
+                         f"expected the Stage 1 score-table columns {list(SCORE_COLUMNS)}") from exc
     return np.asarray(values)
 
 
@@ -73,6 +98,54 @@ def _length(table: Any) -> int:
         return len(table)
     first = next(iter(table.values()), None)
     return 0 if first is None else len(first)
+
+
+def weight_range(table: Any) -> tuple[float, float, int] | None:
+    """``(min, max, rows off uniform)`` of ``B * w_i`` over the finite rows of ``table``; None without weight columns.
+
+    "Off uniform": ``|B * w_i - 1| >`` :data:`UNIFORM_TOLERANCE`. Blocks of a table combine by
+    min, max and sum (:func:`combine_weight_ranges`).
+    """
+    have = list(table.columns) if hasattr(table, "columns") else list(table)
+    if "weight" not in have or "batch_size" not in have:
+        return None
+    norm = np.asarray(table["weight"], dtype=np.float64) * np.asarray(table["batch_size"], dtype=np.float64)
+    norm = norm[np.isfinite(norm)]
+    if len(norm) == 0:
+        return None
+    return float(norm.min()), float(norm.max()), int((np.abs(norm - 1.0) > UNIFORM_TOLERANCE).sum())
+
+
+def combine_weight_ranges(ranges) -> tuple[float, float, int] | None:
+    """:func:`weight_range` of several blocks combined into the whole table's; None if no block had weights."""
+    ranges = [r for r in ranges if r is not None]
+    if not ranges:
+        return None
+    return min(r[0] for r in ranges), max(r[1] for r in ranges), sum(r[2] for r in ranges)
+
+
+def informative_weights(table_or_range: Any) -> bool | None:
+    """Whether some row's ``B * w_i`` differs from 1 (beyond :data:`UNIFORM_TOLERANCE`); None without weight columns.
+
+    Takes a table or a :func:`weight_range` tuple (e.g. the whole table's, combined from blocks).
+    """
+    found = table_or_range if isinstance(table_or_range, tuple) or table_or_range is None else weight_range(table_or_range)
+    return None if found is None else found[2] > 0
+
+
+def default_feature(method: str, informative: bool | None = True) -> str:
+    """The feature ``method`` uses when none is asked for: :data:`DEFAULT_FEATURE` with informative weights,
+    :data:`UNIFORM_DEFAULT_FEATURE` without (uniform weights, or none)."""
+    if method not in DEFAULT_FEATURE:
+        raise ValueError(f"unknown binarizer {method!r}; choose one of {list(METHODS)}")
+    return (DEFAULT_FEATURE if informative else UNIFORM_DEFAULT_FEATURE)[method]
+
+
+def uniform_weight_error(feature: str, what: str = "") -> ValueError:
+    """The error for a weight feature asked of a table recorded under uniform weights."""
+    return ValueError(f"feature {feature!r}{what} needs informative weights, but the score table was recorded under uniform weights "
+                      f"(B * w_i = 1 on every row, e.g. Stage 1 with --weighting sgd): the weight says nothing about a sample there. "
+                      f"Use a score feature (step_z, score), or leave the feature unset to get step_z")
 
 
 def _check_finite(values: np.ndarray, what: str, table: Any = None) -> None:
@@ -85,7 +158,8 @@ def _check_finite(values: np.ndarray, what: str, table: Any = None) -> None:
                 where = f" (first at uid {uid!r})"
             except ValueError:
                 pass
-        raise ValueError(f"{int(bad.sum())} of {len(values)} {what} values are NaN or infinite{where}; drop or repair those rows before binarizing")
+        raise ValueError(f"{int(bad.sum())} of {len(values)} {what} values are NaN or infinite{where}; "
+                         "drop or repair those rows before binarizing")
 
 
 @dataclass
@@ -113,7 +187,7 @@ class StepStats:
         return out
 
     @classmethod
-    def from_partials(cls, partials: pd.DataFrame) -> "StepStats":
+    def from_partials(cls, partials: pd.DataFrame) -> StepStats:
         if len(partials) == 0:
             raise ValueError("cannot compute per-step statistics of an empty score table")
         p = partials.copy()
@@ -130,14 +204,15 @@ class StepStats:
         degenerate = (count < 2) | (std <= 1e-12 * np.maximum(1.0, np.abs(mean_values)))
         steps = totals.index.to_numpy().astype(np.int64)
         if degenerate.all():
-            raise ValueError(f"every step ({len(steps)}) has constant scores or a single row; the per-step standardised score (feature 'step_z') is undefined. Use feature='score' or 'norm_weight' for such a table")
+            raise ValueError(f"every step ({len(steps)}) has constant scores or a single row; the per-step standardised score "
+                             "(feature 'step_z') is undefined. Use feature='score' or 'norm_weight' for such a table")
         std = std.copy()
         std[degenerate] = float(np.median(std[~degenerate]))
         order = np.argsort(steps)
         return cls(steps[order], mean_values[order], std[order], count[order], [int(s) for s in steps[degenerate]])
 
     @classmethod
-    def from_table(cls, table: Any) -> "StepStats":
+    def from_table(cls, table: Any) -> StepStats:
         return cls.from_partials(cls.partials(table))
 
     def standardize(self, steps: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -146,11 +221,13 @@ class StepStats:
         index = np.clip(index, 0, len(self.steps) - 1)
         unknown = self.steps[index] != steps
         if unknown.any():
-            raise ValueError(f"step {int(steps[unknown][0])} is not in the per-step statistics (they cover {len(self.steps)} steps from {int(self.steps[0])} to {int(self.steps[-1])}); build StepStats from the whole score table")
+            raise ValueError(f"step {int(steps[unknown][0])} is not in the per-step statistics (they cover {len(self.steps)} steps "
+                             f"from {int(self.steps[0])} to {int(self.steps[-1])}); build StepStats from the whole score table")
         return (np.asarray(scores, dtype=np.float64) - self.mean[index]) / self.std[index]
 
     def summary(self) -> dict:
-        return {"n_steps": int(len(self.steps)), "degenerate_steps": self.degenerate_steps[:100], "n_degenerate_steps": len(self.degenerate_steps)}
+        return {"n_steps": int(len(self.steps)), "degenerate_steps": self.degenerate_steps[:100],
+                "n_degenerate_steps": len(self.degenerate_steps)}
 
 
 def compute_feature(table: Any, feature: str, step_stats: StepStats | None = None) -> np.ndarray:
@@ -175,7 +252,8 @@ def compute_feature(table: Any, feature: str, step_stats: StepStats | None = Non
     if feature == "norm_weight":
         return norm
     if (norm < 0).any():
-        raise ValueError(f"{int((norm < 0).sum())} rows have weight < 0; log_norm_weight needs softmax weights (>= 0). Use feature='step_z' for raw, unnormalised scores")
+        raise ValueError(f"{int((norm < 0).sum())} rows have weight < 0; log_norm_weight needs softmax weights (>= 0). "
+                         "Use feature='step_z' for raw, unnormalised scores")
     # float32 softmax weights of the lowest samples underflow to exactly 0: they sit at the
     # bottom of the scale, so clip them to the smallest positive float32 instead of -inf
     return np.log(np.maximum(norm, np.finfo(np.float32).tiny))
@@ -192,10 +270,11 @@ class Binarizer:
     method = "base"
 
     def __init__(self, feature: str | None = None, seed: int = 0):
-        feature = feature or DEFAULT_FEATURE[self.method]
-        if feature not in FEATURES:
+        if feature is not None and feature not in FEATURES:
             raise ValueError(f"unknown feature {feature!r} for {self.method}; choose one of {list(FEATURES)}")
-        self.feature = feature
+        self.requested_feature = feature  # None: chosen at fit time from what the table holds
+        self.feature = feature or DEFAULT_FEATURE[self.method]
+        self.weights_informative: bool | None = None
         self.seed = seed
         self.step_stats: StepStats | None = None
         self.fitted = False
@@ -207,9 +286,19 @@ class Binarizer:
             raise ValueError("binarizer with feature 'step_z' is not fitted: call fit() first (it records the per-step statistics)")
         return compute_feature(table, self.feature, stats)
 
-    def fit(self, table: Any, step_stats: StepStats | None = None) -> "Binarizer":
+    def fit(self, table: Any, step_stats: StepStats | None = None, weights_informative: bool | None = None) -> Binarizer:
+        """Fit on ``table``. ``weights_informative``: whether the whole table's weights are informative
+        (:func:`informative_weights`); by default decided from ``table`` itself. It picks the default
+        feature and refuses an explicit weight feature on uniform weights."""
         if _length(table) == 0:
             raise ValueError(f"cannot fit the {self.method} binarizer on an empty score table")
+        if weights_informative is None:
+            weights_informative = informative_weights(table)
+        self.weights_informative = weights_informative
+        if self.requested_feature is None:
+            self._set_feature(default_feature(self.method, weights_informative))
+        elif self.requested_feature in WEIGHT_FEATURES and weights_informative is False:
+            raise uniform_weight_error(self.requested_feature, f" ({self.method})")
         if self.feature == "step_z":
             self.step_stats = step_stats if step_stats is not None else StepStats.from_table(table)
         values = self.feature_values(table)
@@ -217,6 +306,9 @@ class Binarizer:
         self.n_fit = int(len(values))
         self.fitted = True
         return self
+
+    def _set_feature(self, feature: str) -> None:
+        self.feature = feature
 
     def keep(self, table: Any) -> np.ndarray:
         if not self.fitted:
@@ -238,7 +330,8 @@ class Binarizer:
 
     def params(self) -> dict:
         """JSON-friendly description: method, feature, fitted parameters, boundary."""
-        out = {"method": self.method, "feature": self.feature, "boundary": _plain(self.boundary), "n_fit": self.n_fit, "seed": self.seed}
+        out = {"method": self.method, "feature": self.feature, "boundary": _plain(self.boundary), "n_fit": self.n_fit, "seed": self.seed,
+               "feature_requested": self.requested_feature, "weights_informative": self.weights_informative}
         if self.step_stats is not None:
             out["step_stats"] = self.step_stats.summary()
         return out
@@ -247,7 +340,8 @@ class Binarizer:
 def _require_two_values(values: np.ndarray, method: str) -> None:
     _check_finite(values, "feature")
     if len(values) < 2 or np.unique(values).size < 2:
-        raise ValueError(f"{method} needs at least 2 distinct values to split in two; the fit sample has {len(values)} rows and {np.unique(values).size} distinct value(s). Use method 'threshold' or a larger sample")
+        raise ValueError(f"{method} needs at least 2 distinct values to split in two; the fit sample has {len(values)} rows and "
+                         f"{np.unique(values).size} distinct value(s). Use method 'threshold' or a larger sample")
 
 
 class ThresholdBinarizer(Binarizer):
@@ -260,10 +354,15 @@ class ThresholdBinarizer(Binarizer):
         if cut is None:
             if self.feature not in DEFAULT_CUT:
                 raise ValueError(f"threshold on feature {self.feature!r} needs an explicit cut (defaults exist for {list(DEFAULT_CUT)})")
-            cut = DEFAULT_CUT[self.feature]
-        if not math.isfinite(cut):
+        elif not math.isfinite(cut):
             raise ValueError(f"threshold cut must be a finite number, got {cut!r}")
-        self.boundary = float(cut)
+        self.cut = cut  # None: the feature's default cut
+        self.boundary = float(DEFAULT_CUT[self.feature] if cut is None else cut)
+
+    def _set_feature(self, feature: str) -> None:
+        super()._set_feature(feature)
+        if self.cut is None:  # the default cut goes with the feature (B*w > 1, step_z > 0)
+            self.boundary = float(DEFAULT_CUT[feature])
 
     def _fit_values(self, values: np.ndarray) -> None:
         _check_finite(values, "feature")  # nothing to learn; validate the input only
@@ -328,11 +427,13 @@ class GMMBinarizer(Binarizer):
     def posterior_high(self, values: np.ndarray) -> np.ndarray:
         """Posterior probability of the higher-mean component for each value."""
         values = np.asarray(values, dtype=np.float64)
-        log_p = [np.log(w) - 0.5 * np.log(2 * np.pi * v) - (values - m) ** 2 / (2 * v) for m, v, w in zip(self.means, self.variances, self.weights)]
+        log_p = [np.log(w) - 0.5 * np.log(2 * np.pi * v) - (values - m) ** 2 / (2 * v)
+                 for m, v, w in zip(self.means, self.variances, self.weights)]
         return 1.0 / (1.0 + np.exp(np.clip(log_p[0] - log_p[1], -700, 700)))
 
     def params(self) -> dict:
-        return {**super().params(), "means": _plain(self.means), "variances": _plain(self.variances), "weights": _plain(self.weights), "bic_1_component": _plain(self.bic_1), "bic_2_components": _plain(self.bic_2)}
+        return {**super().params(), "means": _plain(self.means), "variances": _plain(self.variances), "weights": _plain(self.weights),
+                "bic_1_component": _plain(self.bic_1), "bic_2_components": _plain(self.bic_2)}
 
 
 def _posterior_crossing(means: np.ndarray, variances: np.ndarray, weights: np.ndarray) -> float:

@@ -8,15 +8,14 @@ the size of the pool.
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import fsspec
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymimic.select.quality import QualityAccumulator
 from raymimic.data.uids import uid_pairs, write_subset_pairs
+from raymimic.select.quality import QualityAccumulator
 
 
 def _scalar_columns(schema, wanted: Sequence[str] | None) -> list[str]:

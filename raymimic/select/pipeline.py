@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from raymimic.select.binarize import FEATURES
 from raymimic.select.ensemble import check_rule
-from raymimic.select.mimic import MIMIC_METHODS, MimicFilter
+from raymimic.select.mimic import MIMIC_METHODS, MimicFilter, check_feature_choice, check_truth, resolve_score_column
 from raymimic.select.output import write_outputs
 from raymimic.select.stages import keep_where
 
@@ -40,6 +40,10 @@ class FilterConfig:
     basic: bool = False  # with a pool: also apply DataComp basic filtering
     language_model: str | None = None  # fastText language-id model for basic's English check
     report: bool = False  # also write report.md with histograms
+    # the column in the raw score's role: score, score_<name> or a bare control name (zero -> score_zero)
+    score_column: str = "score"
+    paper_rule: bool = False  # the paper's Stage-2 rule: every binarizer on w_i (threshold B*w > 1, GMM/k-means on B*w)
+    ground_truth: str | None = None  # parquet with uid and boolean is_noisy: ROC-AUC, F1 and the reference lift in summary.json
 
     def __post_init__(self):
         for name in ("scores", "output"):
@@ -49,6 +53,8 @@ class FilterConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(MIMIC_METHODS)}")
         if self.feature is not None and self.feature not in FEATURES:
             raise ValueError(f"unknown feature {self.feature!r}; choose one of {list(FEATURES)}")
+        self.score_column = resolve_score_column(self.score_column)
+        check_feature_choice(self.method, self.feature, self.score_column, self.paper_rule)
         self.rule = check_rule(self.rule)
         if self.method == "top-fraction" and not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1] for top-fraction, got {self.fraction}")
@@ -74,8 +80,13 @@ def run_filter(cfg: FilterConfig) -> dict:
     """Run Stage 2 end to end and return the summary written to ``cfg.output/summary.json``."""
     started = time.time()
     scores, output, pool, method = cfg.scores, cfg.output, cfg.pool, cfg.method
+    truth = read_ground_truth(cfg.ground_truth) if cfg.ground_truth else None  # read first: a bad file fails before any work
     mimic = MimicFilter(scores, method=method, fraction=cfg.fraction, feature=cfg.feature, rule=cfg.rule, fit_sample=cfg.fit_sample,
-                        seed=cfg.seed, nan=cfg.nan, duplicates=cfg.duplicates, missing=cfg.unscored, drop=False).fit()
+                        seed=cfg.seed, nan=cfg.nan, duplicates=cfg.duplicates, missing=cfg.unscored, drop=False,
+                        score_column=cfg.score_column, paper_rule=cfg.paper_rule, lift=True if truth is not None else None).fit()
+    lift = mimic.reference_lift(truth)
+    if lift is not None and cfg.ground_truth:
+        lift["ground_truth_path"] = cfg.ground_truth
     stages = [mimic]
     if pool is None:
         decisions = mimic.decisions.rename_columns({"mimic_keep": "keep"})
@@ -84,10 +95,10 @@ def run_filter(cfg: FilterConfig) -> dict:
         decisions, stages, extra = _with_pool(mimic, pool, cfg.clip_top, cfg.min_clip_score, cfg.clip_column, cfg.basic, cfg.language_model)
     per_method = [f"keep_{m}" for m in mimic.methods]
     columns = ["uid", "mimic_score", "mean_norm_weight", "mean_raw_score", "n_obs", *per_method, "mimic_keep", "mimic_scored",
-               "clip_score", "clip_keep", "basic_keep", "keep"]
+               "clip_score", "clip_keep", "basic_keep", "keep", *mimic.lift_value_columns]
     summary = {
-        "method": method, "stages": [s.params() for s in stages], "mimic": mimic.stats,
-        "scores": scores, "pool": pool, **extra,
+        "method": method, "score_column": mimic.score_column, "stages": [s.params() for s in stages], "mimic": mimic.stats,
+        "scores": scores, "pool": pool, **extra, "lift": lift,
     }
     summary = write_outputs(decisions, output, keep_column="keep", quality_column="mean_raw_score", columns=columns, summary=summary)
     summary["seconds"] = round(time.time() - started, 2)
@@ -98,6 +109,19 @@ def run_filter(cfg: FilterConfig) -> dict:
         summary["files"]["report.md"] = write_report(output, summary=summary)
     _rewrite_summary(output, summary)
     return summary
+
+
+def read_ground_truth(path: str):
+    """The ground-truth parquet (``uid``, boolean ``is_noisy``; e.g. a toy pool's ``ground_truth.parquet``) as a checked frame."""
+    import fsspec
+    import pandas as pd
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            frame = pd.read_parquet(f)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"ground truth {path!r} does not exist (a parquet file with uid and a boolean is_noisy)") from err
+    return check_truth(frame, f"ground truth {path}")
 
 
 def _with_pool(mimic: MimicFilter, pool: str, clip_top, min_clip_score, clip_column, basic, language_model):

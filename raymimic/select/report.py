@@ -1,8 +1,9 @@
-"""Stage 2 report: per-epoch score histograms with the fitted mixture, counts, quality.
+"""Stage 2 report: per-epoch score histograms with the fitted mixture, counts, quality, reference lift.
 
 Reads only the filter's output directory (``summary.json`` and ``fit_sample.parquet``, the
 random sample the binarizers were fitted on), so it runs without Ray, anywhere the output
-can be read. Writes ``report.md`` and one PNG per binarizer feature.
+can be read. Writes ``report.md`` and one PNG per binarizer feature. :func:`lift_lines`
+renders the reference-lift table (``summary["lift"]``) for this report and the quickstart's.
 """
 from __future__ import annotations
 
@@ -59,6 +60,65 @@ def _histogram_png(sample: pd.DataFrame, feature: str, fits: dict) -> bytes:
     return buffer.getvalue()
 
 
+NO_CONTROLS = "No control columns recorded (`score_<name>` in the score table): no reference lift to show."
+
+
+def _number(value, fmt: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def lift_lines(lift: dict | None, heading: str = "##") -> list[str]:
+    """Markdown lines of the reference-lift section for ``summary["lift"]`` (None: one sentence, no table)."""
+    from raymimic.select.quality import LIFT_DEFINITIONS
+
+    lines = [f"{heading} Reference lift", ""]
+    if not lift or len(lift.get("columns", {})) < 2 and not lift.get("ground_truth"):
+        return lines + [NO_CONTROLS]
+    truth = lift.get("ground_truth")
+    head = ["score column", "kind", "uids", "Spearman vs score_zero", f"Spearman vs {lift['filter_column']}",
+            "overlap with filter's kept", "overlap with score_zero's top k"]
+    if truth:
+        head += ["AUC (noisy -> drop)", "AUC either sign", "F1 at the same kept fraction"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for column, row in lift["columns"].items():
+        name = f"**`{column}`** (filter)" if column == lift["filter_column"] else f"`{column}`"
+        cells = [name, row["kind"], str(row["uids"]), _number(row["spearman_zero"]), _number(row["spearman_filter"]),
+                 _number(row["overlap_filter"]), _number(row["overlap_zero"])]
+        if truth:
+            cells += [_number(row.get("auc")), _number(row.get("auc_either_sign")), _number(row.get("f1"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if truth and lift.get("reference_lift") is not None:
+        lines.append(f"**Reference lift: {lift['reference_lift']:+.3f}** (AUC of `score` {lift['reference_auc']:.3f} minus the best "
+                     f"control `{lift['best_control']}`, {lift['best_control_auc_either_sign']:.3f} either sign; "
+                     f"by F1 at the same kept fraction: {_number(lift.get('reference_lift_f1'), '+.3f')}).")
+        lines.append("")
+    if lift.get("verdict"):
+        verdict = lift["verdict"]
+        lines.append(f"**In words:** {verdict}{'' if verdict.endswith('.') else '.'}")
+    sampled = (f"a seeded sample of {lift['n_uids_sampled']} of {lift['n_uids_total']} uids (at most {lift['max_uids']}, seed "
+               f"{lift['sample_seed']})" if lift.get("sampled") else f"all {lift.get('n_uids_total', lift['n_uids'])} uids")
+    lines += ["", f"Computed on the per-uid decisions of {sampled}, k = {lift['n_kept']} kept of {lift['n_uids']} "
+                  f"(fraction {_number(lift.get('fraction_kept'))})"
+              + (f"; {lift.get('n_matched_uids')} uids matched the ground truth, {lift.get('n_sampled_uids_without_truth')} "
+                 "had none and are left out" if truth and "n_matched_uids" in lift else "") + "."]
+    if truth and lift.get("filter_detection"):
+        det = lift["filter_detection"]
+        lines.append(f"The filter's own decisions against the ground truth: precision {det['precision']:.3f}, recall "
+                     f"{det['recall']:.3f}, F1 {det['f1']:.3f} ({det['n_dropped']} dropped, {det['n_noisy']} noisy).")
+    if lift.get("skipped"):
+        lines.append(f"Left out (no per-step standardisation possible): {json.dumps(lift['skipped'])}.")
+    shown = ["uids", "spearman_zero", "spearman_filter", "overlap_filter", "overlap_zero"]
+    if truth:
+        shown += ["auc", "auc_either_sign", "f1", "reference_lift", "reference_lift_f1"]
+    lines += ["", "Every column is the per-uid mean of that score column's per-step standardised value (step_z); higher = keep. "
+                  "Kinds: controls (zero, init, random) carry no knowledge of the reference; reference variants (fixed, current) "
+                  "are derived from it; baselines (loss, ref_loss, rho, ref_clipscore) are other selection scores; any other name is "
+                  "another reference. Definitions:", ""]
+    lines += [f"- `{key}`: {LIFT_DEFINITIONS[key]}" for key in shown]
+    return lines
+
+
 def write_report(output: str, summary: dict | None = None) -> str:
     """Write ``output/report.md`` (+ PNGs) from a filter's output directory; return its path."""
     root = output.rstrip("/")
@@ -79,16 +139,27 @@ def write_report(output: str, summary: dict | None = None) -> str:
              f"- kept: {kept} ({100 * summary.get('fraction_kept', 0):.2f}%), dropped: {None if n is None else n - kept}"]
     mimic = next((s for s in summary.get("stages", []) if s.get("stage") == "MimicFilter"), {})
     stats = summary.get("mimic", {})
-    lines.append(f"- score rows: {stats.get('n_rows')}, NaN rows dropped: {stats.get('n_nan_rows')}, duplicate (uid, step) rows: {stats.get('n_duplicate_rows')}")
+    lines.append(f"- score rows: {stats.get('n_rows')}, NaN rows dropped: {stats.get('n_nan_rows')}, "
+                 f"duplicate (uid, step) rows: {stats.get('n_duplicate_rows')}")
     if mimic:
         lines.append(f"- vote rule: `{mimic.get('rule')}`, fit sample: {mimic.get('fit_sample')} rows requested")
+        weights = stats.get("weights") or {}
+        said = {True: "informative", False: "uniform (B*w = 1 on every row: weight features unavailable)"}.get(weights.get("informative"))
+        chosen = mimic.get("features") or {m: params.get("feature") for m, params in fits.items()}  # older summaries: from the fits
+        features = ", ".join(f"{m}: `{f}`" for m, f in chosen.items()) or "none (top-fraction ranks the score)"
+        lines.append(f"- score column: `{mimic.get('score_column', 'score')}`; binarizer features: {features}"
+                     + (" (the paper's rule: every binarizer on w_i)" if mimic.get("paper_rule") else "")
+                     + (f"; weights: {said}" if said else ""))
     if summary.get("pool_counts"):
         lines.append(f"- pool: {json.dumps(summary['pool_counts'])}")
     quality = summary.get("quality") or {}
     if quality:
-        lines += ["", "## Quality estimate", "", "| fraction kept | mean score | mean score kept | mean score dropped |", "|---|---|---|---|",
-                  f"| {quality['fraction_kept']:.4f} | {quality['mean_score']:.4g} | {quality['mean_score_kept']} | {quality['mean_score_dropped']} |",
+        lines += ["", "## Quality estimate", "", "| fraction kept | mean score | mean score kept | mean score dropped |",
+                  "|---|---|---|---|",
+                  f"| {quality['fraction_kept']:.4f} | {quality['mean_score']:.4g} | {quality['mean_score_kept']} "
+                  f"| {quality['mean_score_dropped']} |",
                   "", f"(score column: `{quality.get('score_column')}`)"]
+    lines += [""] + lift_lines(summary.get("lift"))
     lines += ["", "## Fitted binarizers", ""]
     for name, params in fits.items():
         shown = {k: v for k, v in params.items() if k not in ("step_stats",)}

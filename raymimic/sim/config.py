@@ -22,6 +22,12 @@ def _all_methods() -> tuple[str, ...]:
     return tuple(WEIGHTINGS)
 
 
+def _all_controls() -> tuple[str, ...]:
+    from raymimic.sim.controls import CONTROLS
+
+    return tuple(CONTROLS)
+
+
 @dataclass
 class SimConfig:
     """Everything one simulation needs: data, noise, methods, the per-run training, outputs."""
@@ -35,6 +41,9 @@ class SimConfig:
     seed: int = 0  # split, noise, model initialisation and batch order
     # methods compared: names of raymimic.mimic.weighting.WEIGHTINGS; default every one of them
     methods: tuple[str, ...] = field(default_factory=_all_methods)
+    # Grad-Mimic is also run with these control references in place of the clean one (raymimic.sim.controls.CONTROLS:
+    # zero, init, random, noisy); only when grad-mimic is among the methods; () = none
+    controls: tuple[str, ...] = field(default_factory=_all_controls)
     # training of every run and of the reference (raymimic.sim.train.TrainConfig)
     model: str = "probe"  # probe (frozen random features + trainable head), linear or mlp (raymimic.sim.train.MODELS)
     hidden: int = 256  # width of the encoder's feature map for probe/mlp
@@ -46,6 +55,7 @@ class SimConfig:
     score_kind: str = "proj"  # proj or cos (raymimic.train.config.SCORE_KINDS)
     reweight_all: bool = False  # re-weight every layer's gradient, not only the head's
     # detection and outputs
+    eval_every: int = 5  # test accuracy every this many steps: the steps each run needs to reach SGD's final accuracy
     vote_rule: str | float = "majority"  # ensemble rule over epochs and binarizers: majority, all, any or a fraction in (0, 1]
     threads: int = 1  # torch CPU threads while it runs (the models are tiny)
     output: str = "simulation-results"  # folder for results.json and results.md
@@ -54,6 +64,7 @@ class SimConfig:
     def __post_init__(self):
         from raymimic.mimic.weighting import WEIGHTINGS
         from raymimic.select.ensemble import check_rule
+        from raymimic.sim.controls import CONTROLS
         from raymimic.sim.data import DATASETS
         from raymimic.sim.train import MODELS
         from raymimic.train.config import SCORE_KINDS
@@ -81,9 +92,19 @@ class SimConfig:
         unknown = [m for m in self.methods if m not in WEIGHTINGS]
         if unknown:
             raise ValueError(f"methods: unknown {unknown}; choose from {list(WEIGHTINGS)}")
+        if isinstance(self.controls, str):
+            self.controls = (self.controls,)
+        self.controls = tuple(self.controls)
+        if self.controls == ("none",):
+            self.controls = ()
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        if unknown:
+            raise ValueError(f"controls: unknown {unknown}; choose from {list(CONTROLS)} (or none)")
+        if len(set(self.controls)) != len(self.controls):
+            raise ValueError(f"controls: {list(self.controls)} names a control twice")
         if self.model not in MODELS:
             raise ValueError(f"model {self.model!r} is not one of {list(MODELS)}")
-        for name in ("hidden", "epochs", "batch_size", "threads"):
+        for name in ("hidden", "epochs", "batch_size", "threads", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("lr", "tau"):
@@ -105,7 +126,7 @@ class SimConfig:
 
         return TrainConfig(model=self.model, hidden=self.hidden, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                            batch_size=self.batch_size, tau=self.tau, score_kind=self.score_kind, reweight_all=self.reweight_all,
-                           seed=self.seed)
+                           seed=self.seed, eval_every=self.eval_every)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,7 +150,7 @@ def run_simulation(cfg: SimConfig, log: Callable[[str], None] | None = None) -> 
         return simulate(
             dataset=cfg.dataset, data_dir=cfg.data_dir, noise_levels=list(cfg.noise_levels), methods=list(cfg.methods),
             config=cfg.train_config(), output_dir=cfg.output, max_train=cfg.max_train, max_test=cfg.max_test,
-            vote_rule=cfg.vote_rule, save_scores=cfg.save_scores, log=log,
+            vote_rule=cfg.vote_rule, save_scores=cfg.save_scores, log=log, controls=list(cfg.controls),
         )
     finally:
         torch.set_num_threads(previous_threads)  # callers in the same process keep their setting

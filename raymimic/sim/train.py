@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,7 @@ class TrainConfig:
     reweight_all: bool = False
     seed: int = 0
     weighting_params: dict = field(default_factory=dict)
+    eval_every: int = 0  # test accuracy every this many steps (RunResult.curve); 0 = only at the start and the end
 
 
 class Classifier(nn.Module):
@@ -95,6 +97,8 @@ class RunResult:
     # plus method_stat (see method_statistic)
     rows: pd.DataFrame
     model: nn.Module
+    # (optimizer steps taken, test accuracy): step 0, every eval_every steps and the last step
+    curve: list[tuple[int, float]] = field(default_factory=list)
 
 
 def build_model(data: SimData, config: TrainConfig) -> Classifier:
@@ -118,8 +122,16 @@ def train_run(
     method: str,
     config: TrainConfig,
     reference: nn.Module | None,
+    observe: Callable[[int, nn.Module, torch.Tensor | None], None] | None = None,
 ) -> RunResult:
-    """Train a fresh model on ``labels`` with weighting ``method``; record every sample's weight."""
+    """Train a fresh model on ``labels`` with weighting ``method``; record every sample's weight.
+
+    ``reference``: the model whose head weight is ``W_ref`` (the clean reference, or a control's).
+    ``observe(step, model, direction)``, if given, is called at every step after the backward
+    pass and before the optimizer step, with ``direction`` = ``V = W_ref - W_t`` (None without a
+    reference). The test accuracy is evaluated every ``config.eval_every`` steps (``curve``);
+    evaluating changes nothing in the training.
+    """
     weighting = make_weighting(method, tau=config.tau, **config.weighting_params)
     needs = set(weighting.needs)
     if reference is None and needs & {"mimic", "ref_loss"}:
@@ -134,6 +146,7 @@ def train_run(
     n = len(labels)
     uids = np.array(data.uids())
     frames: list[pd.DataFrame] = []
+    curve = [(0, accuracy(model, data.x_test, data.y_test))]
     step = 0
     for epoch in range(config.epochs):
         order = torch.randperm(n, generator=order_gen)
@@ -157,6 +170,8 @@ def train_run(
                 align_with=lambda: _next_batch_grad(model, data, labels, batches, b),
             )
             weights, _ = batch_weights(weighting, stats)
+            if observe is not None:
+                observe(step, model, direction)
             if config.reweight_all:
                 reweighted_loss_backward(losses, weights)  # sum_i w_i dl_i/dtheta = sum_i w_i g_i
             else:
@@ -164,13 +179,19 @@ def train_run(
             optimizer.step()
             frames.append(_rows(uids[idx.numpy()], step, epoch, stats["mimic"], weights, size, method_statistic(needs, stats, weights)))
             step += 1
+            if config.eval_every and step % config.eval_every == 0:
+                curve.append((step, accuracy(model, data.x_test, data.y_test)))
     rows = pd.concat(frames, ignore_index=True)
+    test_accuracy = accuracy(model, data.x_test, data.y_test)
+    if curve[-1][0] != step:
+        curve.append((step, test_accuracy))
     return RunResult(
         method=method,
-        test_accuracy=accuracy(model, data.x_test, data.y_test),
+        test_accuracy=test_accuracy,
         train_accuracy_clean=accuracy(model, data.x_train, data.y_train),
         rows=rows,
         model=model,
+        curve=curve,
     )
 
 

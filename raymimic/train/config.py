@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 
 # DataComp's scales (samples seen = pool size). ``tiny`` and ``toy`` are raymimic's own.
@@ -26,6 +27,96 @@ PRECISIONS = ("auto", "fp32", "amp_bf16")
 SCORE_KINDS = ("proj", "cos")  # proj: <-g_i, V>/||V||; cos: also divided by ||g_i||
 DEFAULT_TAU = 0.05  # softmax temperature of the weights (the paper's choice at small scale)
 DEFAULT_MIMIC_LAYER = "image-mlp"  # the image tower's last MLP c_proj (an alias of raymimic.clip.layers.ALIASES)
+DIRECTIONS = ("current", "fixed")  # the primary score's V: W_ref - W_t every step (the paper), or W_ref - W_0
+# control directions recorded beside the score (raymimic.mimic.controls has the maths; same names)
+BUILTIN_CONTROLS = ("zero", "init", "random", "fixed", "current")
+DEFAULT_CONTROLS = ("zero", "fixed")  # what every scoring run records unless told otherwise
+_NEED_REFERENCE = ("random", "fixed", "current")  # controls built from W_ref
+# per-sample baseline scores a run records on request (each column score_<name>; higher = more likely kept)
+BASELINES = ("loss", "ref_loss", "rho", "ref_clipscore")
+_NAME = re.compile(r"[a-z0-9_]+")
+
+
+def _names(value, what: str) -> list[str]:
+    """A list of names from a list/tuple or a comma-separated string (``""`` and ``"none"``: no names)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",")]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} must be a list of names or a comma-separated string, got {value!r}")
+    return list(value)
+
+
+def parse_control(entry: str) -> tuple[str, str | None]:
+    """``"zero"`` -> ``("zero", None)``; ``"NAME=SPEC"`` (another reference) -> ``(NAME, SPEC)``."""
+    name, sep, spec = entry.partition("=")
+    name, spec = name.strip(), spec.strip()
+    if not sep:
+        if name not in BUILTIN_CONTROLS:
+            raise ValueError(f"unknown control {entry!r}: use one of {', '.join(BUILTIN_CONTROLS)}, or NAME=SPEC for another "
+                             "reference (SPEC as --reference takes: MODEL:TAG, tag, path or URI)")
+        return name, None
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"control {entry!r}: the name {name!r} must match [a-z0-9_]+ (its column is score_<name>)")
+    if name in BUILTIN_CONTROLS or name in BASELINES or name == "none":
+        raise ValueError(f"control {entry!r}: the name {name!r} is taken (built-in controls {', '.join(BUILTIN_CONTROLS)}; "
+                         f"baselines {', '.join(BASELINES)}); pick another NAME")
+    if not spec:
+        raise ValueError(f"control {entry!r}: give the other reference after '=' (MODEL:TAG, tag, path or URI)")
+    return name, spec
+
+
+def resolve_controls(controls, *, reference: bool, direction: str = "current", score_only: bool = False) -> list[str]:
+    """The validated control list of a run (entries as given, ``NAME=SPEC`` kept whole).
+
+    * the default set (:data:`DEFAULT_CONTROLS`) adapts: without a reference it is empty (no score,
+      nothing to control), and a control identical to the primary score is dropped from it
+      (``fixed`` under ``direction="fixed"`` and in the score-only pass);
+    * an explicit set is refused where an entry needs the reference and there is none (``random``,
+      ``fixed``, ``current``), where it equals the primary score (``current`` under
+      ``direction="current"``, ``fixed`` under ``direction="fixed"``; ``fixed``/``current`` in the
+      score-only pass) or is degenerate (``init`` in the score-only pass: ``W_0`` is the scored
+      checkpoint, so ``W_0 - W_t = 0``), and for unknown controls, bad names and duplicates.
+    """
+    entries = _names(controls, "controls")
+    parsed = [parse_control(e) for e in entries]
+    names = [n for n, _ in parsed]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"controls {entries} name {duplicates} more than once (each becomes one column score_<name>)")
+    same_as_primary = {"current", "fixed"} if score_only else {direction}
+    if tuple(entries) == DEFAULT_CONTROLS:
+        if not reference:
+            return []
+        return [e for e in entries if e not in same_as_primary]
+    for name, spec in parsed:
+        if spec is not None:
+            continue
+        if not reference and name in _NEED_REFERENCE:
+            raise ValueError(f"control {name!r} needs a reference model (--reference); without one only zero, init and "
+                             "NAME=SPEC can be recorded")
+        if name in same_as_primary:
+            what = "the score-only pass scores against W_ref - W_ckpt" if score_only else f"--direction is {direction}"
+            raise ValueError(f"control {name!r} would repeat the primary score ({what}); leave it out")
+        if score_only and name == "init":
+            raise ValueError("control 'init' is degenerate in the score-only pass: W_0 is the scored checkpoint, so "
+                             "W_0 - W_ckpt = 0; use zero or random")
+    return entries
+
+
+def resolve_baselines(baselines, *, reference: bool) -> list[str]:
+    """The validated baseline list: names from :data:`BASELINES`, once each; all but ``loss`` need a reference."""
+    names = _names(baselines, "baselines")
+    for name in names:
+        if name not in BASELINES:
+            raise ValueError(f"unknown baseline {name!r}: use one of {', '.join(BASELINES)}")
+        if not reference and name != "loss":
+            raise ValueError(f"baseline {name!r} needs a reference model (--reference): it runs the reference forward")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"baselines {names} name {duplicates} more than once")
+    return names
 
 
 def _to_json(config) -> str:
@@ -47,6 +138,10 @@ class TrainConfig:
     tau: float = DEFAULT_TAU
     score_kind: str = "proj"
     reweight_all: bool = False  # re-weight every layer's gradient, not only the mimic layer's
+    direction: str = "current"  # the primary score's V: current = W_ref - W_t (the paper), fixed = W_ref - W_0
+    # control directions, one column score_<name> each (zero, init, random, fixed, current, NAME=SPEC); see resolve_controls
+    controls: list[str] = field(default_factory=lambda: list(DEFAULT_CONTROLS))
+    baselines: list[str] = field(default_factory=list)  # loss, ref_loss, rho, ref_clipscore: columns score_<name>
     samples_seen: int = 12_800_000
     global_batch: int = 4096
     lr: float = 5e-4
@@ -118,6 +213,12 @@ class TrainConfig:
             raise ValueError(f"need 1 <= min_workers <= max_workers, got {self.min_workers} and {self.max_workers}")
         if self.reference is None and self.weighting in ("grad-mimic", "rho"):
             raise ValueError(f"weighting {self.weighting!r} needs a reference model (--reference)")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction {self.direction!r} is not one of {DIRECTIONS}")
+        if self.direction == "fixed" and self.reference is None:
+            raise ValueError("direction 'fixed' (W_ref - W_0) needs a reference model (--reference)")
+        self.controls = resolve_controls(self.controls, reference=self.reference is not None, direction=self.direction)
+        self.baselines = resolve_baselines(self.baselines, reference=self.reference is not None)
 
     @property
     def total_steps(self) -> int:
@@ -166,6 +267,9 @@ class ScoreConfig:
     mimic_layer: str = DEFAULT_MIMIC_LAYER
     score_kind: str = "proj"
     tau: float = DEFAULT_TAU  # temperature of the weight column (softmax over each scoring batch)
+    # control directions (zero, random, NAME=SPEC; init, fixed and current are refused here, see resolve_controls)
+    controls: list[str] = field(default_factory=lambda: list(DEFAULT_CONTROLS))
+    baselines: list[str] = field(default_factory=list)  # loss, ref_loss, rho, ref_clipscore
     batch_size: int = 256  # scoring batch: the contrastive loss runs over it
     actors: int = 1
     use_gpu: bool = False
@@ -181,6 +285,8 @@ class ScoreConfig:
             raise ValueError(f"tau (the softmax temperature) must be > 0, got {self.tau}")
         if self.batch_size < 1 or self.actors < 1:
             raise ValueError(f"batch_size and actors must be >= 1, got {self.batch_size} and {self.actors}")
+        self.controls = resolve_controls(self.controls, reference=True, score_only=True)
+        self.baselines = resolve_baselines(self.baselines, reference=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -73,7 +73,8 @@ class _Worker:
         import ray.train
         import ray.train.torch
 
-        from raymimic.clip import create_model
+        from raymimic.clip import create_model, resolve_mimic_layer
+        from raymimic.mimic import get_parameter
         from raymimic.train.step import build_mimic_step, world
 
         self.cfg = cfg
@@ -86,16 +87,21 @@ class _Worker:
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.optimizer = build_optimizer(model, cfg)
+        # W_0 of the mimic layer (the init/fixed controls, direction fixed): this run's step 0, kept in checkpoints
+        initial = get_parameter(model, resolve_mimic_layer(model, cfg.mimic_layer)).detach().float().clone()
         self.state, previous_grad = TrainState(world_size=self.world_size), None
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
-                self.state, previous_grad = load_train_checkpoint(directory, model, self.optimizer, self.device)
+                self.state, previous_grad, saved_initial = load_train_checkpoint(directory, model, self.optimizer, self.device)
+            if saved_initial is not None:
+                initial = saved_initial
 
         self.step_fn, _ = build_mimic_step(
             model, cfg.model, mimic_layer=cfg.mimic_layer, reference=cfg.reference, weighting=cfg.weighting, tau=cfg.tau,
             score_kind=cfg.score_kind, reweight_all=cfg.reweight_all, device=self.device, autocast=autocast_for(cfg, self.device),
-            wrap=ray.train.torch.prepare_model,
+            wrap=ray.train.torch.prepare_model, direction=cfg.direction, controls=cfg.controls, baselines=cfg.baselines,
+            initial_weight=initial, seed=cfg.seed,
         )
         self.unwrapped = model
         self.step_fn.previous_mean_grad = previous_grad
@@ -105,7 +111,7 @@ class _Worker:
             discard_from_step(cfg.scores_dir, self.state.step)
         if self.world_size > 1:
             torch.distributed.barrier()
-        self.writer = ScoreTableWriter(cfg.scores_dir, self.rank)
+        self.writer = ScoreTableWriter(cfg.scores_dir, self.rank, controls=self.step_fn.extra_names)
 
     # -- one optimizer update --------------------------------------------------------
     def train_step(self, batch: dict) -> dict:
@@ -123,6 +129,7 @@ class _Worker:
         self.writer.add(
             [str(u) for u in batch["uid"]], state.step, state.epoch,
             result.local_scores.float().cpu().numpy(), result.local_weights.float().cpu().numpy(), result.global_batch,
+            extra={column: values.float().cpu().numpy() for column, values in result.local_extra.items()},
         )
         state.step += 1
         state.batches_in_epoch += 1
@@ -135,8 +142,10 @@ class _Worker:
         self.state.world_size = self.world_size
         if self.rank == 0:
             directory = tempfile.mkdtemp(prefix="raymimic-ckpt-")
-            save_train_checkpoint(directory, self.unwrapped, self.cfg.model, self.optimizer, self.state, self.step_fn.previous_mean_grad)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=f"checkpoint_step_{self.state.step:010d}")
+            save_train_checkpoint(directory, self.unwrapped, self.cfg.model, self.optimizer, self.state, self.step_fn.previous_mean_grad,
+                                  initial_weight=self.step_fn.initial_weight)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"checkpoint_step_{self.state.step:010d}")
             shutil.rmtree(directory, ignore_errors=True)
         else:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=f"checkpoint_step_{self.state.step:010d}")

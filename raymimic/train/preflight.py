@@ -285,7 +285,7 @@ class ClusterView:
     autoscaling: bool = False
 
     @classmethod
-    def single_node(cls, resources: dict[str, float]) -> "ClusterView":
+    def single_node(cls, resources: dict[str, float]) -> ClusterView:
         return cls(nodes=[dict(resources)])
 
     @property
@@ -325,18 +325,15 @@ def _autoscaler_running() -> bool:
     from ray.experimental.internal_kv import _internal_kv_get
 
     try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        if is_autoscaler_v2(fetch_from_server=True):  # opt-in (RAY_enable_autoscaler_v2=1): taken as autoscaling
+            return True
         raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
         if raw:  # autoscaler v1 (the default): the readonly provider names every node type "node_<node id>"
             report = json.loads(raw).get("autoscaler_report") or {}
             mapping = report.get("node_type_mapping") or {}
             return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items())
-        if _internal_kv_get("__autoscaler_v2_enabled") == b"1":
-            from ray._private.worker import global_worker
-            from ray.autoscaler.v2.sdk import get_cluster_status
-
-            status = get_cluster_status(global_worker.gcs_client.address)
-            names = [n.ray_node_type_name for n in [*status.active_nodes, *status.idle_nodes]]
-            return any(name and not name.startswith("node_") for name in names)
     except Exception as error:  # status formats are internal to Ray: treat unknown as no autoscaler
         log.debug("could not read the autoscaler status: %s", error)
     return False
@@ -415,6 +412,22 @@ def _suggestions(cfg: TrainConfig, fits, per_worker: dict[str, float], workers: 
     return "; or ".join(options)
 
 
+def _check_elastic_growth(cfg: TrainConfig, cluster: ClusterView, per_worker: dict[str, float], data_cpus: float) -> None:
+    """Elastic training grows to as many workers as fit: on a fixed cluster it must not take the CPUs Ray Data needs."""
+    sizes = world_sizes(cfg)
+    if len(sizes) == 1:
+        return
+    placeable = [n for n in sizes if _place(cluster.nodes, per_worker, n) is not None]
+    starving = [n for n in placeable if not _fits_nodes(cluster.nodes, per_worker, n, data_cpus)]
+    if starving:
+        fine = [n for n in placeable if n not in starving and cfg.global_batch % n == 0]
+        fix = f"max_workers={fine[-1]} (--max-workers {fine[-1]})" if fine else "fewer CPUs per worker or a bigger cluster"
+        keep = _num(min(data_cpus, DATA_TASK_CPUS))
+        raise PreflightError(f"elastic training may grow to {starving[0]} workers on this cluster (it has {cluster.describe()}, "
+                             f"no autoscaler), and {starving[0]} x {_num(per_worker['CPU'])} CPU leave no node with {keep} CPU "
+                             f"free for the Ray Data tasks that feed them: training would wait forever. Use {fix}")
+
+
 def check_resources(cfg: TrainConfig, data_cpus: float = DATA_CPUS, cluster: ClusterView | dict | None = None) -> ResourcePlan:
     """Can the cluster (now, or after autoscaling) run ``workers`` training workers AND feed them?
 
@@ -450,6 +463,7 @@ def check_resources(cfg: TrainConfig, data_cpus: float = DATA_CPUS, cluster: Clu
         return ResourcePlan(workers, per_worker, data_cpus, needed, "unverified", [note])
 
     if _fits_nodes(cluster.nodes, per_worker, workers, data_cpus):
+        _check_elastic_growth(cfg, cluster, per_worker, data_cpus)
         return ResourcePlan(workers, per_worker, data_cpus, needed, "nodes")
     if _place(cluster.nodes, per_worker, workers) is None:
         problem = "the training workers alone do not fit on its nodes"

@@ -7,12 +7,20 @@ backward, the probe's exact per-sample scores, softmax over the batch) and throw
 gradient away. Output rows have the score-table columns; ``batch_size`` is the number of
 samples in the scoring batch and ``step``/``epoch`` are the checkpoint's (``-1`` when the
 checkpoint does not say, e.g. a public open_clip tag).
+
+Controls and baselines as in training (``score_<name>`` columns), with one difference: at a fixed
+checkpoint ``W_0`` *is* the scored weight, so ``init`` (``W_0 - W_ckpt = 0``) is refused, and
+``fixed`` and ``current`` would repeat the primary score (``W_ref - W_ckpt``): the default set
+drops ``fixed`` and an explicit one is refused
+(:func:`raymimic.train.config.resolve_controls`). The ``random`` control's seed is ``seed``
+(default 0).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from raymimic.score_table import discard_parts, parse_file_name, write_part
+from raymimic.train.config import DEFAULT_CONTROLS
 
 
 def checkpoint_position(checkpoint: str | None) -> tuple[int, int]:
@@ -33,17 +41,22 @@ class MimicScorer:
     """Callable for ``map_batches``: numpy batch (uid, image, text) -> score-table rows."""
 
     def __init__(self, model: str, checkpoint: str | None, reference: str, mimic_layer: str = "image-mlp",
-                 score_kind: str = "proj", tau: float = 0.05, step: int | None = None, use_gpu: bool = False):
+                 score_kind: str = "proj", tau: float = 0.05, step: int | None = None, use_gpu: bool = False,
+                 controls=DEFAULT_CONTROLS, baselines=(), seed: int = 0):
         import torch
 
         from raymimic.clip import create_model
+        from raymimic.train.config import resolve_baselines, resolve_controls
         from raymimic.train.step import build_mimic_step
 
+        controls = resolve_controls(list(controls), reference=True, score_only=True)
+        baselines = resolve_baselines(list(baselines), reference=True)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = create_model(model, pretrained=checkpoint, device=self.device)[0]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         self.step_fn, _ = build_mimic_step(self.model, model, mimic_layer=mimic_layer, reference=reference, weighting="grad-mimic",
-                                           tau=tau, score_kind=score_kind, device=self.device, autocast=autocast)
+                                           tau=tau, score_kind=score_kind, device=self.device, autocast=autocast,
+                                           controls=controls, baselines=baselines, seed=seed)
         local = checkpoint if checkpoint and "://" not in checkpoint else None
         found_step, self.epoch = checkpoint_position(local)
         self.step = found_step if step is None else step
@@ -65,17 +78,19 @@ class MimicScorer:
             "score": result.scores.float().cpu().numpy(),
             "weight": result.weights.float().cpu().numpy(),
             "batch_size": np.full(n, n, dtype=np.int32),
+            **{column: values.float().cpu().numpy() for column, values in result.extra.items()},
         }
 
 
 def score_dataset(ds, model: str, checkpoint: str | None, reference: str, *, mimic_layer: str = "image-mlp",
                   score_kind: str = "proj", tau: float = 0.05, batch_size: int = 256, actors: int = 1,
-                  use_gpu: bool = False, step: int | None = None):
-    """Ray Data stage: a dataset of (uid, image, text) -> one score-table row per sample."""
+                  use_gpu: bool = False, step: int | None = None, controls=DEFAULT_CONTROLS, baselines=()):
+    """Ray Data stage: a dataset of (uid, image, text) -> one score-table row per sample (plus ``score_<name>`` columns)."""
     return ds.map_batches(
         MimicScorer,
         fn_constructor_kwargs=dict(model=model, checkpoint=checkpoint, reference=reference, mimic_layer=mimic_layer,
-                                   score_kind=score_kind, tau=tau, step=step, use_gpu=use_gpu),
+                                   score_kind=score_kind, tau=tau, step=step, use_gpu=use_gpu, controls=list(controls),
+                                   baselines=list(baselines)),
         batch_size=batch_size,
         batch_format="numpy",
         compute=_actor_pool(actors),
@@ -134,5 +149,5 @@ def run_score_only(cfg) -> str:
         checkpoint = local_copy(checkpoint)
     scored = score_dataset(clip_training_dataset(cfg.pool, cfg.model), cfg.model, checkpoint, cfg.reference,
                            mimic_layer=cfg.mimic_layer, score_kind=cfg.score_kind, tau=cfg.tau, batch_size=cfg.batch_size,
-                           actors=cfg.actors, use_gpu=cfg.use_gpu, step=cfg.step)
+                           actors=cfg.actors, use_gpu=cfg.use_gpu, step=cfg.step, controls=cfg.controls, baselines=cfg.baselines)
     return write_scores(scored, cfg.output)

@@ -13,12 +13,18 @@ of the re-weighted outputs gives every tensor ``sum_i w_i g_i``, reduced by DDP 
 (:mod:`raymimic.mimic.reweight`). All maths comes from :mod:`raymimic.mimic`;
 :func:`build_mimic_step` is the one place that turns run settings into a step (training and the
 score-only pass both use it).
+
+Beside the primary score a step records, from the same backward pass, the score against each
+*control* direction (:mod:`raymimic.mimic.controls`: one more ``probe.dot`` each) and, on
+request, per-sample *baselines* (the target's loss, the reference's loss, RHO's reducible loss,
+the reference's CLIPScore); both come back in :attr:`StepResult.extra` as ``score_<name>``
+columns. Only the primary score drives the weights.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,15 +32,22 @@ from torch import nn
 
 from raymimic.clip.loss import grad_scale, per_sample_contrastive_loss
 from raymimic.mimic import (
+    Control,
     MimicProbe,
     batch_weights,
+    control_directions,
+    direction_scores,
     get_parameter,
+    make_control,
     make_weighting,
     output_grads,
     reweighted_backward,
     reweighted_grad,
     weighting_stats,
 )
+
+BASELINE_NAMES = ("loss", "ref_loss", "rho", "ref_clipscore")  # raymimic.train.config.BASELINES
+_REFERENCE_BASELINES = ("ref_loss", "rho", "ref_clipscore")  # need the reference model's forward
 
 
 def world() -> tuple[int, int]:
@@ -75,16 +88,29 @@ class StepResult:
     scores: torch.Tensor  # m_i of the global batch, rank order
     weights: torch.Tensor  # w_i of the global batch, rank order
     global_batch: int
+    # score_<name> column -> values of the local samples (controls, then baselines), and of the global batch
+    local_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MimicStep:
     """Forward, backward and gradient re-weighting of one batch; the optimizer step stays outside.
 
-    ``reference_weight`` is ``W_ref`` of the mimic layer (``V_t = W_ref - W_t`` is recomputed
-    every call); ``reference_model`` is only needed by ``rho``. With ``weighting="sgd"`` and no
-    reference the step is plain data-parallel training (no probe at all). ``reweight_all``:
-    every trainable tensor's gradient becomes ``sum_i w_i g_i`` (a second backward), not only
-    the mimic layer's; tensors the features do not reach (the logit scale) keep the plain one.
+    ``reference_weight`` is ``W_ref`` of the mimic layer; ``direction`` says the primary score's
+    ``V``: ``"current"`` recomputes ``V_t = W_ref - W_t`` every call (the paper), ``"fixed"`` keeps
+    ``W_ref - W_0``. ``initial_weight`` is ``W_0`` (default: the mimic weight when the step is
+    built; a resumed run passes the one of its first attempt). ``reference_model`` is only needed
+    by ``rho`` and the reference baselines. With ``weighting="sgd"``, no reference and no controls
+    the step is plain data-parallel training (no probe at all). ``reweight_all``: every trainable
+    tensor's gradient becomes ``sum_i w_i g_i`` (a second backward), not only the mimic layer's;
+    tensors the features do not reach (the logit scale) keep the plain one.
+
+    ``controls``: built-in control names (``zero``, ``init``, ``random``, ``fixed``, ``current``,
+    built here from ``reference_weight``, ``initial_weight`` and ``seed``) or ready
+    :class:`~raymimic.mimic.controls.Control` objects (another reference); each adds a column
+    ``score_<name>`` of the same score kind. ``baselines``: ``loss`` (``score_loss = -loss``),
+    ``ref_loss`` (``-ref_loss``), ``rho`` (``loss - ref_loss``), ``ref_clipscore`` (cosine of the
+    reference's image and text embeddings); higher always means more likely to keep.
     """
 
     def __init__(
@@ -99,6 +125,12 @@ class MimicStep:
         batch_dim: int = 0,
         autocast: contextlib.AbstractContextManager | None = None,
         reweight_all: bool = False,
+        *,
+        direction: str = "current",
+        initial_weight: torch.Tensor | None = None,
+        controls: Sequence[str | Control] = (),
+        baselines: Sequence[str] = (),
+        seed: int = 0,
     ):
         self.model = model
         self.mimic_name = mimic_name
@@ -107,19 +139,51 @@ class MimicStep:
         self.reference_weight = reference_weight
         self.reference_model = reference_model
         self.autocast = autocast or contextlib.nullcontext()
-        self.plain = weighting == "sgd" and reference_weight is None
+        self.parameter = get_parameter(model, mimic_name)
+        if direction not in ("current", "fixed"):
+            raise ValueError(f"direction {direction!r} is not 'current' or 'fixed'")
+        if direction == "fixed" and reference_weight is None:
+            raise ValueError("direction 'fixed' (W_ref - W_0) needs reference_weight")
+        self.direction_kind = direction
+        unknown = [b for b in baselines if b not in BASELINE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {unknown}; choose from {BASELINE_NAMES}")
+        self.baselines = tuple(baselines)
+        names = [c if isinstance(c, str) else c.name for c in controls]
+        needs_initial = direction == "fixed" or any(n in ("init", "fixed") for n in names)
+        if needs_initial and initial_weight is None:
+            initial_weight = self.parameter.detach().float().clone()
+        self.initial_weight = initial_weight.detach().float() if needs_initial else None  # W_0: saved in checkpoints
+        self.controls: dict[str, Control] = {}
+        for control in controls:
+            if isinstance(control, str):
+                control = make_control(control, reference=reference_weight, initial=self.initial_weight, seed=seed)
+            if control.name in self.controls:
+                raise ValueError(f"control {control.name!r} given twice")
+            self.controls[control.name] = control
+        self._fixed_direction = (reference_weight.float() - self.initial_weight.to(reference_weight.device)
+                                 if direction == "fixed" else None)
+        self.plain = weighting == "sgd" and reference_weight is None and not self.controls
         self.reweight_all = reweight_all and not self.plain  # uniform weights: the plain backward is already it
         self.probe = None if self.plain else MimicProbe(model, mimic_name, batch_dim=batch_dim)
-        self.parameter = get_parameter(model, mimic_name)
-        if "ref_loss" in self.weighting.needs and reference_model is None:
-            raise ValueError(f"weighting {weighting!r} needs the reference model's per-sample losses: pass reference_model")
+        needs_reference = "ref_loss" in self.weighting.needs or any(b in _REFERENCE_BASELINES for b in self.baselines)
+        if needs_reference and reference_model is None:
+            raise ValueError(f"weighting {weighting!r} / baselines {list(self.baselines)} need the reference model's forward: "
+                             "pass reference_model")
         self.previous_mean_grad: torch.Tensor | None = None  # AGRA's comparison batch
+        self._reference_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def extra_names(self) -> list[str]:
+        """The names of the ``score_<name>`` columns this step returns: controls, then baselines."""
+        return [*self.controls, *self.baselines]
 
     # -- the step -----------------------------------------------------------------------
     def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> StepResult:
         rank, size = world()
         local = images.shape[0]
         batch = local * size
+        self._reference_cache = None
         capture = self.probe.capture() if self.probe is not None else contextlib.nullcontext()
         with self.autocast, capture:
             outputs = self.model(images, texts)[:3]  # image features, text features, logit scale
@@ -129,7 +193,8 @@ class MimicStep:
             loss.backward()
             uniform = torch.full((local,), 1.0 / batch, device=images.device)
             nan = torch.full((local,), float("nan"), device=images.device)
-            return StepResult(loss.detach(), nan, uniform, gather_global(nan), gather_global(uniform), batch)
+            local_extra, extra = self._extra({}, losses.detach(), images, texts)
+            return StepResult(loss.detach(), nan, uniform, gather_global(nan), gather_global(uniform), batch, local_extra, extra)
         if self.reweight_all:
             grads = output_grads(loss, outputs, through=[self.parameter])
         else:
@@ -144,6 +209,9 @@ class MimicStep:
         )
         if mean_grad is not None:
             self.previous_mean_grad = mean_grad
+        # controls from the same probe, before any second backward; they never touch the weights
+        controls = direction_scores(self.probe, control_directions(self.controls, self.parameter), batch, self.score_kind, scale)
+        local_extra, extra = self._extra(controls, losses.detach(), images, texts)
         weights, local_weights = batch_weights(self.weighting, stats, rank, local, gather_global)
         # before any second backward: it would overwrite the output gradient the probe keeps
         new_grad = all_reduce_sum(reweighted_grad(self.probe, local_weights, batch, scale).float())
@@ -151,17 +219,46 @@ class MimicStep:
             reweighted_backward(outputs[:2], grads[:2], local_weights, batch, shared=[(outputs[2], grads[2])])
         self.parameter.grad = new_grad.to(self.parameter.dtype)
         local_scores = stats["mimic"][rank * local:(rank + 1) * local]
-        return StepResult(loss.detach(), local_scores, local_weights, stats["mimic"], weights, batch)
+        return StepResult(loss.detach(), local_scores, local_weights, stats["mimic"], weights, batch, local_extra, extra)
 
     # -- pieces ------------------------------------------------------------------------
     def direction(self) -> torch.Tensor:
-        """``V_t = W_ref - W_t`` (float32), recomputed every step: one subtraction."""
+        """The primary ``V`` (float32): ``W_ref - W_t`` recomputed every step (one subtraction), or ``W_ref - W_0``."""
+        if self._fixed_direction is not None:
+            return self._fixed_direction.to(self.parameter.device)
         return self.reference_weight.to(self.parameter.device, torch.float32) - self.parameter.detach().float()
 
+    def _reference_outputs(self, images, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference model's per-sample losses (local rows vs the global batch) and pair cosines; one forward per step."""
+        if self._reference_cache is None:
+            with torch.no_grad(), self.autocast:
+                image_features, text_features, logit_scale = self.reference_model(images, texts)[:3]
+                losses = per_sample_contrastive_loss(image_features, text_features, logit_scale)
+            cosines = torch.nn.functional.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+            self._reference_cache = (losses.float(), cosines)
+        return self._reference_cache
+
     def _reference_losses(self, images, texts) -> torch.Tensor:
-        with torch.no_grad(), self.autocast:
-            image_features, text_features, logit_scale = self.reference_model(images, texts)[:3]
-            return per_sample_contrastive_loss(image_features, text_features, logit_scale)
+        return self._reference_outputs(images, texts)[0]
+
+    def _extra(self, controls: dict[str, torch.Tensor], losses: torch.Tensor, images, texts):
+        """``score_<name>`` columns (controls, then baselines) of the local samples and, gathered in one collective, the global batch."""
+        values = dict(controls)
+        for name in self.baselines:
+            if name == "loss":
+                values[name] = -losses.float()  # small-loss selection: low loss = keep
+            elif name == "ref_loss":
+                values[name] = -self._reference_outputs(images, texts)[0]
+            elif name == "rho":  # RHO-loss keeps high reducible loss: learnable, not yet learnt
+                values[name] = losses.float() - self._reference_outputs(images, texts)[0]
+            else:  # ref_clipscore
+                values[name] = self._reference_outputs(images, texts)[1]
+        if not values:
+            return {}, {}
+        columns = [f"score_{name}" for name in values]
+        local = torch.stack([v.float() for v in values.values()], dim=1)
+        gathered = gather_global(local)
+        return dict(zip(columns, local.unbind(1))), dict(zip(columns, gathered.unbind(1)))
 
 
 def build_mimic_step(
@@ -177,31 +274,57 @@ def build_mimic_step(
     device: str | torch.device = "cpu",
     autocast: contextlib.AbstractContextManager | None = None,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
+    direction: str = "current",
+    controls: Sequence[str] = (),
+    baselines: Sequence[str] = (),
+    initial_weight: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> tuple[MimicStep, str]:
     """``(step, mimic parameter name)`` for an open_clip ``model`` (created by the caller).
 
     Resolves ``mimic_layer`` (alias or parameter name), loads ``reference`` (spec of
     :func:`raymimic.clip.load_reference`, or a module) and keeps its mimic weight (and the whole
-    reference model only for a weighting that needs reference losses). ``wrap`` (e.g. Ray
+    reference model only for a weighting or baseline that needs its forward). ``wrap`` (e.g. Ray
     Train's ``prepare_model``) wraps the model for data parallelism: with more than one process
     and scores to compute, the mimic layer is first excluded from DDP and afterwards broadcast
-    from rank 0 (DDP does not broadcast ignored tensors).
+    from rank 0 (DDP does not broadcast ignored tensors), and so is ``W_0``.
+
+    ``controls``: entries of :attr:`TrainConfig.controls <raymimic.train.config.TrainConfig>`
+    (built-in names, or ``NAME=SPEC``: that reference is loaded with the same loader and only its
+    mimic weight kept); ``initial_weight``: ``W_0`` of the run (default: the mimic weight now; a
+    resumed run passes its saved one); ``seed``: the ``random`` control's seed.
     """
     from raymimic.clip import load_reference, resolve_mimic_layer, sample_dim
+    from raymimic.mimic import make_control
+    from raymimic.train.config import parse_control
 
     name = resolve_mimic_layer(model, mimic_layer)
     reference_weight, reference_model = None, None
+    needs_forward = "ref_loss" in make_weighting(weighting).needs or any(b in _REFERENCE_BASELINES for b in baselines)
     if reference is not None:
         loaded = load_reference(reference, model_name, device=device)
         reference_weight = get_parameter(loaded, name).detach().clone()
-        reference_model = loaded if "ref_loss" in make_weighting(weighting).needs else None
-    scoring = reference is not None or weighting != "sgd"
+        reference_model = loaded if needs_forward else None
+    built: list[str | Control] = []
+    for entry in controls:
+        control, spec = parse_control(entry)
+        if spec is None:
+            built.append(control)
+        else:  # another reference: only its mimic weight stays
+            other = get_parameter(load_reference(spec, model_name, device=device), name).detach().float().clone()
+            built.append(make_control(control, other=other))
+    scoring = reference is not None or weighting != "sgd" or bool(built)
     distributed = scoring and world()[1] > 1
+    if initial_weight is None:
+        initial_weight = get_parameter(model, name).detach().float().clone()
+    initial_weight = initial_weight.detach().float().to(device).clone()
     if distributed:
         exclude_from_ddp(model, name)
     wrapped = wrap(model) if wrap is not None else model
     if distributed:
         dist.broadcast(get_parameter(wrapped, name).data, src=0)
+        dist.broadcast(initial_weight, src=0)
     step = MimicStep(wrapped, name, weighting, tau=tau, score_kind=score_kind, reference_weight=reference_weight,
-                     reference_model=reference_model, batch_dim=sample_dim(model, name), autocast=autocast, reweight_all=reweight_all)
+                     reference_model=reference_model, batch_dim=sample_dim(model, name), autocast=autocast, reweight_all=reweight_all,
+                     direction=direction, initial_weight=initial_weight, controls=built, baselines=baselines, seed=seed)
     return step, name

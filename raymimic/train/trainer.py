@@ -93,6 +93,16 @@ def fit(cfg: TrainConfig, dataset, *, pool: str | None = None, data_cpus: float 
         output=cfg.output,
         scores=cfg.scores_dir,
         final_checkpoint=f"{cfg.checkpoints_dir}/final.pt",
-        ray_checkpoint=result.checkpoint.path if result.checkpoint is not None else None,
+        ray_checkpoint=_checkpoint_uri(result.checkpoint, cfg.output),
         metrics=dict(result.metrics or {}),
     )
+
+
+def _checkpoint_uri(checkpoint, output: str) -> str | None:
+    """Ray reports checkpoint paths without the scheme (``bucket/run/...``): give it back the output's."""
+    if checkpoint is None:
+        return None
+    path = checkpoint.path
+    if "://" in output and "://" not in path:
+        return f"{output.split('://', 1)[0]}://{path.lstrip('/')}"
+    return path
