@@ -159,7 +159,8 @@ def main(argv=None) -> int:
         "ratio_full_vs_baseline": ratio,
         "ratio_full_vs_baseline_per_cpu": ratio / args.num_cpus,
         "ratio_read_only_vs_baseline": results["raymimic_read_only"]["samples_per_s"] / results["baseline_read_only"]["samples_per_s"],
-        "ratio_read_only_vs_read_webdataset": results["raymimic_read_only"]["samples_per_s"] / results["ray_read_webdataset_read_only"]["samples_per_s"],
+        "ratio_read_only_vs_read_webdataset": results["raymimic_read_only"]["samples_per_s"]
+        / results["ray_read_webdataset_read_only"]["samples_per_s"],
     }
     print(f"\n{'measurement':34s} {'samples':>9s} {'seconds':>9s} {'samples/s':>11s}")
     for name, entry in results.items():

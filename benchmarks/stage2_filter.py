@@ -46,7 +46,7 @@ def generate(rows: int, directory: str, rows_per_file: int = 250_000, seed: int 
     total_steps = 2 * steps_per_epoch
     scales = np.geomspace(5.0, 0.05, total_steps)
     os.makedirs(directory, exist_ok=True)
-    buffers, buffered, part = [], 0, 0
+    part = 0
     for epoch in range(2):
         order = rng.permutation(n_uids)[: steps_per_epoch * BATCH].reshape(steps_per_epoch, BATCH)
         step = epoch * steps_per_epoch + np.repeat(np.arange(steps_per_epoch), BATCH)
@@ -55,8 +55,9 @@ def generate(rows: int, directory: str, rows_per_file: int = 250_000, seed: int 
         logits = (score / 0.05).reshape(steps_per_epoch, BATCH)
         weight = np.exp(logits - logits.max(axis=1, keepdims=True))
         weight = (weight / weight.sum(axis=1, keepdims=True)).ravel()
-        table = pa.table({"uid": uids[idx], "step": step.astype(np.int64), "epoch": np.full(len(idx), epoch, np.int32), "rank": np.zeros(len(idx), np.int32),
-                          "score": score.astype(np.float32), "weight": weight.astype(np.float32), "batch_size": np.full(len(idx), BATCH, np.int32)})
+        table = pa.table({"uid": uids[idx], "step": step.astype(np.int64), "epoch": np.full(len(idx), epoch, np.int32),
+                          "rank": np.zeros(len(idx), np.int32), "score": score.astype(np.float32), "weight": weight.astype(np.float32),
+                          "batch_size": np.full(len(idx), BATCH, np.int32)})
         for start in range(0, table.num_rows, rows_per_file):
             pq.write_table(table.slice(start, rows_per_file), f"{directory}/{part:05d}.parquet")
             part += 1
@@ -183,12 +184,18 @@ def main() -> None:
         entry["time_ratio_ray_over_baseline"] = entry["ray"]["seconds"] / entry["baseline"]["seconds"]
         entry["memory_ratio_ray_over_baseline"] = entry["ray"]["peak_rss_mb"] / entry["baseline"]["peak_rss_mb"]
         results.append(entry)
-        print(f"{rows:>11,d} rows | baseline {entry['baseline']['seconds']:7.1f}s {entry['baseline']['rows_per_s']:>10,.0f} rows/s {entry['baseline']['peak_rss_mb']:7.0f} MB "
-              f"F1 {entry['baseline']['f1_dropped']:.3f} | ray {entry['ray']['seconds']:7.1f}s {entry['ray']['rows_per_s']:>10,.0f} rows/s {entry['ray']['peak_rss_mb']:7.0f} MB "
-              f"F1 {entry['ray']['f1_dropped']:.3f} | time x{entry['time_ratio_ray_over_baseline']:.2f} mem x{entry['memory_ratio_ray_over_baseline']:.2f}", flush=True)
+        print(f"{rows:>11,d} rows | baseline {entry['baseline']['seconds']:7.1f}s {entry['baseline']['rows_per_s']:>10,.0f} rows/s "
+              f"{entry['baseline']['peak_rss_mb']:7.0f} MB "
+              f"F1 {entry['baseline']['f1_dropped']:.3f} | ray {entry['ray']['seconds']:7.1f}s {entry['ray']['rows_per_s']:>10,.0f} rows/s "
+              f"{entry['ray']['peak_rss_mb']:7.0f} MB "
+              f"F1 {entry['ray']['f1_dropped']:.3f} | time x{entry['time_ratio_ray_over_baseline']:.2f} "
+              f"mem x{entry['memory_ratio_ray_over_baseline']:.2f}", flush=True)
     if len(results) > 1:
         first, last = results[0], results[-1]
-        growth = {mode: {"time": last[mode]["seconds"] / first[mode]["seconds"], "memory": last[mode]["peak_rss_mb"] / first[mode]["peak_rss_mb"]} for mode in ("baseline", "ray")}
+        growth = {
+            mode: {"time": last[mode]["seconds"] / first[mode]["seconds"], "memory": last[mode]["peak_rss_mb"] / first[mode]["peak_rss_mb"]}
+            for mode in ("baseline", "ray")
+        }
         print(f"rows x{last['rows'] / first['rows']:.0f}: time growth {json.dumps(growth)}")
         results.append({"growth_first_to_last": growth})
     if args.json:

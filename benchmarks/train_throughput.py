@@ -198,13 +198,16 @@ def main(argv=None) -> int:
         "model": args.model, "workers": args.workers, "global_batch": args.global_batch, "timed_steps": args.steps - args.warmup_steps,
         "device": "gpu" if args.gpu else "cpu", "precision": "bf16" if args.gpu and args.precision != "fp32" else "fp32",
         "samples_per_s": {"torchrun_ddp": anchor, "raymimic_plain": plain, "raymimic_mimic": mimic},
-        "data_wait_fraction": {"raymimic_plain": plain_metrics["data_wait_fraction"], "raymimic_mimic": mimic_metrics["data_wait_fraction"]},
+        "data_wait_fraction": {
+            "raymimic_plain": plain_metrics["data_wait_fraction"], "raymimic_mimic": mimic_metrics["data_wait_fraction"]
+        },
         "ratio_plain_vs_torchrun": plain / anchor, "ratio_mimic_vs_plain": mimic / plain, "ratio_mimic_vs_torchrun": mimic / anchor,
     }
     print(f"{'run':<18}{'samples/s':>12}{'ratio vs torchrun':>20}")
     for name, value in results["samples_per_s"].items():
         print(f"{name:<18}{value:>12.1f}{value / anchor:>20.3f}")
-    print(f"time rank 0 waited for data (plain, mimic): {plain_metrics['data_wait_fraction']:.3f}, {mimic_metrics['data_wait_fraction']:.3f}")
+    print(f"time rank 0 waited for data (plain, mimic): "
+          f"{plain_metrics['data_wait_fraction']:.3f}, {mimic_metrics['data_wait_fraction']:.3f}")
     print(f"scoring overhead (mimic / plain): {results['ratio_mimic_vs_plain']:.3f}  (goal >= 0.95)")
     print(f"Ray Train vs torchrun (plain):    {results['ratio_plain_vs_torchrun']:.3f}  (goal >= 0.95)")
     if args.json:

@@ -11,7 +11,7 @@ Checkpoints are open_clip's format, so DataComp's own evaluation loads them unch
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -50,11 +50,13 @@ def embed(dataset, model_name: str, checkpoint: str | None = None, *, classnames
           label_column: str = "label", batch_size: int = 256, concurrency: int = 1, num_gpus: float = 0):
     """Dataset -> Dataset with ``image_features`` (and ``text_features``, zero-shot columns)."""
     device = "cuda" if num_gpus else "cpu"
+    from ray.data import ActorPoolStrategy
+
     keep = [c for c in ("image", "text", label_column) if c in dataset.columns()]
     return dataset.select_columns(keep).map_batches(
         _Embedder,
         fn_constructor_args=(model_name, checkpoint, list(classnames) if classnames else None, list(templates), label_column, device),
-        batch_size=batch_size, batch_format="numpy", concurrency=concurrency, num_gpus=num_gpus,
+        batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=concurrency), num_gpus=num_gpus,
     )
 
 

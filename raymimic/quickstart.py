@@ -134,11 +134,11 @@ def run(cfg: QuickstartConfig) -> dict:
     import pandas as pd
     import ray
 
+    from raymimic.data.preprocess import clip_training_dataset
     from raymimic.data.toy_pool import make_toy_pool
     from raymimic.data.uids import read_subset_uids, write_subset
     from raymimic.evaluate import evaluate
     from raymimic.select.pipeline import FilterConfig, run_filter
-    from raymimic.data.preprocess import clip_training_dataset
 
     started = time.time()
     cfg.output = os.path.abspath(cfg.output)

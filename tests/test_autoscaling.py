@@ -350,7 +350,7 @@ def _stage1(job: dict) -> dict:
     report["preflight"] = {"autoscaling": view.autoscaling, "source": preflight.check_resources(cfg, cluster=view).source}
     dataset = clip_training_dataset(job["pool"], MODEL)
     if job.get("throttle_s"):
-        dataset = dataset.map_batches(_throttle, batch_size=BATCH, batch_format="numpy", concurrency=1,
+        dataset = dataset.map_batches(_throttle, batch_size=BATCH, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=1),
                                       fn_kwargs={"seconds": job["throttle_s"]})
     done, killer = threading.Event(), None
     report["killed"] = None

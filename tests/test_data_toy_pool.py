@@ -34,7 +34,9 @@ def test_layout_is_datacomp(toy):
     assert table.column_names == ["uid", "url", "text", "original_width", "original_height", "clip_b32_similarity_score",
                                   "clip_l14_similarity_score", "face_bboxes", "sha256"]
     with np.load(out / "metadata" / "00000000.npz") as npz:
-        assert {k: npz[k].shape for k in npz.files} == {"b32_img": (40, 512), "b32_txt": (40, 512), "l14_img": (40, 768), "l14_txt": (40, 768)}
+        assert {k: npz[k].shape for k in npz.files} == {
+            "b32_img": (40, 512), "b32_txt": (40, 512), "l14_img": (40, 768), "l14_txt": (40, 768)
+        }
         assert npz["l14_img"].dtype == np.float16
         np.testing.assert_allclose(np.linalg.norm(npz["b32_img"].astype(np.float32), axis=1), 1.0, atol=2e-3)
         cosine = np.sum(npz["l14_img"].astype(np.float32) * npz["l14_txt"].astype(np.float32), axis=1)

@@ -35,8 +35,13 @@ def test_evaluate_checkpoint_over_a_ray_dataset(ray_session, tmp_path):
     assert torch.equal(loaded.visual.proj, model.visual.proj)
     # 10 classes, so top-5 is not 1 by construction; every image and caption distinct (no ties)
     names = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "pink", "brown"]
-    colors = [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0), (128, 0, 128), (255, 165, 0), (240, 240, 240), (0, 0, 0), (255, 192, 203), (139, 69, 19)]
-    rows = [{"image": _png(tuple(min(255, c + 7 * i) for c in colors[i % 10])), "text": f"a {names[i % 10]} square, number {i}", "label": i % 10} for i in range(12)]
+    colors = [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0), (128, 0, 128), (255, 165, 0), (240, 240, 240), (0, 0, 0),
+              (255, 192, 203), (139, 69, 19)]
+    rows = [
+        {"image": _png(tuple(min(255, c + 7 * i) for c in colors[i % 10])), "text": f"a {names[i % 10]} square, number {i}",
+         "label": i % 10}
+        for i in range(12)
+    ]
     classnames = [f"{n} square" for n in names]
     ds = ray_session.data.from_items(rows)
     result = evaluate(path, ds, "raymimic-tiny", classnames=classnames, batch_size=5)
@@ -45,16 +50,21 @@ def test_evaluate_checkpoint_over_a_ray_dataset(ray_session, tmp_path):
     loaded.eval()
     tokenizer = get_tokenizer("raymimic-tiny")
     with torch.no_grad():
-        image_f = loaded.encode_image(torch.stack([preprocess(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in rows]), normalize=True)
+        images = torch.stack([preprocess(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in rows])
+        image_f = loaded.encode_image(images, normalize=True)
         text_f = loaded.encode_text(tokenizer([r["text"] for r in rows]), normalize=True)
-        class_f = torch.stack([F.normalize(loaded.encode_text(tokenizer([t.format(c) for t in DEFAULT_TEMPLATES]), normalize=True).mean(0), dim=0) for c in classnames])
+        class_f = torch.stack(
+            [F.normalize(loaded.encode_text(tokenizer([t.format(c) for t in DEFAULT_TEMPLATES]), normalize=True).mean(0), dim=0)
+             for c in classnames]
+        )
     labels = torch.tensor([r["label"] for r in rows])
     ranked = (image_f @ class_f.t()).argsort(dim=1, descending=True)
     hit1, hit5 = ranked[:, 0] == labels, (ranked[:, :5] == labels[:, None]).any(dim=1)
     assert result["zeroshot_top1"] == pytest.approx(hit1.float().mean().item())
     assert result["zeroshot_top5"] == pytest.approx(hit5.float().mean().item())
     assert 0 < result["zeroshot_top5"] < 1  # this case exercises top-5 with k < number of classes
-    assert result["zeroshot_per_class"] == pytest.approx({classnames[c]: hit1[labels == c].float().mean().item() for c in labels.unique().tolist()})
+    per_class = {classnames[c]: hit1[labels == c].float().mean().item() for c in labels.unique().tolist()}
+    assert result["zeroshot_per_class"] == pytest.approx(per_class)
     for direction, sims in (("image_to_text", image_f @ text_f.t()), ("text_to_image", text_f @ image_f.t())):
         position = (sims.argsort(dim=1, descending=True) == torch.arange(12)[:, None]).int().argmax(dim=1)  # where the match ranks
         for k in (1, 5):

@@ -15,8 +15,8 @@ from torch.func import functional_call, grad, vmap
 from raymimic.clip import contrastive_loss, create_model, get_tokenizer, resolve_mimic_layer, sample_dim
 from raymimic.mimic import (
     GradMimic,
-    batch_weights,
     MimicProbe,
+    batch_weights,
     control_directions,
     direction_scores,
     get_parameter,

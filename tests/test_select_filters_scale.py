@@ -12,8 +12,15 @@ import pandas as pd
 import pytest
 from scipy.special import logsumexp
 
-from raymimic.select.filters import NegCLIPLossFilter, NormSimFilter, neg_clip_loss, norm_sim, norm_sim_prepared, prepare_targets
-from raymimic.select.filters import row_hashes
+from raymimic.select.filters import (
+    NegCLIPLossFilter,
+    NormSimFilter,
+    neg_clip_loss,
+    norm_sim,
+    norm_sim_prepared,
+    prepare_targets,
+    row_hashes,
+)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -228,3 +235,16 @@ def test_normsim_on_ray_equals_the_direct_formula(ray_session):
         out = stage.fit_apply(ds).to_pandas().sort_values("uid", ignore_index=True)
         np.testing.assert_allclose(out["normsim_score"], expected, rtol=0, atol=1e-5)
         assert out["normsim_keep"].sum() == 45
+
+
+@pytest.mark.ray
+def test_negclip_on_ray_with_a_pool_smaller_than_the_batch(ray_session):
+    """Paper settings on a 50-row pool in 3 blocks: one batch, the whole pool, as the formula says."""
+    frame = topic_pool(n_topics=2, per_topic=25, dim=8, seed=4)
+    ds = ray_session.data.from_pandas([frame.iloc[:1], frame.iloc[1:20], frame.iloc[20:]])
+    stage = NegCLIPLossFilter(top_fraction=0.3, drop=False, bank_dtype="float32")
+    out = stage.fit_apply(ds).to_pandas().set_index("uid").loc[frame["uid"]]
+    img, txt = np.stack(frame["l14_img"]), np.stack(frame["l14_txt"])
+    np.testing.assert_allclose(out["negclip_score"], neg_clip_loss(img, txt, batch_size=50, k=1, tau=0.01), rtol=0, atol=1e-6)
+    assert stage.params()["bank"] == {"pool_rows": 50, "n_banks": 1, "bank_rows": 50, "whole_pool": True}
+    assert out["negclip_keep"].sum() == 15

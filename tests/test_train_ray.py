@@ -20,9 +20,9 @@ import torch
 
 from raymimic.clip import create_model, resolve_mimic_layer, save_checkpoint
 from raymimic.mimic import get_parameter
+from raymimic.score_table import read_score_table
 from raymimic.train.config import TrainConfig
 from raymimic.train.loop import build_optimizer, learning_rate
-from raymimic.score_table import read_score_table
 from raymimic.train.step import MimicStep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

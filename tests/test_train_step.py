@@ -391,9 +391,9 @@ def test_plain_step_records_the_loss_baseline_and_zero_control_without_reference
 
 def test_init_control_after_checkpoint_round_trip_uses_the_first_attempts_initial_weight(setup, tmp_path):
     """W_0 is saved in the training checkpoint; a resumed step scores init/fixed against it, not the resumed weights."""
-    from raymimic.train.checkpoint import load_train_checkpoint, save_train_checkpoint, TrainState
-    from raymimic.train.loop import build_optimizer
+    from raymimic.train.checkpoint import TrainState, load_train_checkpoint, save_train_checkpoint
     from raymimic.train.config import TrainConfig
+    from raymimic.train.loop import build_optimizer
 
     model, reference, name = setup
     cfg = TrainConfig(output=str(tmp_path), model=MODEL, reference="R", samples_seen=16, global_batch=8)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-from typing import Any, Callable, Iterable, NoReturn, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 

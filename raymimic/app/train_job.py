@@ -177,8 +177,7 @@ def run_job(parser: argparse.ArgumentParser, args: argparse.Namespace, preset: s
     import ray
 
     from raymimic.score_table import count_rows
-    from raymimic.train.config import run_training
-
+    from raymimic.train.config import parse_control, run_training
     from raymimic.train.preflight import PreflightError, check_run
 
     if args.smoke:
@@ -194,7 +193,9 @@ def run_job(parser: argparse.ArgumentParser, args: argparse.Namespace, preset: s
     except PreflightError as error:  # the cluster cannot host the run (found before training starts)
         fail(parser, str(error))
     print(f"trained {summary.metrics.get('step')} steps of {cfg.global_batch} samples on {cfg.workers} workers")
-    print(f"score table: {summary.scores} ({count_rows(summary.scores)} rows: uid, step, epoch, rank, score, weight, batch_size)")
+    extra = [f"score_{parse_control(c)[0]}" for c in cfg.controls] + [f"score_{b}" for b in cfg.baselines]
+    columns = ", ".join(["uid", "step", "epoch", "rank", "score", "weight", "batch_size", *extra])
+    print(f"score table: {summary.scores} ({count_rows(summary.scores)} rows: {columns})")
     print(f"final model (open_clip checkpoint): {summary.final_checkpoint}")
     print(f"resumable Ray Train checkpoint: {summary.ray_checkpoint}")
     return 0

@@ -11,7 +11,7 @@ token-id arrays.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ class ClipEmbedder:
         rows = []
         for value in images:
             if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
-                rows.append(torch.as_tensor(value, dtype=torch.float32))  # already preprocessed
+                rows.append(torch.tensor(value, dtype=torch.float32))  # already preprocessed (a copy: Ray hands read-only arrays)
             else:
                 rows.append(self.preprocess(decode_image(value)))
         return torch.stack(rows).to(self.device)

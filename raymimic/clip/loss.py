@@ -39,34 +39,38 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     return _AllGatherCat.apply(features)
 
 
+# backends whose reduce-scatter the gather's backward uses; elsewhere an all-reduce and a slice (same sum, twice the traffic)
+REDUCE_SCATTER_BACKENDS = ("nccl", "xccl")
+
+
 class _AllGatherCat(torch.autograd.Function):
     """``cat(all_gather(x))`` with autograd, on public ``torch.distributed`` collectives only.
 
-    Replaces ``torch.distributed.nn.functional.all_gather`` (deprecated, FutureWarning, in torch 2.x). The backward
-    sums every rank's gradient of the gathered tensor and keeps this rank's rows: a reduce-scatter where the backend
-    has one (NCCL), an all-reduce and a slice elsewhere (gloo); both give the same sum.
+    Replaces ``torch.distributed.nn.functional.all_gather``, deprecated in recent torch (a FutureWarning at every call).
+    The backward sums every rank's gradient of the gathered tensor and keeps this rank's rows: a reduce-scatter on
+    :data:`REDUCE_SCATTER_BACKENDS`, an all-reduce and a slice on the others (gloo, mpi).
     """
 
     @staticmethod
     def forward(ctx, features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         features = features.contiguous()
-        rank, world = dist.get_rank(), dist.get_world_size()
-        ctx.rank, ctx.world = rank, world
-        parts = [torch.empty_like(features) for _ in range(world)]
+        parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, features)
         return torch.cat(parts, dim=0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
-        n = grad.shape[0] // ctx.world
-        if dist.get_backend() in ("nccl", "xccl"):
-            out = torch.empty((n, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(out, grad)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        n = grad.shape[0] // world
+        if dist.get_backend() in REDUCE_SCATTER_BACKENDS:
+            out = grad.new_empty((n, *grad.shape[1:]))
+            # reduce_scatter_single in recent torch (where reduce_scatter_tensor warns as deprecated), the older name before
+            reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            reduce_scatter(out, grad.contiguous())
             return out
-        total = grad.clone()
+        total = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(total)
-        return total[ctx.rank * n:(ctx.rank + 1) * n].contiguous()
+        return total[rank * n:(rank + 1) * n]
 
 
 def per_sample_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ first because open_clip loads from local files.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -117,20 +118,30 @@ def parse_reference(spec: str, model_name: str) -> tuple[str, str]:
     )
 
 
+def _architecture(name: str) -> nn.Module:
+    """A randomly initialised ``name`` only to compare shapes, without open_clip's 'No pretrained weights loaded' warning."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(name)
+    finally:
+        logging.disable(previous)
+
+
 def load_reference(spec: str | nn.Module, model_name: str, device: str | torch.device = "cpu") -> nn.Module:
     """The frozen reference model; its architecture must equal ``model_name``'s."""
     from raymimic.mimic.params import check_same_architecture
 
     register_model_configs()
     if isinstance(spec, nn.Module):
-        check_same_architecture(open_clip.create_model(model_name), spec)
+        check_same_architecture(_architecture(model_name), spec)
         return spec.eval().requires_grad_(False)
     ref_model, source = parse_reference(spec, model_name)
-    expected = open_clip.create_model(ref_model)
+    expected = _architecture(ref_model)
     if os.path.isfile(source):  # compare shapes first: a clearer error than load_state_dict's
         check_same_architecture(expected, read_state_dict(source), what=f"reference checkpoint {spec}")
     if ref_model != model_name:
-        check_same_architecture(open_clip.create_model(model_name), expected, what=f"reference model {ref_model}")
+        check_same_architecture(_architecture(model_name), expected, what=f"reference model {ref_model}")
     reference, _, _ = create_model(ref_model, pretrained=source, device=device)
     return reference.eval().requires_grad_(False)
 

@@ -46,7 +46,7 @@ import json
 import re
 import tarfile
 from collections import Counter
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import pyarrow as pa
 
@@ -169,7 +169,8 @@ def parse_sample(key: str, members: dict[str, bytes], check_images: bool = True)
         uid = validate_uid(meta["uid"])
     except ValueError as error:
         return None, ("malformed_uid", str(error))
-    row = {"uid": uid, "text": text, "image": image, "key": key, "json": members["json"].decode("utf-8", "replace"), "image_format": image_extension}
+    row = {"uid": uid, "text": text, "image": image, "key": key, "json": members["json"].decode("utf-8", "replace"),
+           "image_format": image_extension}
     return row, None
 
 
@@ -416,7 +417,7 @@ def read_pool(
         _read_shards_udf,
         batch_size=1,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),  # map_batches(concurrency=) is deprecated
         fn_kwargs={"ledger": ledger, "columns": columns, "rows_per_block": rows_per_block, "check_images": check_images, "dedup": dedup},
     )
     keys = embedding_keys(embeddings)

@@ -13,7 +13,7 @@ An image that cannot be decoded is dropped from the batch and recorded in the
 from __future__ import annotations
 
 import io
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,6 +27,9 @@ def transforms_for_model(model_name: str):
     """
     import open_clip
 
+    from raymimic.clip.models import register_model_configs
+
+    register_model_configs()  # raymimic-tiny / raymimic-small are ours: open_clip knows them only once registered
     config = open_clip.get_model_config(model_name)
     if config is None:
         raise ValueError(f"unknown open_clip model {model_name!r}; open_clip.list_models() gives the valid names")
@@ -119,11 +122,13 @@ def preprocess_for_clip(
         tokenizer = tokenizer or default_tokenizer
     ledger = rejects.actor if rejects is not None else None
     extra = {} if num_cpus is None else {"num_cpus": num_cpus}
+    from ray.data import TaskPoolStrategy
+
     return ds.map_batches(
         _preprocess_batch,
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=TaskPoolStrategy(size=concurrency),  # map_batches(concurrency=) is deprecated
         fn_kwargs={"transform": transform, "tokenizer": tokenizer, "ledger": ledger, "keep_columns": tuple(keep_columns)},
         **extra,
     )

@@ -334,7 +334,6 @@ def _encode_jpeg(image: np.ndarray) -> bytes:
 def write_shard(job: _ShardJob) -> dict:
     """Draw, caption, corrupt and write one shard (+ its parquet, stats and metadata); return its ground truth."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     started = time.time()
     rng = np.random.default_rng([job.seed, 1 if job.directory == "shards" else 2, job.index])
@@ -487,11 +486,16 @@ def make_toy_pool(
     uids, eval_uids = all_uids[:samples], all_uids[samples:]
     kinds = _noise_kinds(seed, samples, noise)
     jobs = [
-        _ShardJob(output, i, "shards", seed, start, uids[start : start + shard_size], kinds[start : start + shard_size], image_size, True, images)
+        _ShardJob(
+            output, i, "shards", seed, start, uids[start : start + shard_size], kinds[start : start + shard_size], image_size, True, images
+        )
         for i, start in enumerate(range(0, samples, shard_size))
     ]
     jobs += [
-        _ShardJob(output, i, "eval", seed, start, eval_uids[start : start + shard_size], np.zeros(len(eval_uids[start : start + shard_size]), np.int8), image_size, False, images)
+        _ShardJob(
+            output, i, "eval", seed, start, eval_uids[start : start + shard_size],
+            np.zeros(len(eval_uids[start : start + shard_size]), np.int8), image_size, False, images,
+        )
         for i, start in enumerate(range(0, eval_samples, shard_size))
     ]
     workers = workers or min(os.cpu_count() or 1, len(jobs))

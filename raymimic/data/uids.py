@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import fsspec
 import numpy as np
@@ -89,7 +89,7 @@ def uids_to_array(uids: Iterable[str]) -> np.ndarray:
 def array_to_uids(array: np.ndarray) -> list[str]:
     if array.dtype != SUBSET_DTYPE:
         raise ValueError(f"subset array has dtype {array.dtype}; DataComp subsets are {SUBSET_DTYPE}")
-    return [pair_to_uid(h, l) for h, l in zip(array["f0"].tolist(), array["f1"].tolist())]
+    return [pair_to_uid(hi, lo) for hi, lo in zip(array["f0"].tolist(), array["f1"].tolist())]
 
 
 def _save(path: str, array: np.ndarray) -> np.ndarray:

@@ -21,8 +21,8 @@ needs, :func:`control_directions` turns controls into directions at the current 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 

@@ -38,7 +38,8 @@ def check_same_architecture(model: nn.Module | dict, reference: nn.Module | dict
     """
     mine, theirs = _shapes(model), _shapes(reference)
     if not isinstance(reference, nn.Module):
-        theirs = {n: s for n, s in theirs.items() if n in mine or n.endswith(("weight", "bias", "embedding", "proj", "projection", "scale", "class_embedding"))}
+        suffixes = ("weight", "bias", "embedding", "proj", "projection", "scale", "class_embedding")
+        theirs = {n: s for n, s in theirs.items() if n in mine or n.endswith(suffixes)}
     problems = [f"{n}: model {mine[n]} vs reference {theirs[n]}" for n in mine if n in theirs and mine[n] != theirs[n]]
     problems += [f"{n}: only in the model" for n in mine if n not in theirs]
     problems += [f"{n}: only in the reference" for n in theirs if n not in mine]

@@ -19,7 +19,7 @@ the extra cost there is a tiny fraction of the layer's.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm
 class _BareMatmulMode(TorchFunctionMode):
     """Sees ``x @ P`` / ``F.linear(x, P)`` calls whose weight operand is the probed parameter."""
 
-    def __init__(self, probe: "MimicProbe"):
+    def __init__(self, probe: MimicProbe):
         super().__init__()
         self.probe = probe
 
@@ -84,7 +84,7 @@ class MimicProbe:
 
     # -- capture ------------------------------------------------------------------
     @contextlib.contextmanager
-    def capture(self) -> Iterator["MimicProbe"]:
+    def capture(self) -> Iterator[MimicProbe]:
         """Record the layer's use in the forward run inside this block (backward may follow later)."""
         self.reset()
         if self.module is not None:

@@ -22,7 +22,7 @@ and DDP's average over ranks is ``sum_i w_i g_i`` over the global batch, with no
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -8,7 +8,7 @@ when the backward pass ran on a scaled loss (e.g. ``world_size * L`` under DDP a
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

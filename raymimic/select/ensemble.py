@@ -19,7 +19,8 @@ sums votes per uid with an aggregation and calls :func:`vote_from_counts`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd

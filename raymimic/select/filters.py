@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -86,10 +86,13 @@ class CLIPScoreFilter(ScoreFilter):
             return super().scored(ds)
         if self._scored is not None and self._scored_source is ds:
             return self._scored
+        import ray
+
         device = "cuda" if self.num_gpus else "cpu"
         out = ds.map_batches(_TeacherEmbedder, fn_constructor_kwargs={"model": self.model, "pretrained": self.pretrained, "image_column": self.image_column,
                                                                       "text_column": self.text_column, "device": device},
-                             batch_format="pandas", batch_size=self.batch_size, concurrency=self.concurrency, num_gpus=self.num_gpus or None)
+                             batch_format="pandas", batch_size=self.batch_size, compute=ray.data.ActorPoolStrategy(size=self.concurrency),
+                             num_gpus=self.num_gpus or None)
         out = out.rename_columns({"clip_score": self.score_column})
         if self.top_fraction is not None:
             out = out.materialize()
@@ -217,12 +220,18 @@ def merge_bank_candidates(parts: Iterable[dict], n_banks: int, batch_size: int) 
                 sizes[k] += int(mask.sum())
                 if sizes[k] > 2 * batch_size:
                     trim(k)
-    for k in range(n_banks):
-        trim(k)
-    m = min(sizes) if n_rows else 0
+    m = min(min(size, batch_size) for size in sizes) if n_rows else 0
     if m == 0:
         return {"key": np.zeros((n_banks, 0)), "hash": np.zeros((n_banks, 0), np.uint64), "img": None, "txt": None}, n_rows
-    merged = {name: np.stack([pending[k][0][name][:m] for k in range(n_banks)]) for name in ("key", "hash", "img", "txt")}
+    merged = {}
+    for k in range(n_banks):  # one bank at a time into the result, its candidates freed as it goes
+        trim(k)
+        part = pending[k][0]
+        pending[k] = None
+        for name, values in part.items():
+            if name not in merged:
+                merged[name] = np.empty((n_banks, m, *values.shape[1:]), dtype=values.dtype)
+            merged[name][k] = values[:m]
     return merged, n_rows
 
 
@@ -447,7 +456,8 @@ class NegCLIPLossFilter(_StreamedScoreFilter):
     repetitions. Not the paper's: all rows share the same K banks (the paper's batches partition the pool),
     so the rows' R are correlated through the common negatives, which leaves each R(i)'s distribution unchanged
     and removes batch-to-batch luck between rows; and the bank is stored in ``bank_dtype`` (float16 by
-    default: 2 x K x B x dim x 2 bytes, 1.0 GB at the paper's sizes with dim 768; cosines change by about 1e-4).
+    default: 2 x K x B x dim x 2 bytes, 1.0 GB at the paper's sizes with dim 768; it moved scores by about 2e-5
+    in benchmarks/filters_scale.py, dim 128 and 256).
     A pool of at most B rows is one batch: the whole pool (no correction for its size).
 
     **Memory.** A task holds the bank (shared through the object store), ``rows_per_call`` rows and
@@ -540,63 +550,65 @@ class NegCLIPLossFilter(_StreamedScoreFilter):
 
 
 # -------------------------------------------------------------------------- NormSim
-def _npy_chunks(source, chunk_rows: int) -> Iterable[np.ndarray]:
-    """Row chunks of a 2-D ``.npy`` file (any fsspec URI) read sequentially, never the whole array at once."""
+def _npy_source(source, chunk_rows: int) -> tuple[tuple, Iterable[np.ndarray]]:
+    """Shape and row chunks of a 2-D ``.npy`` file (any fsspec URI), read sequentially, never the whole array at once
+    (a Fortran-ordered or unusual file is read whole)."""
     import fsspec
 
-    with fsspec.open(source, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        shape, fortran, dtype = readers[version](f) if version in readers else ((), True, np.dtype(object))
-        if len(shape) != 2 or fortran or dtype.hasobject:
-            f.seek(0)
-            yield np.load(io.BytesIO(f.read()), allow_pickle=False)
-            return
-        row_bytes = shape[1] * dtype.itemsize
-        for start in range(0, shape[0], chunk_rows):
-            rows = min(chunk_rows, shape[0] - start)
-            yield np.frombuffer(f.read(rows * row_bytes), dtype=dtype).reshape(rows, shape[1])
+    f = fsspec.open(source, "rb").open()
+    version = np.lib.format.read_magic(f)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    shape, fortran, dtype = readers[version](f) if version in readers else ((), True, np.dtype(object))
+    if len(shape) != 2 or fortran or dtype.hasobject:
+        f.seek(0)
+        array = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        f.close()
+        return array.shape, (array[i:i + chunk_rows] for i in range(0, max(len(array), 1), chunk_rows))
+
+    def chunks():
+        with f:
+            row_bytes = shape[1] * dtype.itemsize
+            for start in range(0, shape[0], chunk_rows):
+                rows = min(chunk_rows, shape[0] - start)
+                yield np.frombuffer(f.read(rows * row_bytes), dtype=dtype).reshape(rows, shape[1])
+
+    return shape, chunks()
 
 
-def prepare_targets(targets, p: float = 2, dtype: str = "float32", chunk_rows: int = 65536) -> dict:
+def prepare_targets(targets, p: float = 2, dtype: str = "float32", chunk_rows: int = 16384) -> dict:
     """What NormSim needs of the target set, computed once from its normalised embeddings.
 
     ``targets``: an array ``[n_targets, dim]`` or a ``.npy`` path / fsspec URI (read in chunks of ``chunk_rows``).
-    p = 2: the Gram matrix C = T^T T (dim x dim, float64), since ||T f||_2 = sqrt(f^T C f): a task never sees the
-    targets. p = inf: the normalised targets themselves, stored as ``dtype`` (float16 halves their memory).
+    p = 2: the Gram matrix C = T^T T (dim x dim, accumulated in float64), since ||T f||_2 = sqrt(f^T C f): a task
+    never sees the targets. p = inf: the normalised targets themselves, stored as ``dtype`` (float16 halves their
+    memory), written chunk by chunk into one preallocated array.
     """
     if p not in (2, np.inf, float("inf")):
         raise ValueError(f"NormSim uses p = 2 or inf, got {p!r}")
     if np.dtype(dtype) not in (np.float16, np.float32):
         raise ValueError(f"target dtype must be float16 or float32, got {dtype!r}")
-    chunks = _npy_chunks(targets, chunk_rows) if isinstance(targets, str) else None
-    if chunks is None:
+    if isinstance(targets, str):
+        shape, chunks = _npy_source(targets, chunk_rows)
+    else:
         array = np.asarray(targets)
-        if array.ndim != 2:
-            raise ValueError(f"target embeddings must be a non-empty 2-D array [n_targets, dim], got shape {array.shape}")
-        chunks = (array[i:i + chunk_rows] for i in range(0, len(array), chunk_rows))
-    gram, parts, n, dim = None, [], 0, None
+        shape, chunks = array.shape, (array[i:i + chunk_rows] for i in range(0, len(array), chunk_rows))
+    if len(shape) != 2 or shape[0] == 0:
+        raise ValueError(f"target embeddings must be a non-empty 2-D array [n_targets, dim], got shape {shape}")
+    n, dim = int(shape[0]), int(shape[1])
+    unit_targets = np.empty((n, dim), dtype=dtype) if np.isinf(p) else None
+    gram = np.zeros((dim, dim)) if not np.isinf(p) else None
+    start = 0
     for chunk in chunks:
-        if chunk.ndim != 2:
-            raise ValueError(f"target embeddings must be a non-empty 2-D array [n_targets, dim], got shape {chunk.shape}")
-        if len(chunk) == 0:
-            continue
-        dim = chunk.shape[1]
         unit = _normalize(np.asarray(chunk, dtype=np.float64))
-        n += len(unit)
         if np.isinf(p):
-            parts.append(unit.astype(dtype))
+            unit_targets[start:start + len(unit)] = unit
         else:
-            gram = unit.T @ unit if gram is None else gram + unit.T @ unit
-    if n == 0:
-        raise ValueError("target embeddings must be a non-empty 2-D array [n_targets, dim], got no rows")
+            gram += unit.T @ unit
+        start += len(unit)
     import uuid
 
-    state = {"p": float(p), "n_targets": n, "dim": int(dim), "token": uuid.uuid4().hex}
-    if np.isinf(p):
-        state["targets"] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    else:
-        state["gram"] = gram
+    state = {"p": float(p), "n_targets": n, "dim": dim, "token": uuid.uuid4().hex}
+    state["targets" if np.isinf(p) else "gram"] = unit_targets if np.isinf(p) else gram
     return state
 
 

@@ -8,7 +8,7 @@ arrays. The quantile is interpolated within its histogram bin, so its error is a
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,7 +21,9 @@ def _finite(batch, column: str) -> np.ndarray:
 def _block_range(batch, column: str) -> dict:
     values = _finite(batch, column)
     lo, hi = (values.min(), values.max()) if len(values) else (np.inf, -np.inf)
-    return {"min": np.array([lo]), "max": np.array([hi]), "n": np.array([len(values)]), "n_nan": np.array([len(batch[column]) - len(values)])}
+    return {
+        "min": np.array([lo]), "max": np.array([hi]), "n": np.array([len(values)]), "n_nan": np.array([len(batch[column]) - len(values)])
+    }
 
 
 def _block_histogram(batch, column: str, edges: np.ndarray) -> dict:

@@ -12,7 +12,8 @@ relative to the dataset the stage was fitted on (the pool), not to a later subse
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,7 +34,7 @@ class FilterStage:
     def keep_column(self) -> str:
         return f"{self.name}_keep"
 
-    def fit(self, ds) -> "FilterStage":
+    def fit(self, ds) -> FilterStage:
         self.fitted = True
         return self
 
@@ -127,7 +128,7 @@ class ScoreFilter(FilterStage):
         self._scored, self._scored_source = out, ds
         return out
 
-    def fit(self, ds) -> "ScoreFilter":
+    def fit(self, ds) -> ScoreFilter:
         if self.top_fraction is not None:
             scored = self.scored(ds)
             self.threshold = float(approximate_quantiles(scored, self.score_column, [1 - self.top_fraction])[0])

@@ -12,8 +12,8 @@ step is recorded in the score-table layout, so the Stage-2 binarizers apply unch
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -166,8 +166,9 @@ def train_run(
             # the mimic score is recorded for every method: the score column means one thing
             stats, _ = weighting_stats(
                 weighting, probe, direction, size, kind=config.score_kind, losses=losses.detach(),
-                ref_losses=lambda: _reference_losses(reference, x, y),
-                align_with=lambda: _next_batch_grad(model, data, labels, batches, b),
+                # both callables are evaluated inside weighting_stats, in this iteration: late binding is fine
+                ref_losses=lambda: _reference_losses(reference, x, y),  # noqa: B023
+                align_with=lambda: _next_batch_grad(model, data, labels, batches, b),  # noqa: B023
             )
             weights, _ = batch_weights(weighting, stats)
             if observe is not None:
@@ -239,7 +240,9 @@ def method_statistic(needs, stats: dict[str, torch.Tensor], weights: torch.Tenso
     return weights * len(weights)
 
 
-def _rows(uids: np.ndarray, step: int, epoch: int, score: torch.Tensor, weights: torch.Tensor, size: int, stat: torch.Tensor) -> pd.DataFrame:
+def _rows(
+    uids: np.ndarray, step: int, epoch: int, score: torch.Tensor, weights: torch.Tensor, size: int, stat: torch.Tensor
+) -> pd.DataFrame:
     """Score-table rows of one step (the layout Stage 2 reads) plus the method's own statistic."""
     return pd.DataFrame(
         {

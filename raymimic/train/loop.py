@@ -18,9 +18,10 @@ import time
 import numpy as np
 import torch
 
+from raymimic.score_table import ScoreTableWriter, discard_from_step
 from raymimic.train.checkpoint import TrainState, load_train_checkpoint, save_train_checkpoint
 from raymimic.train.config import TrainConfig
-from raymimic.score_table import ScoreTableWriter, discard_from_step
+
 
 # no weight decay on gains, biases and the temperature (open_clip's training recipe)
 def _no_decay(name: str, param: torch.Tensor) -> bool:
@@ -116,8 +117,8 @@ class _Worker:
     # -- one optimizer update --------------------------------------------------------
     def train_step(self, batch: dict) -> dict:
         cfg, state = self.cfg, self.state
-        images = torch.as_tensor(np.asarray(batch["image"]), dtype=torch.float32).to(self.device, non_blocking=True)
-        texts = torch.as_tensor(np.asarray(batch["text"]), dtype=torch.long).to(self.device, non_blocking=True)
+        images = torch.tensor(np.asarray(batch["image"]), dtype=torch.float32).to(self.device, non_blocking=True)
+        texts = torch.tensor(np.asarray(batch["text"]), dtype=torch.long).to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(state.step, cfg)
         self.optimizer.zero_grad(set_to_none=True)

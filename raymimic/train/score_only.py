@@ -64,8 +64,8 @@ class MimicScorer:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        images = torch.as_tensor(np.asarray(batch["image"]), dtype=torch.float32).to(self.device)
-        texts = torch.as_tensor(np.asarray(batch["text"]), dtype=torch.long).to(self.device)
+        images = torch.tensor(np.asarray(batch["image"]), dtype=torch.float32).to(self.device)
+        texts = torch.tensor(np.asarray(batch["text"]), dtype=torch.long).to(self.device)
         self.model.zero_grad(set_to_none=True)
         result = self.step_fn(images, texts)
         self.model.zero_grad(set_to_none=True)  # scoring only: no update

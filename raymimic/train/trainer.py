@@ -17,6 +17,7 @@ run instead of waiting forever).
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ def normalise_output(uri: str) -> str:
 
 
 def build_trainer(cfg: TrainConfig, dataset):
+    from ray.data import DataContext
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -50,7 +52,8 @@ def build_trainer(cfg: TrainConfig, dataset):
     else:
         workers = cfg.workers
     resources = worker_resources(cfg)  # CPU, GPU when use_gpu, and cfg.extra["resources_per_worker"]
-    options = DataConfig.default_ingest_options()
+    # the context's options as DataConfig.default_ingest_options() takes them, without its deprecated exclude_resources setter
+    options = copy.copy(DataContext.get_current().execution_options)
     options.preserve_order = True  # deterministic split and order: exact resume
     return TorchTrainer(
         train_loop_per_worker,
