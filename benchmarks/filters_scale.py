@@ -17,8 +17,8 @@ after its imports; synthetic, normalised embeddings are generated in chunks.
   K = 10, tau = 0.01): top-30% overlap of the stage's scores with the paper's procedure (K random
   permutations of the pool cut into batches of B, computed here independently in torch), of two
   reference runs with different seeds (the ceiling set by batch randomness), of two bank seeds, and
-  of the previous design (batches drawn inside each block, blocks sorted by topic as metadata files
-  are); and the largest score change between a float16 and a float32 bank.
+  with ``--old`` of the previous design (batches drawn inside each block, blocks sorted by topic as
+  metadata files are); and the largest score change between a float16 and a float32 bank.
 - ``normsim p=2`` / ``normsim p=inf``: ``--targets`` (1.28M) targets of ``--target-dim`` (512) written
   to a .npy, then one process builds the :class:`NormSimFilter` from the file (driver role: read in
   chunks, normalised once) and scores a block (task role): an upper bound for either role. p = 2
@@ -205,7 +205,7 @@ def part_negclip_agreement(a) -> dict:
             ("bank seed 1 vs reference seed 1", top_overlap(out["bank seed 1"], out["reference seed 1"])),
             ("reference seed 0 vs reference seed 1", top_overlap(out["reference seed 0"], out["reference seed 1"])),
             ("bank seed 0 vs bank seed 1", top_overlap(out["bank seed 0"], out["bank seed 1"]))]
-    if not a.no_old:
+    if a.old:
         # previous design: batches inside each block; blocks sorted by topic, sized like a 110k-row file's 42,909 / 42,909 / 24,182
         order = np.argsort(topic, kind="stable")
         cuts = (np.cumsum([0, 42909, 42909, 24182]) / 110000 * len(order)).astype(int)
@@ -299,7 +299,7 @@ def main() -> None:
     parser.add_argument("--agree-rows", type=int, default=20480)
     parser.add_argument("--agree-batch", type=int, default=4096)
     parser.add_argument("--agree-dim", type=int, default=256)
-    parser.add_argument("--no-old", action="store_true", help="skip the previous (per-block) design in the agreement table")
+    parser.add_argument("--old", action="store_true", help="add the previous (per-block) design to the agreement table (about 2 min)")
     parser.add_argument("--targets", type=int, default=1_280_000)
     parser.add_argument("--target-dim", type=int, default=512)
     parser.add_argument("--target-dtype", default="float32", choices=["float32", "float16"], help="NormSim p=inf target storage")

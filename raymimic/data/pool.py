@@ -281,7 +281,12 @@ class PoolRejects:
 
         if self._actor is not None:
             raise ValueError("this PoolRejects is already bound to a pool read; create one PoolRejects per read_pool call")
-        self._actor = ray.remote(num_cpus=0)(_Ledger).remote(pool_uri, num_shards, self.print_summary)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # on the driver's node: a worker node that dies (preemption, scale-down) must not take the
+        # pool-wide ledger, and with it the whole read, down; if the driver's node dies the job is gone anyway
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self._actor = ray.remote(num_cpus=0, scheduling_strategy=here)(_Ledger).remote(pool_uri, num_shards, self.print_summary)
         return self._actor
 
     @property

@@ -524,7 +524,10 @@ class NegCLIPLossFilter(_StreamedScoreFilter):
         if self.bank is None:
             raise RuntimeError("NegCLIPLossFilter: no negative bank; call fit(ds) first")
         if self._bank_ref is None:
+            import ray
+
             self._bank_ref = self._put(self.bank)
+            self.bank = ray.get(self._bank_ref)  # the driver keeps the object-store copy only
         return _negclip_score_frame, {"bank": self._bank_ref, "score_column": self.score_column, "image_column": self.image_column,
                                       "text_column": self.text_column, "key_column": self.key_column, "tau": self.tau,
                                       "chunk_rows": self.chunk_rows, "chunk_bank": self.chunk_bank, "num_gpus": self.num_gpus}
