@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def _matrix(batch: pd.DataFrame, column: str) -> np.ndarray:
     if column not in batch.columns:
-        raise ValueError(f"column {column!r} is missing (have {list(batch.columns)}); read the pool with embeddings, e.g. read_metadata(pool, embeddings=[...])")
+        raise ValueError(f"column {column!r} is missing (have {list(batch.columns)}); "
+                         "read the pool with embeddings, e.g. read_metadata(pool, embeddings=[...])")
     return np.stack([np.asarray(v, dtype=np.float32) for v in batch[column].to_numpy()]) if len(batch) else np.zeros((0, 1), np.float32)
 
 
@@ -78,7 +79,8 @@ class CLIPScoreFilter(ScoreFilter):
 
     def score_batch(self, batch: pd.DataFrame) -> np.ndarray:
         if self.column not in batch.columns:
-            raise ValueError(f"CLIPScoreFilter: column {self.column!r} is missing (have {list(batch.columns)}); use a DataComp metadata column or give model=")
+            raise ValueError(f"CLIPScoreFilter: column {self.column!r} is missing (have {list(batch.columns)}); "
+                             "use a DataComp metadata column or give model=")
         return batch[self.column].to_numpy(dtype=np.float64, na_value=np.nan)
 
     def scored(self, ds):
@@ -89,7 +91,8 @@ class CLIPScoreFilter(ScoreFilter):
         import ray
 
         device = "cuda" if self.num_gpus else "cpu"
-        out = ds.map_batches(_TeacherEmbedder, fn_constructor_kwargs={"model": self.model, "pretrained": self.pretrained, "image_column": self.image_column,
+        out = ds.map_batches(_TeacherEmbedder, fn_constructor_kwargs={"model": self.model, "pretrained": self.pretrained,
+                                                                      "image_column": self.image_column,
                                                                       "text_column": self.text_column, "device": device},
                              batch_format="pandas", batch_size=self.batch_size, compute=ray.data.ActorPoolStrategy(size=self.concurrency),
                              num_gpus=self.num_gpus or None)
