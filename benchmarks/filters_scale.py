@@ -9,8 +9,8 @@ after its imports; synthetic, normalised embeddings are generated in chunks.
 - ``negclip bank``: the driver's first pass: :func:`bank_candidates` over a synthetic pool of
   ``--pool-rows`` rows (10,000-row batches, as Ray Data would hand them), merged into K banks
   of B rows (``--batch-size`` 32,768, ``--k`` 10, float16, ``--dim`` 768); the bank is saved.
-- ``negclip task``: one task: the saved bank (memory-mapped, as a task maps it from the object
-  store), a block of ``--block-rows`` rows held as a pandas frame, and the stage's own scoring
+- ``negclip task``: one task: the saved bank (loaded whole, as a task holds it mapped from the
+  object store), a block of ``--block-rows`` rows held as a pandas frame, and the stage's own scoring
   function on its first ``--score-rows`` rows (the rest would be the same per-call work;
   time for the block is extrapolated).
 - ``negclip agreement``: a pool of ``--agree-rows`` rows (``--agree-dim``, B = ``--agree-batch``,
