@@ -289,10 +289,13 @@ def test_simulate_config(config_of, error_of):
 def test_make_toy_pool_config(config_of, error_of):
     cfg = config_of("make-toy-pool", "--output", "/tmp/toy", "--samples", "100")
     assert cfg == {"output": "/tmp/toy", "samples": 100, "noise": 0.3, "seed": 0, "shard_size": 10000, "eval_samples": 1600,
-                   "image_size": 32, "workers": None, "images": "shapes"}
+                   "image_size": 32, "workers": None, "images": "shapes", "relabel": 0.0, "relabel_pairs": 4}
     cfg = config_of("make-toy-pool", "--output", "/tmp/toy", "--samples", "100", "--noise", "0.5", "--images", "digits",
-                    "--shard-size", "10", "--seed", "2", "--workers", "1")
+                    "--shard-size", "10", "--seed", "2", "--workers", "1", "--relabel", "0.04", "--relabel-pairs", "2")
     assert cfg["noise"] == 0.5 and cfg["images"] == "digits" and cfg["shard_size"] == 10 and cfg["seed"] == 2 and cfg["workers"] == 1
+    assert cfg["relabel"] == 0.04 and cfg["relabel_pairs"] == 2
+    assert "relabel_pairs=6" in error_of("make-toy-pool", "--output", "x", "--samples", "10", "--images", "digits", "--relabel", "0.05",
+                                         "--relabel-pairs", "6", "--print-config")
     assert "noise" in error_of("make-toy-pool", "--output", "x", "--samples", "10", "--noise", "2", "--print-config")
 
 

@@ -145,3 +145,59 @@ def test_mixed_source_uses_real_handwritten_digits(tmp_path):
     assert all(name in text for name, text in zip(truth["class_name"], truth["text"]))
     with pytest.raises(ValueError, match="images must be one of"):
         make_toy_pool(str(tmp_path / "bad"), samples=5, noise=0.0, images="faces")
+
+
+def test_relabelling_is_one_way_natural_and_spread_over_pairs(tmp_path):
+    import pandas as pd
+
+    from raymimic.data.toy_pool import RELABELLED, relabel_pairs
+
+    summary = make_toy_pool(str(tmp_path / "sys"), samples=4000, noise=0.2, seed=3, shard_size=1000, eval_samples=50, workers=1,
+                            relabel=0.1, relabel_pairs=4)
+    truth = pd.read_parquet(tmp_path / "sys" / "ground_truth.parquet")
+    relabelled = truth[truth["kind"] == RELABELLED]
+    pairs = relabel_pairs(3, "shapes", 4)
+    names = CLASS_NAMES
+    assert summary["relabel_pairs"] == [f"{names[a]} -> {names[b]}" for a, b in pairs]
+    sources, targets = {names[a] for a, _ in pairs}, {names[b] for _, b in pairs}
+    assert not sources & targets  # one way: no class is both relabelled and a relabel target
+    assert set(zip(relabelled["class_name"], relabelled["caption_class"])) == {(names[a], names[b]) for a, b in pairs}
+    # each pair holds about relabel / pairs of the pool (binomial spread), no pair dominates
+    per_pair = relabelled.groupby("class_name").size()
+    assert len(per_pair) == 4 and per_pair.between(0.015 * 4000, 0.035 * 4000).all(), per_pair
+    # natural captions: the clean template with the class name replaced
+    for text, source, target in zip(relabelled["text"], relabelled["class_name"], relabelled["caption_class"]):
+        assert target in text and source not in text
+    # random corruption is untouched: exactly round(noise * n), split evenly
+    assert truth["kind"].isin(["swapped_caption", "short_caption", "boilerplate"]).sum() == 800
+    assert truth.loc[truth["kind"] == "clean", "caption_class"].eq(truth.loc[truth["kind"] == "clean", "class_name"]).all()
+    assert summary["kinds"][RELABELLED] == len(relabelled)
+    # the teacher's embeddings follow the caption: relabelled pairs score like swapped captions, below clean ones
+    files = (tmp_path / "sys" / "metadata").glob("*.parquet")
+    metadata = pd.concat(pd.read_parquet(p, columns=["uid", "clip_l14_similarity_score"]) for p in files)
+    scores = metadata.merge(truth, on="uid")
+    by_kind = scores.groupby("kind")["clip_l14_similarity_score"].mean()
+    assert by_kind[RELABELLED] < by_kind["clean"] - 0.1
+
+
+def test_relabelling_is_deterministic_and_leaves_a_plain_pool_unchanged(tmp_path):
+    import pandas as pd
+
+    for name in ("a", "b"):
+        make_toy_pool(str(tmp_path / name), samples=600, noise=0.2, seed=5, shard_size=300, eval_samples=0, workers=1, relabel=0.08)
+    a, b = (pd.read_parquet(tmp_path / n / "ground_truth.parquet") for n in ("a", "b"))
+    assert a.equals(b)
+    make_toy_pool(str(tmp_path / "plain"), samples=600, noise=0.2, seed=5, shard_size=300, eval_samples=0, workers=1)
+    plain = pd.read_parquet(tmp_path / "plain" / "ground_truth.parquet")
+    assert "relabelled" not in set(plain["kind"])
+    moved = a["kind"] == "relabelled"
+    assert moved.any() and a.loc[~moved, "text"].equals(plain.loc[~moved, "text"])  # only relabelled captions differ
+
+
+def test_too_much_relabelling_is_refused_with_the_numbers(tmp_path):
+    from raymimic.data.toy_pool import ToyPoolConfig
+
+    with pytest.raises(ValueError, match="holds only"):
+        make_toy_pool(str(tmp_path / "x"), samples=100, noise=0.5, relabel=0.2, relabel_pairs=2, workers=1)
+    with pytest.raises(ValueError, match="at most 8 pairs"):
+        ToyPoolConfig(output=str(tmp_path / "y"), samples=100, relabel=0.1, relabel_pairs=9)

@@ -457,7 +457,8 @@ def test_control_and_baseline_names_agree_between_config_and_maths():
     from raymimic.mimic.controls import BUILTIN_CONTROLS
     from raymimic.train import config, step
 
-    assert config.BUILTIN_CONTROLS == BUILTIN_CONTROLS and config.BASELINES == step.BASELINE_NAMES
+    # "aligned" needs both models' activations, so the step builds it (raymimic.clip.align), not make_control
+    assert config.BUILTIN_CONTROLS == (*BUILTIN_CONTROLS, step.ALIGNED) and config.BASELINES == step.BASELINE_NAMES
     assert set(config.DEFAULT_CONTROLS) <= set(BUILTIN_CONTROLS)
 
 

@@ -18,18 +18,24 @@ Images are coloured shapes (16 classes such as "red circle", "blue cross") or, w
 --images digits|mixed, scikit-learn's handwritten digits inked in colour; captions describe
 them ("a small red circle on the left", "a handwritten seven in blue ink"). A fraction --noise of the samples gets a
 corrupted caption, split evenly between three kinds: another image's caption, a too-short
-caption, unrelated boilerplate. ground_truth.parquet says which; it is for evaluation only.
+caption, unrelated boilerplate. --relabel adds systematic noise: that fraction of the pool
+is consistently mislabelled, one way, over --relabel-pairs class pairs ("red circle" images
+captioned as "blue square" with otherwise natural captions), the noise a model learns as if it
+were signal and only a reference trained on clean data can flag. ground_truth.parquet says
+which sample is which (kind, caption_class); it is for evaluation only.
 The same --seed always writes the same pool."""
 
 EPILOG = """\
 examples:
   raymimic make-toy-pool --output /tmp/toy --samples 20000 --noise 0.3 --seed 0
+  raymimic make-toy-pool --output /tmp/sys --samples 20000 --noise 0.2 --relabel 0.1 --relabel-pairs 4
   raymimic make-toy-pool --output /data/toy1m --samples 1000000 --noise 0.5 --shard-size 10000
 then read it with:  python -c "import ray, raymimic; print(raymimic.read_pool('/tmp/toy').count())"
 """
 
 
-OPTIONS = ("output", "samples", "noise", "seed", "shard_size", "eval_samples", "image_size", "images", "workers")
+OPTIONS = ("output", "samples", "noise", "seed", "shard_size", "eval_samples", "image_size", "images", "workers", "relabel",
+           "relabel_pairs")
 
 
 def register(subparsers) -> None:
@@ -57,6 +63,10 @@ def register(subparsers) -> None:
     parser.add_argument("--images", choices=tuple(IMAGE_SOURCES),
                         help=f"shapes: drawn coloured shapes, {classes['shapes']} classes; digits: scikit-learn's handwritten digits, "
                              f"coloured, {classes['digits']} classes; mixed: both, {classes['mixed']} classes (default: {dflt('images')})")
+    parser.add_argument("--relabel", type=float,
+                        help=f"fraction of the pool consistently relabelled one way (systematic noise), 0..1 (default: {dflt('relabel')})")
+    parser.add_argument("--relabel-pairs", type=int,
+                        help=f"class pairs the relabelling is spread over, each source -> target (default: {dflt('relabel_pairs')})")
     parser.add_argument("--workers", type=int, help="processes writing shards in parallel (default: CPU count)")
     add_print_config(parser)
     parser.set_defaults(func=run, parser=parser)

@@ -41,13 +41,15 @@ FIELD_OPTIONS = (
     "pool", "reference", "output", "shuffle_buffer", "model", "pretrained", "samples_seen", "global_batch", "lr", "warmup",
     "weight_decay", "precision", "grad_checkpointing", "weighting", "mimic_layer", "tau", "score_kind", "reweight_all", "workers",
     "min_workers", "max_workers", "gpu", "cpus_per_worker", "checkpoint_every", "max_failures", "seed", "direction", "controls",
-    "baselines",
+    "baselines", "align_every",
 )
 CONTROLS_HELP = (
     "comma-separated control directions, each scored from the same backward pass into a column score_<name> (one more matmul "
     "each; they never change the weights): {builtins}: zero (V = -W_t, the target model alone), init (W_0 - W_t), random "
     "(R - W_t, R seeded by --seed with the reference's norm), fixed (W_ref - W_0), current (W_ref - W_t, for --direction fixed), "
-    "or NAME=SPEC (W_ref' - W_t for another reference, SPEC as --reference takes); 'none' for no controls (default: {default}; "
+    "aligned (W_ref' - W_t, the reference brought into the target's basis from both models' activations, refitted every "
+    "--align-every steps; it runs the reference forward then), or NAME=SPEC (W_ref' - W_t for another reference, SPEC as "
+    "--reference takes); 'none' for no controls (default: {default}; "
     "without --reference none, and fixed is left out under --direction fixed)"
 )
 BASELINES_HELP = (
@@ -111,6 +113,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, preset: str, preset_is_
     mimic.add_argument("--controls", metavar="LIST",
                        help=CONTROLS_HELP.format(builtins=", ".join(BUILTIN_CONTROLS), default=",".join(_default("controls"))))
     mimic.add_argument("--baselines", metavar="LIST", help=BASELINES_HELP.format(names=", ".join(BASELINES)))
+    mimic.add_argument("--align-every", type=int,
+                       help="steps between re-alignments of the 'aligned' control to the target's basis "
+                            f"(default: {_default('align_every')})")
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--workers", type=int, help=f"data-parallel training workers (default: {_default('workers')})")
     cluster.add_argument("--min-workers", type=int, help="elastic training: fewest workers to run with (with --max-workers)")

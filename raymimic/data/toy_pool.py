@@ -13,6 +13,16 @@ fraction ``noise`` of the samples is corrupted the way web captions are:
 - ``short_caption``: a one- or two-word caption ("photo", "img_0423"),
 - ``boilerplate``: unrelated web text ("free shipping on all orders").
 
+Systematic noise (``relabel``): a fraction ``relabel`` of the pool is *consistently*
+mislabelled, one way, over ``relabel_pairs`` class pairs (``source -> target``, no class in two
+pairs): an image of the source class gets its natural clean caption with the class name
+replaced by the target's ("a small red circle on the left" -> "a small blue square on the
+left"). Each pair holds ``relabel / relabel_pairs`` of the pool (expected), drawn among the
+source class's clean samples; the target class keeps its own clean images. A model trained on
+the pool learns the relabelling like any other pattern, so its own loss does not flag it; a
+reference trained on clean data does. Kind ``relabelled``; ``caption_class`` in the ground
+truth names the class the caption claims.
+
 Written layout (the real DataComp one, so every reader path is exercised)::
 
     OUT/shards/{:08d}.tar             KEY.jpg, KEY.txt, KEY.json (uid, caption, sizes, status)
@@ -71,8 +81,9 @@ TEMPLATES = [
     "a drawing of a {}.",
     "a {}.",
 ]
-NOISE_KINDS = ("swapped_caption", "short_caption", "boilerplate")
-KINDS = ("clean",) + NOISE_KINDS
+NOISE_KINDS = ("swapped_caption", "short_caption", "boilerplate")  # random corruption, ``noise``
+RELABELLED = "relabelled"  # systematic noise, ``relabel``
+KINDS = ("clean",) + NOISE_KINDS + (RELABELLED,)
 SHORT_CAPTIONS = ("photo", "img", "image", "dsc 0423", "untitled", "pic", "thumbnail", "file", "jpg", "view")
 BOILERPLATE = (
     "free shipping on all orders over 50 dollars",
@@ -120,6 +131,9 @@ class _ShardJob:
     image_size: int
     write_metadata: bool
     images: str = "shapes"
+    # one-way relabelling: (source class index, target class index, probability that a clean
+    # sample of the source class is relabelled)
+    relabel: tuple[tuple[int, int, float], ...] = ()
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -363,6 +377,13 @@ def write_shard(job: _ShardJob) -> dict:
             junk_idx[i] = len(SHORT_CAPTIONS) + b
             texts[i] = BOILERPLATE[b]
 
+    kinds = job.kinds.copy()
+    caption_class = list(names)
+    if job.relabel:
+        _relabel(rng, job, kinds, labels, class_names, texts, text_attrs, caption_class)
+    for i in np.flatnonzero((kinds > 0) & (kinds != KINDS.index(RELABELLED))):
+        caption_class[i] = ""  # a corrupted caption names no class (or another image's)
+
     uids = [f"{hi:016x}{lo:016x}" for hi, lo in job.uids.tolist()]
     keys = [f"{job.index:04d}{i:05d}" if n < 100000 else f"{job.index:04d}{i:06d}" for i in range(n)]
     original = (job.image_size * rng.integers(8, 33, size=(n, 2))).astype(np.int64)
@@ -392,10 +413,72 @@ def write_shard(job: _ShardJob) -> dict:
             embeddings, scores = teacher_embeddings(job.seed, job.index, attrs, text_attrs, mentions, junk_idx)
             _write_metadata(job, uids, urls, texts, original, sha, embeddings, scores, rng)
     return pa.table({
-        "uid": uids, "is_noisy": job.kinds > 0, "kind": [KINDS[k] for k in job.kinds],
-        "label": labels.astype(np.int64), "class_name": names,
+        "uid": uids, "is_noisy": kinds > 0, "kind": [KINDS[k] for k in kinds],
+        "label": labels.astype(np.int64), "class_name": names, "caption_class": caption_class,
         "text": texts, "shard": np.full(n, job.index, np.int64), "key": keys,
     })
+
+
+def _class_attributes(name: str) -> tuple[int, int]:
+    """(colour index, shape index) of a class name, as :func:`draw_scenes` encodes them."""
+    if name.startswith("handwritten "):
+        return -1, len(SHAPES) + DIGITS.index(name.split(" ", 1)[1])
+    colour, shape = name.split(" ", 1)
+    return list(COLOURS).index(colour), SHAPES.index(shape)
+
+
+def _relabel(rng, job: _ShardJob, kinds, labels, class_names, texts, text_attrs, caption_class) -> None:
+    """Give clean samples of each source class the caption of its target class (in place)."""
+    draws = rng.random(len(kinds))  # one draw per sample, so the choice does not depend on the pairs' order
+    for source, target, probability in job.relabel:
+        chosen = np.flatnonzero((kinds == 0) & (labels == source) & (draws < probability))
+        source_name, target_name = class_names[source], class_names[target]
+        colour, shape = _class_attributes(target_name)
+        for i in chosen:
+            texts[i] = texts[i].replace(source_name, target_name)
+            if colour >= 0:
+                text_attrs["colour"][i] = colour
+            text_attrs["shape"][i] = shape
+            caption_class[i] = target_name
+        kinds[chosen] = KINDS.index(RELABELLED)
+
+
+def relabel_pairs(seed: int, images: str, pairs: int) -> list[tuple[int, int]]:
+    """``pairs`` one-way (source, target) class pairs, no class in two pairs; deterministic for a seed.
+
+    Pairs stay within one image family (shape to shape, digit to digit), so a caption always
+    describes an image the pool could contain.
+    """
+    names = IMAGE_SOURCES[images][0]
+    families = [[i for i, n in enumerate(names) if n.startswith("handwritten ") == digit] for digit in (False, True)]
+    rng = np.random.default_rng([seed, 17])
+    chosen = []
+    for family in sorted((f for f in families if len(f) >= 2), key=len, reverse=True):
+        order = rng.permutation(family).tolist()
+        chosen += [(order[2 * k], order[2 * k + 1]) for k in range(len(order) // 2)]
+    if pairs > len(chosen):
+        raise ValueError(f"relabel_pairs={pairs} needs {2 * pairs} distinct classes of one family; images={images!r} allows at most "
+                         f"{len(chosen)} pairs")
+    return [tuple(map(int, pair)) for pair in chosen[:pairs]]
+
+
+def _relabel_plan(seed: int, images: str, relabel: float, pairs: int, noise: float) -> tuple[tuple[int, int, float], ...]:
+    """Per pair, the probability that a clean sample of its source class is relabelled."""
+    if relabel == 0:
+        return ()
+    names, digit_fraction = IMAGE_SOURCES[images]
+    n_digits = sum(n.startswith("handwritten ") for n in names)
+    plan = []
+    for source, target in relabel_pairs(seed, images, pairs):
+        digit = names[source].startswith("handwritten ")
+        class_share = digit_fraction / n_digits if digit else (1 - digit_fraction) / (len(names) - n_digits)
+        probability = (relabel / pairs) / (class_share * (1 - noise))
+        if probability > 1:
+            raise ValueError(f"relabel={relabel} over {pairs} pairs asks {relabel / pairs:.3f} of the pool per pair, but a class "
+                             f"holds only {class_share * (1 - noise):.3f} of it once noise={noise} is drawn: use a smaller relabel "
+                             "or more relabel_pairs")
+        plan.append((source, target, probability))
+    return tuple(plan)
 
 
 def _write_img2dataset_files(job, directory, uids, urls, keys, texts, original, sha, started):
@@ -466,6 +549,8 @@ def make_toy_pool(
     image_size: int = 32,
     workers: int | None = None,
     images: str = "shapes",
+    relabel: float = 0.0,
+    relabel_pairs: int = 4,
 ) -> dict:
     """Write a toy DataComp pool to the local directory ``output``; return a summary dict."""
     if images not in IMAGE_SOURCES:
@@ -474,6 +559,9 @@ def make_toy_pool(
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise is a fraction in [0, 1], got {noise}")
+    if not 0.0 <= relabel < 1.0 or relabel_pairs < 1:
+        raise ValueError(f"relabel is a fraction in [0, 1) and relabel_pairs >= 1, got {relabel} and {relabel_pairs}")
+    plan = _relabel_plan(seed, images, relabel, relabel_pairs, noise)
     if shard_size < 1 or image_size < 8 or eval_samples < 0:
         raise ValueError(f"need shard_size >= 1, image_size >= 8, eval_samples >= 0 (got {shard_size}, {image_size}, {eval_samples})")
     import pyarrow as pa
@@ -487,7 +575,8 @@ def make_toy_pool(
     kinds = _noise_kinds(seed, samples, noise)
     jobs = [
         _ShardJob(
-            output, i, "shards", seed, start, uids[start : start + shard_size], kinds[start : start + shard_size], image_size, True, images
+            output, i, "shards", seed, start, uids[start : start + shard_size], kinds[start : start + shard_size], image_size, True, images,
+            plan,
         )
         for i, start in enumerate(range(0, samples, shard_size))
     ]
@@ -513,11 +602,14 @@ def make_toy_pool(
         json.dump(IMAGE_SOURCES[images][0], f, indent=1)
     with open(os.path.join(output, "eval", "templates.json"), "w") as f:
         json.dump(TEMPLATES, f, indent=1)
-    counts = {kind: int(np.sum(kinds == k)) for k, kind in enumerate(KINDS)}
+    kinds_written = pa.concat_tables(truth).column("kind").to_pylist()
+    counts = {kind: kinds_written.count(kind) for kind in KINDS}
+    names = IMAGE_SOURCES[images][0]
     summary = {
         "output": os.path.abspath(output), "samples": samples, "noise": noise, "seed": seed,
         "shards": sum(job.directory == "shards" for job in jobs), "eval_samples": eval_samples,
         "images": images, "classes": len(IMAGE_SOURCES[images][0]), "image_size": image_size, "kinds": counts,
+        "relabel": relabel, "relabel_pairs": [f"{names[a]} -> {names[b]}" for a, b, _ in plan],
         "seconds": round(time.time() - started, 2),
     }
     with open(os.path.join(output, "toy_pool.json"), "w") as f:
@@ -547,6 +639,8 @@ class ToyPoolConfig:
     image_size: int = _MAKE_DEFAULTS["image_size"]
     workers: int | None = _MAKE_DEFAULTS["workers"]  # processes writing shards; None = CPU count
     images: str = _MAKE_DEFAULTS["images"]  # one of IMAGE_SOURCES
+    relabel: float = _MAKE_DEFAULTS["relabel"]  # fraction of the pool consistently relabelled (systematic noise), in [0, 1)
+    relabel_pairs: int = _MAKE_DEFAULTS["relabel_pairs"]  # one-way class pairs the relabelling is spread over
 
     def __post_init__(self):
         if not self.output:
@@ -562,6 +656,9 @@ class ToyPoolConfig:
                              f"(got {self.shard_size}, {self.image_size}, {self.eval_samples})")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if not 0.0 <= self.relabel < 1.0 or self.relabel_pairs < 1:
+            raise ValueError(f"relabel is a fraction in [0, 1) and relabel_pairs >= 1, got {self.relabel} and {self.relabel_pairs}")
+        _relabel_plan(self.seed, self.images, self.relabel, self.relabel_pairs, self.noise)  # raises if a class is too small
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

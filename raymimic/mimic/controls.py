@@ -15,6 +15,9 @@ control     direction ``V_c``            isolates
 other       ``W_ref' - W_t``             another reference
 ==========  ===========================  ==============================================
 
+(``aligned``, ``W_ref`` brought into the target's basis minus ``W_t``, needs both models'
+activations: :class:`raymimic.train.step.MimicStep` builds it with :mod:`raymimic.clip.align`.)
+
 Pure tensors in, tensors out: :func:`make_control` builds one :class:`Control` from the tensors it
 needs, :func:`control_directions` turns controls into directions at the current weights, and
 :func:`~raymimic.mimic.scores.direction_scores` scores a probe against several directions.

@@ -29,9 +29,10 @@ DEFAULT_TAU = 0.05  # softmax temperature of the weights (the paper's choice at 
 DEFAULT_MIMIC_LAYER = "image-mlp"  # the image tower's last MLP c_proj (an alias of raymimic.clip.layers.ALIASES)
 DIRECTIONS = ("current", "fixed")  # the primary score's V: W_ref - W_t every step (the paper), or W_ref - W_0
 # control directions recorded beside the score (raymimic.mimic.controls has the maths; same names)
-BUILTIN_CONTROLS = ("zero", "init", "random", "fixed", "current")
+BUILTIN_CONTROLS = ("zero", "init", "random", "fixed", "current", "aligned")
 DEFAULT_CONTROLS = ("zero", "fixed")  # what every scoring run records unless told otherwise
-_NEED_REFERENCE = ("random", "fixed", "current")  # controls built from W_ref
+DEFAULT_ALIGN_EVERY = 100  # steps between re-alignments of the "aligned" control (raymimic.clip.align)
+_NEED_REFERENCE = ("random", "fixed", "current", "aligned")  # controls built from W_ref
 # per-sample baseline scores a run records on request (each column score_<name>; higher = more likely kept)
 BASELINES = ("loss", "ref_loss", "rho", "ref_clipscore")
 _NAME = re.compile(r"[a-z0-9_]+")
@@ -142,6 +143,7 @@ class TrainConfig:
     # control directions, one column score_<name> each (zero, init, random, fixed, current, NAME=SPEC); see resolve_controls
     controls: list[str] = field(default_factory=lambda: list(DEFAULT_CONTROLS))
     baselines: list[str] = field(default_factory=list)  # loss, ref_loss, rho, ref_clipscore: columns score_<name>
+    align_every: int = DEFAULT_ALIGN_EVERY
     samples_seen: int = 12_800_000
     global_batch: int = 4096
     lr: float = 5e-4
@@ -206,6 +208,8 @@ class TrainConfig:
             raise ValueError(f"lr, warmup and weight_decay must be >= 0, got {self.lr}, {self.warmup}, {self.weight_decay}")
         if self.workers < 1 or self.cpus_per_worker <= 0:
             raise ValueError(f"need workers >= 1 and cpus_per_worker > 0, got {self.workers} and {self.cpus_per_worker}")
+        if self.align_every < 1:
+            raise ValueError(f"align_every must be >= 1 step, got {self.align_every}")
         if self.checkpoint_every < 0 or self.shuffle_buffer < 0 or self.max_failures < 0:
             raise ValueError("checkpoint_every, shuffle_buffer and max_failures must be >= 0, got "
                              f"{self.checkpoint_every}, {self.shuffle_buffer}, {self.max_failures}")

@@ -102,7 +102,7 @@ class _Worker:
             model, cfg.model, mimic_layer=cfg.mimic_layer, reference=cfg.reference, weighting=cfg.weighting, tau=cfg.tau,
             score_kind=cfg.score_kind, reweight_all=cfg.reweight_all, device=self.device, autocast=autocast_for(cfg, self.device),
             wrap=ray.train.torch.prepare_model, direction=cfg.direction, controls=cfg.controls, baselines=cfg.baselines,
-            initial_weight=initial, seed=cfg.seed,
+            initial_weight=initial, seed=cfg.seed, align_every=cfg.align_every,
         )
         self.unwrapped = model
         self.step_fn.previous_mean_grad = previous_grad

@@ -45,8 +45,10 @@ from raymimic.mimic import (
     reweighted_grad,
     weighting_stats,
 )
+from raymimic.train.config import DEFAULT_ALIGN_EVERY
 
 BASELINE_NAMES = ("loss", "ref_loss", "rho", "ref_clipscore")  # raymimic.train.config.BASELINES
+ALIGNED = "aligned"  # the control W_ref' - W_t with W_ref brought into the target's basis (raymimic.clip.align)
 _REFERENCE_BASELINES = ("ref_loss", "rho", "ref_clipscore")  # need the reference model's forward
 
 
@@ -131,6 +133,7 @@ class MimicStep:
         controls: Sequence[str | Control] = (),
         baselines: Sequence[str] = (),
         seed: int = 0,
+        align_every: int = DEFAULT_ALIGN_EVERY,
     ):
         self.model = model
         self.mimic_name = mimic_name
@@ -155,7 +158,15 @@ class MimicStep:
             initial_weight = self.parameter.detach().float().clone()
         self.initial_weight = initial_weight.detach().float() if needs_initial else None  # W_0: saved in checkpoints
         self.controls: dict[str, Control] = {}
+        self.align_every, self.alignment, self._calls = int(align_every), None, 0
+        self.batch_dim = batch_dim
         for control in controls:
+            if control == ALIGNED:
+                if reference_weight is None or reference_model is None:
+                    raise ValueError("control 'aligned' needs the reference weight and the reference model (its activations)")
+                if self.align_every < 1:
+                    raise ValueError(f"align_every must be >= 1 step, got {align_every}")
+                control = make_control(ALIGNED, other=reference_weight)  # replaced by the aligned weight at the first step
             if isinstance(control, str):
                 control = make_control(control, reference=reference_weight, initial=self.initial_weight, seed=seed)
             if control.name in self.controls:
@@ -184,6 +195,9 @@ class MimicStep:
         local = images.shape[0]
         batch = local * size
         self._reference_cache = None
+        if ALIGNED in self.controls and self._calls % self.align_every == 0:
+            self._realign(images, texts)
+        self._calls += 1
         capture = self.probe.capture() if self.probe is not None else contextlib.nullcontext()
         with self.autocast, capture:
             outputs = self.model(images, texts)[:3]  # image features, text features, logit scale
@@ -222,6 +236,19 @@ class MimicStep:
         return StepResult(loss.detach(), local_scores, local_weights, stats["mimic"], weights, batch, local_extra, extra)
 
     # -- pieces ------------------------------------------------------------------------
+    def _realign(self, images: torch.Tensor, texts: torch.Tensor) -> None:
+        """Fit the ``aligned`` control's weight on this batch (rank 0's fit on every rank)."""
+        from raymimic.clip.align import align_reference
+        from raymimic.mimic.params import unwrap
+
+        fit = align_reference(unwrap(self.model), self.reference_model, self.mimic_name, images, texts, batch_dim=self.batch_dim,
+                              autocast=self.autocast)
+        weight = fit.weight.to(self.parameter.device, torch.float32).contiguous()
+        if world()[1] > 1:
+            dist.broadcast(weight, src=0)
+        self.controls[ALIGNED] = make_control(ALIGNED, other=weight)
+        self.alignment = fit.report()
+
     def direction(self) -> torch.Tensor:
         """The primary ``V`` (float32): ``W_ref - W_t`` recomputed every step (one subtraction), or ``W_ref - W_0``."""
         if self._fixed_direction is not None:
@@ -279,6 +306,7 @@ def build_mimic_step(
     baselines: Sequence[str] = (),
     initial_weight: torch.Tensor | None = None,
     seed: int = 0,
+    align_every: int = DEFAULT_ALIGN_EVERY,
 ) -> tuple[MimicStep, str]:
     """``(step, mimic parameter name)`` for an open_clip ``model`` (created by the caller).
 
@@ -292,7 +320,8 @@ def build_mimic_step(
     ``controls``: entries of :attr:`TrainConfig.controls <raymimic.train.config.TrainConfig>`
     (built-in names, or ``NAME=SPEC``: that reference is loaded with the same loader and only its
     mimic weight kept); ``initial_weight``: ``W_0`` of the run (default: the mimic weight now; a
-    resumed run passes its saved one); ``seed``: the ``random`` control's seed.
+    resumed run passes its saved one); ``seed``: the ``random`` control's seed; ``align_every``:
+    steps between re-alignments of the ``aligned`` control (which keeps the reference model).
     """
     from raymimic.clip import load_reference, resolve_mimic_layer, sample_dim
     from raymimic.mimic import make_control
@@ -300,7 +329,8 @@ def build_mimic_step(
 
     name = resolve_mimic_layer(model, mimic_layer)
     reference_weight, reference_model = None, None
-    needs_forward = "ref_loss" in make_weighting(weighting).needs or any(b in _REFERENCE_BASELINES for b in baselines)
+    needs_forward = ("ref_loss" in make_weighting(weighting).needs or any(b in _REFERENCE_BASELINES for b in baselines)
+                     or ALIGNED in controls)
     if reference is not None:
         loaded = load_reference(reference, model_name, device=device)
         reference_weight = get_parameter(loaded, name).detach().clone()
@@ -326,5 +356,6 @@ def build_mimic_step(
         dist.broadcast(initial_weight, src=0)
     step = MimicStep(wrapped, name, weighting, tau=tau, score_kind=score_kind, reference_weight=reference_weight,
                      reference_model=reference_model, batch_dim=sample_dim(model, name), autocast=autocast, reweight_all=reweight_all,
-                     direction=direction, initial_weight=initial_weight, controls=built, baselines=baselines, seed=seed)
+                     direction=direction, initial_weight=initial_weight, controls=built, baselines=baselines, seed=seed,
+                     align_every=align_every)
     return step, name

@@ -1,0 +1,134 @@
+"""Detection metrics of score rows against a toy pool's ground truth, and the gate checks of a pool that needs a reference.
+
+Every column is aggregated as Stage 2 does (per-step standardised, averaged per uid; higher =
+keep) and scored by :func:`raymimic.select.quality.drop_auc` on three questions:
+
+- ``random``: randomly corrupted captions vs every clean sample;
+- ``systematic``: relabelled samples vs clean samples *of the same image classes* (the class
+  confound: a score that only disliked those classes would look good against all clean samples);
+- ``all``: any noise vs clean.
+
+The *reference lift* of a column on a question is its AUC minus the best control's, a control
+counting with either sign (``max(auc, 1 - auc)``): a ranking that flags noise upside down is
+still knowledge the reference did not supply.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from raymimic.data.toy_pool import RELABELLED
+from raymimic.select.quality import drop_auc
+
+QUESTIONS = ("random", "systematic", "all")
+CONTROL_COLUMNS = ("score_zero", "score_init", "score_random", "score_loss")
+"""Columns without the reference's knowledge: the target's own statistics (the lift is measured against them)."""
+
+
+def score_columns(rows: pd.DataFrame) -> list[str]:
+    return [c for c in rows.columns if c == "score" or c.startswith("score_")]
+
+
+def per_uid(rows: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
+    """Per uid, each column's mean per-step standardised value (Stage 2's ``step_z``)."""
+    columns = columns or score_columns(rows)
+    grouped = rows.groupby("step")[columns]
+    z = (rows[columns] - grouped.transform("mean")) / grouped.transform("std").replace(0, np.nan)
+    z["uid"] = rows["uid"].to_numpy()
+    return z.groupby("uid").mean()
+
+
+def question_masks(truth: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per question, (rows taking part, is_noisy) over ``truth`` (one row per uid)."""
+    kind = truth["kind"].to_numpy()
+    clean, relabelled = kind == "clean", kind == RELABELLED
+    random_noise = ~clean & ~relabelled
+    source_classes = set(truth.loc[relabelled, "class_name"])
+    same_classes = truth["class_name"].isin(source_classes).to_numpy()
+    return {
+        "random": (clean | random_noise, random_noise),
+        "systematic": ((clean & same_classes) | relabelled, relabelled),
+        "all": (np.ones(len(kind), bool), ~clean),
+    }
+
+
+def detection_aucs(values: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """AUC of every column of ``values`` (per uid) on every question the pool supports; rows = columns."""
+    truth = truth.set_index("uid").loc[values.index].reset_index()
+    table = {}
+    for question, (rows, noisy) in question_masks(truth).items():
+        table[question] = {c: drop_auc(values[c].to_numpy()[rows], noisy[rows]) for c in values.columns}
+    return pd.DataFrame(table)
+
+
+def lift(aucs: pd.DataFrame, column: str, controls=CONTROL_COLUMNS) -> dict[str, float | None]:
+    """Per question, ``column``'s AUC minus the best control's (either sign); None where undefined."""
+    present = [c for c in controls if c in aucs.index]
+    result = {}
+    for question in aucs.columns:
+        auc = aucs.loc[column, question]
+        best = [max(a, 1 - a) for a in aucs.loc[present, question] if a is not None and not pd.isna(a)]
+        result[question] = None if auc is None or pd.isna(auc) or not best else float(auc - max(best))
+    return result
+
+
+def gate_checks(truth: pd.DataFrame, reference_loss: np.ndarray, target_loss: np.ndarray, *,
+                reference_min: float = 0.8, target_max: float = 0.65) -> dict:
+    """Does the pool need a reference? The reference's own loss must flag the relabelled samples, the target's must not.
+
+    ``*_loss``: per sample of ``truth`` (same order). AUCs on the ``systematic`` question.
+    """
+    rows, noisy = question_masks(truth)["systematic"]
+    if not noisy.any():
+        raise ValueError("the pool has no relabelled samples: generate it with relabel > 0")
+    reference_auc = drop_auc(-np.asarray(reference_loss)[rows], noisy[rows])
+    target_auc = drop_auc(-np.asarray(target_loss)[rows], noisy[rows])
+    return {
+        "reference_loss_auc": reference_auc, "target_loss_auc": target_auc,
+        "reference_flags_relabelled": bool(reference_auc >= reference_min),
+        "target_does_not": bool(target_auc <= target_max),
+        "passed": bool(reference_auc >= reference_min and target_auc <= target_max),
+        "thresholds": {"reference_min": reference_min, "target_max": target_max},
+    }
+
+
+def format_gates(gates: dict) -> str:
+    mark = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    return (f"gate 1 [{mark(gates['reference_flags_relabelled'])}] the reference's own loss flags the relabelled samples: "
+            f"AUC {gates['reference_loss_auc']:.3f} (>= {gates['thresholds']['reference_min']})\n"
+            f"gate 2 [{mark(gates['target_does_not'])}] the target's final loss does not: "
+            f"AUC {gates['target_loss_auc']:.3f} (<= {gates['thresholds']['target_max']})")
+
+
+def filter_detection(rows: pd.DataFrame, truth: pd.DataFrame, score_column: str = "score", method: str = "ensemble",
+                     paper_rule: bool = False) -> dict:
+    """Run the Stage-2 filter (local path) on ``rows``; precision/recall/F1 of its dropped set and the kept uids."""
+    from raymimic.select.mimic import MimicFilter
+    from raymimic.select.quality import detection_metrics
+
+    mimic = MimicFilter(rows, method=method, score_column=score_column, paper_rule=paper_rule, unfit="skip", lift=False).fit()
+    decisions = mimic.decisions.set_index("uid")
+    keep = decisions["mimic_keep"].reindex(truth["uid"]).fillna(False).to_numpy(bool)
+    metrics = detection_metrics(keep, (truth["kind"] != "clean").to_numpy())
+    return {**metrics, "kept": int(keep.sum()), "keep": keep}
+
+
+def zero_shot_top1(model, model_name: str, data, classnames: list[str], templates: list[str]) -> float:
+    """Zero-shot top-1 accuracy of ``model`` on a labelled split (:class:`~raymimic.lift.data.PoolTensors` with labels)."""
+    import torch
+
+    from raymimic.clip.embed import ClipEmbedder
+
+    embedder = ClipEmbedder.__new__(ClipEmbedder)  # the trained model in place of a loaded one
+    embedder.model, embedder.device = model.eval(), "cpu"
+    from raymimic.clip.models import get_tokenizer
+
+    embedder.tokenizer = get_tokenizer(model_name)
+    try:
+        classes = embedder.embed_classes(classnames, templates)
+        with torch.no_grad():
+            images = model.encode_image(data.images, normalize=True)
+        predicted = (images @ classes.t()).argmax(1).numpy()
+    finally:
+        model.train()
+    return float((predicted == data.labels).mean())
