@@ -29,3 +29,45 @@ def test_report_lists_every_model_and_writes_plots(tmp_path):
     assert "| whole pool | 100 | 0.500" in text and "| mimic filter | 60 | 0.700" in text
     assert "| mimic (ensemble) | 60 | 1.000 | 1.000 | 1.000 |" in text
     assert (tmp_path / "models.png").stat().st_size > 1000 and (tmp_path / "results.json").exists()
+
+
+def test_report_sets_the_two_modes_side_by_side_with_the_gates(tmp_path):
+    model = {"zeroshot_top1": 0.5, "zeroshot_top5": 0.9, "image_to_text_recall@1": 0.1, "image_to_text_recall@5": 0.3,
+             "text_to_image_recall@1": 0.1, "text_to_image_recall@5": 0.2}
+    detection = detection_metrics(np.array([True, False]), np.array([True, False]))
+    modes = {
+        "default": {"stage1_weighting": "sgd", "filter": {"method": "ensemble", "score_column": "score"}, "kept": 60,
+                    "detection": detection, "kept_by_kind": {"clean": 55, "relabelled": 3, "boilerplate": 2},
+                    "lift": {"reference_lift": 0.061}},
+        "paper": {"stage1_weighting": "grad-mimic", "filter": {"method": "ensemble", "paper_rule": True}, "kept": 70,
+                  "detection": detection, "kept_by_kind": {"clean": 50, "relabelled": 9, "short_caption": 11},
+                  "lift": {"reference_lift": -0.02}},
+    }
+    gates = {"reference_loss_auc": 0.93, "target_loss_auc": 0.55, "reference_flags_relabelled": True, "target_does_not": True,
+             "passed": True, "thresholds": {"reference_min": 0.8, "target_max": 0.65}}
+    results = {
+        "config": {"samples": 100, "noise": 0.3, "relabel": 0.1, "model": "raymimic-tiny", "method": "ensemble"},
+        "filter": {"kept": 60, "quality": {}}, "detection": detection, "detection_clipscore": detection,
+        "clipscore_kept_by_kind": {"clean": 58, "relabelled": 2}, "modes": modes, "gates": gates, "lift": None,
+        "models": {"whole pool": {**model, "samples": 100}}, "seconds": 3.0,
+    }
+    text = open(write_report(str(tmp_path), results)).read()
+    assert "gate 1 [PASS]" in text and "AUC 0.930" in text and "the pool needs a reference" in text
+    assert "| default | sgd | ensemble on `score` | 60 |" in text and "| 3 | 2 | +0.061 |" in text
+    assert "| paper | grad-mimic | paper rule (binarize w) | 70 |" in text and "| 9 | 11 | -0.020 |" in text
+    assert "| CLIPScore, same size as default |" in text
+
+
+def test_quickstart_modes_and_bad_settings():
+    from raymimic.quickstart import QuickstartConfig
+
+    cfg = QuickstartConfig(stage1_weighting="sgd", filter_score_column="aligned")
+    modes = cfg.mode_settings()
+    assert modes["default"] == {"weighting": "sgd", "filter": {"method": "ensemble", "feature": "step_z", "score_column": "aligned"}}
+    assert modes["paper"] == {"weighting": "grad-mimic", "filter": {"method": "ensemble", "paper_rule": True}}
+    assert list(QuickstartConfig(paper_mode=False).mode_settings()) == ["default"]
+    assert QuickstartConfig(seed=3).reference_seed == 4 and QuickstartConfig(seed=3, reference_init="same").reference_seed == 3
+    with pytest.raises(ValueError, match="noise \\+ relabel"):
+        QuickstartConfig(noise=0.6, relabel=0.5)
+    with pytest.raises(ValueError, match="reference_init"):
+        QuickstartConfig(reference_init="mine")

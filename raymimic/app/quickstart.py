@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import argparse
 
-HELP = """Runs everything offline on a toy pool with known caption noise: writes the pool, trains a
-reference model on a clean pool, runs Stage 1 (Grad-Mimic training with per-sample scores),
-Stage 2 (the ensemble mimic filter), trains the same model on the whole, the mimic-filtered
-and a CLIPScore-filtered pool, evaluates them on a held-out clean split and writes
-OUTPUT/report.md with the noise-detection F1 and the models' accuracies."""
+HELP = """Runs everything offline on a toy pool with known noise: random caption corruption and
+systematic noise (one class consistently captioned as another, which only a reference that
+learnt the classes elsewhere can flag). Writes the pool, trains a reference on a separate clean
+pool from another initialisation, runs Stage 1 and Stage 2 in two modes side by side (the
+paper's: Grad-Mimic re-weighting and its rule of binarizing the weights; the default: the
+measured choice of weighting and score column), trains the same model on the whole pool, on
+each mode's subset and on a CLIPScore-filtered one, evaluates them on a held-out clean split,
+checks that the pool needs a reference (the reference's own loss flags the relabelled samples,
+the target's does not) and writes OUTPUT/report.md with detection F1, each mode's reference
+lift over the controls, and the models' accuracies."""
 
 
-OPTIONS = ("output", "samples", "noise", "epochs", "tau", "method", "stage1_weighting", "workers", "seed")
+OPTIONS = ("output", "samples", "noise", "relabel", "epochs", "tau", "method", "stage1_weighting", "filter_score_column",
+           "reference_init", "paper_mode", "workers", "seed")
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +29,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help=f"run folder (default: {dflt('output')})")
     parser.add_argument("--samples", type=int, help=f"noisy pool size (default: {dflt('samples')})")
     parser.add_argument("--noise", type=float, help=f"fraction of corrupted captions, in [0, 1) (default: {dflt('noise')})")
+    parser.add_argument("--relabel", type=float,
+                        help=f"fraction consistently relabelled one way over 4 class pairs (systematic noise) (default: {dflt('relabel')})")
+    parser.add_argument("--reference-init", choices=("other", "same"),
+                        help=f"the reference starts from another seed (as public ones) or the target's (default: {dflt('reference_init')})")
+    parser.add_argument("--filter-score-column", metavar="COLUMN",
+                        help="the default mode's Stage-2 score column: score or a control/baseline name "
+                             f"(default: {dflt('filter_score_column')})")
+    parser.add_argument("--no-paper-mode", dest="paper_mode", action="store_false", default=None,
+                        help="skip the paper's mode (one Stage-1 run and one training fewer)")
     parser.add_argument("--epochs", type=int, help=f"epochs of every training run (default: {dflt('epochs')})")
     parser.add_argument("--tau", type=float, help=f"Grad-Mimic softmax temperature, > 0 (default: {dflt('tau')})")
     parser.add_argument("--method", choices=MIMIC_METHODS, metavar="METHOD",
