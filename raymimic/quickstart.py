@@ -120,7 +120,7 @@ def _train(cfg: QuickstartConfig, name: str, dataset, samples: int, epochs: int,
         samples_seen=steps * cfg.global_batch, global_batch=cfg.global_batch, lr=cfg.lr, warmup=max(1, steps // 10),
         workers=cfg.workers, cpus_per_worker=0.5, checkpoint_every=steps, seed=cfg.seed if seed is None else seed,
         run_name="ray_train", progress=False, controls=list(cfg.controls) if scoring else [],
-        baselines=list(cfg.baselines) if scoring else [],
+        baselines=list(cfg.baselines) if scoring else [], align_every=max(1, steps // 5),  # the aligned control: five fits per run
         shuffle_buffer=1000,  # seeded local shuffle: every sample lands in a full batch in some epoch
     )
     started = time.time()

@@ -192,8 +192,8 @@ def _ddp_worker(rank, world, init_file, model, reference, images, texts, out, in
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         step, name = build_mimic_step(model, MODEL, reference=reference, tau=0.05, reweight_all=True, wrap=DistributedDataParallel,
-                                      controls=["zero", "init", "random", "fixed"], baselines=["loss", "ref_loss", "rho", "ref_clipscore"],
-                                      initial_weight=initial, seed=7)
+                                      controls=["zero", "init", "random", "fixed", "aligned"],
+                                      baselines=["loss", "ref_loss", "rho", "ref_clipscore"], initial_weight=initial, seed=7)
         local = len(images) // world
         mine = slice(rank * local, (rank + 1) * local)
         for i in range(2):  # a second step: DDP's reducer must be ready again after the two-pass backward
@@ -218,7 +218,7 @@ def test_reweight_all_under_ddp_with_two_processes(setup, tmp_path):
     from raymimic.mimic import random_matrix
 
     model, reference, name = setup
-    images, texts = _batch(n=6, seed=4)
+    images, texts = _batch(n=12, seed=4)  # 6 rows a rank: 102 image tokens, more than the width, so the aligned fit is determined
     w_0 = get_parameter(_model(3), name).detach().clone()
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), copy.deepcopy(model), reference, images, texts, str(tmp_path), w_0),
              nprocs=2)
@@ -226,15 +226,23 @@ def test_reweight_all_under_ddp_with_two_processes(setup, tmp_path):
     per_sample = _brute_mimic(copy.deepcopy(model), name, images, texts)
     w_t, w_ref = get_parameter(model, name).detach(), get_parameter(reference, name).detach()
     r = random_matrix(w_ref.shape, float(w_ref.norm()), seed=7)
+    from raymimic.clip.align import align_reference
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' setting: the same fit, bit for bit
+    try:  # the aligned control: rank 0's fit on its own rows, broadcast to every rank
+        aligned = align_reference(copy.deepcopy(model), reference, name, images[:6], texts[:6]).weight
+    finally:
+        torch.set_num_threads(threads)
     columns = {f"score_{c}": _expected_score(per_sample, v, "proj")
-               for c, v in {"zero": -w_t, "init": w_0 - w_t, "random": r - w_t, "fixed": w_ref - w_0}.items()}
+               for c, v in {"zero": -w_t, "init": w_0 - w_t, "random": r - w_t, "fixed": w_ref - w_0, "aligned": aligned - w_t}.items()}
     columns.update(_expected_baselines(model, reference, images, texts))
     for rank in (0, 1):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert list(saved["extra"]) == list(columns)
         for column, want in columns.items():
             torch.testing.assert_close(saved["extra"][column], want, rtol=2e-4, atol=1e-5, msg=lambda m, c=column: f"{c}: {m}")
-            torch.testing.assert_close(saved["local_extra"][column], want[rank * 3:(rank + 1) * 3], rtol=2e-4, atol=1e-5)
+            torch.testing.assert_close(saved["local_extra"][column], want[rank * 6:(rank + 1) * 6], rtol=2e-4, atol=1e-5)
     for rank in (0, 1):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["name"] == name

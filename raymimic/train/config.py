@@ -31,7 +31,10 @@ DIRECTIONS = ("current", "fixed")  # the primary score's V: W_ref - W_t every st
 # control directions recorded beside the score (raymimic.mimic.controls has the maths; same names)
 BUILTIN_CONTROLS = ("zero", "init", "random", "fixed", "current", "aligned")
 DEFAULT_CONTROLS = ("zero", "fixed")  # what every scoring run records unless told otherwise
-DEFAULT_ALIGN_EVERY = 100  # steps between re-alignments of the "aligned" control (raymimic.clip.align)
+# steps between re-alignments of the "aligned" control (raymimic.clip.align): a fit matches every
+# hidden unit of the mimic layer (a Hungarian assignment, seconds at ViT-B-32's 3,072 units), so it
+# is amortised over many steps; short runs should pass a smaller value
+DEFAULT_ALIGN_EVERY = 1000
 _NEED_REFERENCE = ("random", "fixed", "current", "aligned")  # controls built from W_ref
 # per-sample baseline scores a run records on request (each column score_<name>; higher = more likely kept)
 BASELINES = ("loss", "ref_loss", "rho", "ref_clipscore")

@@ -171,7 +171,10 @@ def _metrics(worker: _Worker, results: list, elapsed: float, data_wait: float = 
     scores = torch.cat([r.scores.float() for r in results])
     weights = torch.cat([r.weights.float() for r in results])
     batch = results[-1].global_batch
+    # how close the reference is to the target's basis (the "aligned" control's latest fit)
+    alignment = {f"alignment_{k}": v for k, v in (worker.step_fn.alignment or {}).items()}
     return {
+        **alignment,
         "step": worker.state.step,
         "epoch": worker.state.epoch,
         "loss": float(global_loss),
