@@ -66,8 +66,9 @@ def run_cell(model: str, seed: int, args) -> dict:
     pool, clean = os.path.join(root, "pool"), os.path.join(root, "clean_pool")
     started = time.time()
     summary = make_toy_pool(pool, samples=args.samples, noise=args.noise, seed=seed, shard_size=2000, eval_samples=args.eval_samples,
-                            relabel=args.relabel, relabel_pairs=args.relabel_pairs, workers=1)
-    make_toy_pool(clean, samples=args.reference_samples, noise=0.0, seed=seed + 100, shard_size=2000, eval_samples=0, workers=1)
+                            relabel=args.relabel, relabel_pairs=args.relabel_pairs, workers=1, images=args.images)
+    make_toy_pool(clean, samples=args.reference_samples, noise=0.0, seed=seed + 100, shard_size=2000, eval_samples=0, workers=1,
+                  images=args.images)
     data, clean_data = load_split(pool, model), load_split(clean, model)
     evaluation = load_split(pool, model, "eval")
     with open(os.path.join(pool, "eval", "classnames.json")) as f:
@@ -82,6 +83,15 @@ def run_cell(model: str, seed: int, args) -> dict:
     other = train(RunSpec(**{**base, "epochs": args.reference_epochs}, seed=seed + 1000), clean_data).model
     same = train(RunSpec(**{**base, "epochs": args.reference_epochs}, seed=seed), clean_data).model
     same_path = save_checkpoint(same, os.path.join(root, "reference_same_init.pt"), model)
+
+    if args.gates_only:
+        target_model = train(RunSpec(**base, seed=seed), data).model
+        losses = [per_sample_losses(m, data, args.batch, seed) for m in (other, same, target_model)]
+        cell["gates"] = gate_checks(truth, losses[0], losses[2])
+        cell["gates_same_init"] = gate_checks(truth, losses[1], losses[2])
+        cell["seconds"] = round(time.time() - started, 1)
+        _log(f"{model}/{seed}: gates {cell['gates']}")
+        return cell
 
     _log(f"{model}/{seed}: target, uniform weights, online scores")
     target = train(RunSpec(**base, seed=seed, weighting="sgd", controls=(*CONTROLS, f"same={same_path}"), baselines=BASELINES,
@@ -221,6 +231,8 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.2, help="random corruption")
     parser.add_argument("--relabel", type=float, default=0.1, help="systematic noise: one-way relabelling")
     parser.add_argument("--relabel-pairs", type=int, default=4)
+    parser.add_argument("--images", default="shapes", choices=["shapes", "digits", "mixed"], help="the toy pool's image source")
+    parser.add_argument("--gates-only", action="store_true", help="train the references and the target, report the gate checks only")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--reference-epochs", type=int, default=8)
     parser.add_argument("--batch", type=int, default=128)
@@ -246,7 +258,8 @@ def main() -> None:
     for model in args.models:
         for seed in args.seeds:
             cell = run_cell(model, seed, args)
-            with open(os.path.join(args.workdir, f"cell_{model}_{seed}.json"), "w") as f:
+            name = f"gates_{model}_{seed}.json" if args.gates_only else f"cell_{model}_{seed}.json"
+            with open(os.path.join(args.workdir, name), "w") as f:
                 json.dump(cell, f, indent=1, default=str)
 
 

@@ -36,7 +36,7 @@ def test_report_sets_the_two_modes_side_by_side_with_the_gates(tmp_path):
              "text_to_image_recall@1": 0.1, "text_to_image_recall@5": 0.2}
     detection = detection_metrics(np.array([True, False]), np.array([True, False]))
     modes = {
-        "default": {"stage1_weighting": "sgd", "filter": {"method": "ensemble", "score_column": "score"}, "kept": 60,
+        "best": {"stage1_weighting": "sgd", "filter": {"method": "ensemble", "score_column": "score"}, "kept": 60,
                     "detection": detection, "kept_by_kind": {"clean": 55, "relabelled": 3, "boilerplate": 2},
                     "lift": {"reference_lift": 0.061}},
         "paper": {"stage1_weighting": "grad-mimic", "filter": {"method": "ensemble", "paper_rule": True}, "kept": 70,
@@ -53,9 +53,9 @@ def test_report_sets_the_two_modes_side_by_side_with_the_gates(tmp_path):
     }
     text = open(write_report(str(tmp_path), results)).read()
     assert "gate 1 [PASS]" in text and "AUC 0.930" in text and "the pool needs a reference" in text
-    assert "| default | sgd | ensemble on `score` | 60 |" in text and "| 3 | 2 | +0.061 |" in text
+    assert "| best | sgd | ensemble on `score` | 60 |" in text and "| 3 | 2 | +0.061 |" in text
     assert "| paper | grad-mimic | paper rule (binarize w) | 70 |" in text and "| 9 | 11 | -0.020 |" in text
-    assert "| CLIPScore, same size as default |" in text
+    assert "| CLIPScore, same size as best |" in text
 
 
 def test_quickstart_modes_and_bad_settings():
@@ -63,9 +63,9 @@ def test_quickstart_modes_and_bad_settings():
 
     cfg = QuickstartConfig(stage1_weighting="sgd", filter_score_column="aligned")
     modes = cfg.mode_settings()
-    assert modes["default"] == {"weighting": "sgd", "filter": {"method": "ensemble", "feature": "step_z", "score_column": "aligned"}}
+    assert modes["best"] == {"weighting": "sgd", "filter": {"method": "ensemble", "feature": "step_z", "score_column": "aligned"}}
     assert modes["paper"] == {"weighting": "grad-mimic", "filter": {"method": "ensemble", "paper_rule": True}}
-    assert list(QuickstartConfig(paper_mode=False).mode_settings()) == ["default"]
+    assert list(QuickstartConfig(paper_mode=False).mode_settings()) == ["best"]
     assert QuickstartConfig(seed=3).reference_seed == 4 and QuickstartConfig(seed=3, reference_init="same").reference_seed == 3
     with pytest.raises(ValueError, match="noise \\+ relabel"):
         QuickstartConfig(noise=0.6, relabel=0.5)
