@@ -3,10 +3,11 @@
 The head (1 CPU, no ``trainer_slot``) cannot host a training worker. The autoscaler adds
 ``trainer_node``s (2 CPUs and 1 ``trainer_slot``, standing in for a GPU; 0 to 2 of them) when
 Stage 1 asks for its workers with ``cfg.extra["resources_per_worker"] = {"trainer_slot": 1}``.
-One module-scoped cluster serves three checks, each a driver that runs this file in a
-subprocess: a run on autoscaled nodes; a run during which one trainer node's raylet is killed
-(it resumes on a replacement node from its last checkpoint); Stage 2 on the second run's scores.
-Both runs must end with exactly one score row per (uid, step).
+One module-scoped cluster serves two drivers, each running this file in a subprocess: a Stage 1
+run on autoscaled nodes during which one trainer node's raylet is killed (it resumes on a
+replacement node from its last checkpoint, and must end with exactly one score row per
+(uid, step)); Stage 2 on its scores, which also checks, while the trainer nodes are still up,
+that pool reads keep their ledger actor on the driver's node.
 
 The cluster starts as ``ray.cluster_utils.AutoscalingCluster(autoscaler_v2=True).start`` does (``ray start
 --head --autoscaling-config`` with ``RAY_FAKE_CLUSTER=1``, fake multi-node provider), except that it
@@ -37,6 +38,8 @@ MODEL = "raymimic-tiny"
 SLOT = "trainer_slot"
 NODE_TYPE = "trainer_node"
 POOL_SAMPLES, BATCH = 48, 8
+STEPS = 16  # 6 steps an epoch: every uid is scored, and 12 steps after the step-4 checkpoint leave time to kill a node
+LEDGERS = 6  # pool reads whose ledgers must all land on the driver's node
 
 
 # ----------------------------------------------------------------------------- the cluster
@@ -121,8 +124,10 @@ class FakeAutoscalingCluster:
                "RAY_AUTH_MODE": "disabled", "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
         env.pop("RAY_ADDRESS", None)
-        # a killed raylet: the GCS marks its node dead after 5 missed 1 s health checks, the autoscaler then replaces it
-        system = {"health_check_period_ms": 1000, "health_check_timeout_ms": 3000, "health_check_failure_threshold": 5}
+        # a killed raylet refuses connections, so its 1 s health checks fail at once: the GCS marks its node dead after 5
+        # (seconds, not minutes; the autoscaler then replaces it). A live raylet that a busy 2-core machine keeps waiting
+        # gets 10 s per check (Ray's default), so contention alone does not get a live node declared dead
+        system = {"health_check_period_ms": 1000, "health_check_timeout_ms": 10000, "health_check_failure_threshold": 5}
         command = [
             str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--temp-dir={self.temp_dir}",
             f"--autoscaling-config={config}", f"--num-cpus={self.head_cpus}", "--object-store-memory=150000000",
@@ -223,64 +228,71 @@ def _job(inputs, phase: str, name: str, **values) -> dict:
 
 
 @pytest.fixture(scope="module")
-def first_run(cluster, inputs):
-    """6 steps on 2 workers that only autoscaled nodes can host."""
-    return _drive(cluster, _job(inputs, "stage1", "run1", samples_seen=6 * BATCH, checkpoint_every=2, max_failures=1), timeout=600)
-
-
-@pytest.fixture(scope="module")
-def killed_run(cluster, inputs, first_run):
-    """36 steps (throttled data: >= 0.5 s a step); a trainer node's raylet is killed once the step-4 checkpoint is committed."""
-    job = _job(inputs, "stage1", "run2", samples_seen=36 * BATCH, checkpoint_every=4, max_failures=2, throttle_s=0.5,
+def run(cluster, inputs):
+    """2 workers that only autoscaled nodes can host, throttled data (>= 0.5 s a step); a trainer node's raylet is killed
+    once the step-4 checkpoint is committed. One run serves both Stage 1 checks: a second one would add about two
+    minutes of driver, worker and data start-up to the suite on a 2-core machine."""
+    job = _job(inputs, "stage1", "run", samples_seen=STEPS * BATCH, checkpoint_every=4, max_failures=2, throttle_s=0.5,
                kill_after_checkpoint=4)
     return _drive(cluster, job, timeout=900)
 
 
-@pytest.mark.timeout(900)
-def test_workers_run_on_nodes_the_autoscaler_adds(first_run):
-    assert first_run["slots_before"] == 0, "the head must not be able to host a training worker"
-    assert first_run["autoscaler_ceiling"] is None, "Ray 2.60's autoscaler reports no ceiling (get_max_resources_from_cluster_config)"
-    assert first_run["preflight"] == {"autoscaling": True, "source": "unverified"}
-    assert len(first_run["trainer_nodes_after"]) == 2, first_run
-    assert first_run["step"] == 6
-    _check_exactly_once(first_run["scores"], 6)
+@pytest.fixture(scope="module")
+def stage2(cluster, inputs, run):
+    return _drive(cluster, _job(inputs, "stage2", "stage2", scores=run["scores"]), timeout=600)
 
 
-# Known fragility: run alone (`RAYMIMIC_NODE_LOSS=1 pytest tests/test_autoscaling.py`) the node-loss run
-# passes; inside the whole suite on a 2-core machine the killed node has taken the pool's ledger actor
-# with it and the run failed. Opt-in until that is understood, so that CI stays meaningful.
-node_loss = pytest.mark.skipif(os.environ.get("RAYMIMIC_NODE_LOSS") != "1",
-                               reason="node-loss run is opt-in: set RAYMIMIC_NODE_LOSS=1 (see comment above)")
-
-
-@node_loss
 @pytest.mark.timeout(1200)
-def test_a_removed_node_is_replaced_and_the_run_resumes_exactly_once(killed_run):
-    killed = killed_run["killed"]
-    assert killed is not None, f"no trainer node was killed: {killed_run}"
+def test_workers_run_on_nodes_the_autoscaler_adds(run):
+    assert run["slots_before"] == 0, "the head must not be able to host a training worker"
+    assert run["autoscaler_ceiling"] is None, "Ray 2.60's autoscaler reports no ceiling (get_max_resources_from_cluster_config)"
+    assert run["preflight"] == {"autoscaling": True, "source": "unverified"}
+    assert run["killed"] and len(run["killed"].get("trainer_nodes", [])) == 2, f"not two autoscaled nodes before the kill: {run}"
+    assert len(run["trainer_nodes_after"]) == 2, run
+    assert run["step"] == STEPS
+    _check_exactly_once(run["scores"], STEPS)
+
+
+@pytest.mark.timeout(1200)
+def test_a_removed_node_is_replaced_and_the_run_resumes_exactly_once(run):
+    killed = run["killed"]
+    assert killed is not None, f"no trainer node was killed: {run}"
     assert not killed["run_had_finished"], "the node died after the run had finished: nothing was resumed"
-    assert killed["node"] not in killed_run["trainer_nodes_after"]
-    replacements = set(killed_run["trainer_nodes_after"]) - set(killed["trainer_nodes"])
-    assert replacements, f"no replacement node: before the kill {killed['trainer_nodes']}, after {killed_run['trainer_nodes_after']}"
-    assert killed_run["step"] == 36
-    _check_exactly_once(killed_run["scores"], 36)
+    assert killed["node"] not in run["trainer_nodes_after"]
+    # a ledger, Train controller or data split (DatasetManager, SplitCoordinator) on the victim would die with it,
+    # and every retry of the run would then fail: they must all be on the driver's node, which outlives the job
+    head = run["head"]
+    for name in ("_Ledger", "TrainController", "DatasetManager", "SplitCoordinator"):
+        assert killed["actors"].get(name) == [head], f"{name} not (only) on the driver's node {head} at the kill: {killed['actors']}"
+    assert killed["dead_after_s"] is not None, f"the GCS never marked the killed node dead: {killed}"
+    replacements = set(run["trainer_nodes_after"]) - set(killed["trainer_nodes"])
+    assert replacements, f"no replacement node: before the kill {killed['trainer_nodes']}, after {run['trainer_nodes_after']}"
+    assert run["step"] == STEPS
+    _check_exactly_once(run["scores"], STEPS)
     # resumed from the committed checkpoint, not restarted: the rows of the steps before it are the first attempt's files
     from raymimic.score_table import parse_file_name
 
-    written = {path.name: path.stat().st_mtime for path in Path(killed_run["scores"]).glob("*.parquet")}
+    written = {path.name: path.stat().st_mtime for path in Path(run["scores"]).glob("*.parquet")}
     before = [t for name, t in written.items() if parse_file_name(name)[1] < killed["committed_step"]]
     assert before and max(before) < killed["at"], "rows of steps before the restored checkpoint were written again"
     assert max(written.values()) > killed["at"]
 
 
-@node_loss
 @pytest.mark.timeout(900)
-def test_stage2_runs_on_the_cluster(cluster, inputs, killed_run):
-    result = _drive(cluster, _job(inputs, "stage2", "stage2", scores=killed_run["scores"]), timeout=600)
-    assert result["n_rows"] == 36 * BATCH
-    assert result["n_uids"] == POOL_SAMPLES
-    assert result["n_duplicate_rows"] == 0
-    assert 0 < result["kept"] <= POOL_SAMPLES
+def test_stage2_runs_on_the_cluster(stage2):
+    assert stage2["n_rows"] == STEPS * BATCH
+    assert stage2["n_uids"] == POOL_SAMPLES
+    assert stage2["n_duplicate_rows"] == 0
+    assert 0 < stage2["kept"] <= POOL_SAMPLES
+
+
+@pytest.mark.timeout(900)
+def test_pool_ledgers_stay_on_the_drivers_node_while_worker_nodes_are_up(stage2):
+    # Ray puts an actor that needs no resources on a random alive node unless its node affinity is hard: with the
+    # head and two trainer nodes up, a soft affinity would put all LEDGERS ledgers on the head once in 3 ** LEDGERS
+    ledgers = stage2["ledgers"]
+    assert len(ledgers["trainer_nodes"]) == 2, f"the trainer nodes were gone, the check means nothing: {ledgers}"
+    assert ledgers["nodes"] == [ledgers["head"]] * LEDGERS, f"ledgers off the driver's node {ledgers['head']}: {ledgers}"
 
 
 # ----------------------------------------------------------------------------- the drivers (subprocesses)
@@ -295,6 +307,18 @@ def _trainer_nodes() -> list[str]:
     import ray
 
     return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get(SLOT))
+
+
+def _job_actors(states: tuple[str, ...] = ("ALIVE",)) -> dict[str, list[str]]:
+    """Class name -> the nodes of this job's actors in ``states``, from the GCS's actor table."""
+    import ray
+    from ray._private.state import state
+
+    job, placed = ray.get_runtime_context().get_job_id(), {}
+    for info in state.actor_table(None).values():
+        if info["JobID"] == job and info["State"] in states:
+            placed.setdefault(info["ActorClassName"], set()).add(info["Address"]["NodeID"])
+    return {name: sorted(nodes) for name, nodes in placed.items()}
 
 
 def _raylet_pid(node_id: str) -> int | None:
@@ -330,10 +354,18 @@ def _kill_a_trainer_node(output: str, step: int, done, report: dict) -> None:
     if pid is None:
         report["killed"] = {"error": f"no raylet to kill among {nodes}"}
         return
+    actors = _job_actors()
     os.kill(pid, signal.SIGKILL)
-    report["killed"] = {"node": victims[0], "pid": pid, "trainer_nodes": nodes, "run_had_finished": done.is_set(),
-                        "at": time.time(), "committed_step": _committed_step(output)}
-    print(f"killed the raylet (pid {pid}) of node {victims[0]} after the step-{step} checkpoint", flush=True)
+    killed = report["killed"] = {"node": victims[0], "pid": pid, "trainer_nodes": nodes, "run_had_finished": done.is_set(),
+                                 "at": time.time(), "committed_step": _committed_step(output), "actors": actors,
+                                 "dead_after_s": None}
+    print(f"killed the raylet (pid {pid}) of node {victims[0]} after the step-{step} checkpoint; actors then: {actors}", flush=True)
+    while time.time() - killed["at"] < 120:  # how long the GCS takes to declare it dead (its health checks)
+        if not any(n["NodeID"] == victims[0] and n.get("Alive") for n in ray.nodes()):
+            killed["dead_after_s"] = round(time.time() - killed["at"], 1)
+            print(f"node {victims[0]} marked dead {killed['dead_after_s']} s after the kill", flush=True)
+            break
+        time.sleep(0.5)
 
 
 def _stage1(job: dict) -> dict:
@@ -342,6 +374,7 @@ def _stage1(job: dict) -> dict:
     import ray
     from ray._private.state import state
 
+    from raymimic.data.pool import PoolRejects
     from raymimic.data.preprocess import clip_training_dataset
     from raymimic.train import preflight
     from raymimic.train.config import TrainConfig
@@ -357,7 +390,12 @@ def _stage1(job: dict) -> dict:
         extra={"resources_per_worker": {SLOT: 1}},
     )
     report["preflight"] = {"autoscaling": view.autoscaling, "source": preflight.check_resources(cfg, cluster=view).source}
-    dataset = clip_training_dataset(job["pool"], MODEL)
+    rejects = PoolRejects()
+    dataset = clip_training_dataset(job["pool"], MODEL, rejects=rejects)
+    rejects.summary()  # waits for the ledger actor to be placed
+    report["head"] = ray.get_runtime_context().get_node_id()
+    report["ledger_nodes"] = _job_actors().get("_Ledger")
+    print(f"driver on {report['head']}, ledger on {report['ledger_nodes']}, trainer nodes {_trainer_nodes()}", flush=True)
     if job.get("throttle_s"):
         dataset = dataset.map_batches(_throttle, batch_size=BATCH, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=1),
                                       fn_kwargs={"seconds": job["throttle_s"]})
@@ -370,6 +408,11 @@ def _stage1(job: dict) -> dict:
     started = time.time()
     try:
         summary = fit(cfg, dataset, pool=job["pool"])
+    except BaseException:
+        # where everything was, for the log tail that a failed driver leaves in the assertion message
+        print(f"run failed; actors by node: {_job_actors(('ALIVE', 'RESTARTING', 'DEAD'))}; "
+              f"nodes: {[(n['NodeID'], n.get('Alive')) for n in ray.nodes()]}; killed: {report['killed']}", flush=True)
+        raise
     finally:
         done.set()
     report.update(seconds=time.time() - started, step=summary.metrics.get("step"), scores=summary.scores,
@@ -377,12 +420,29 @@ def _stage1(job: dict) -> dict:
     return report
 
 
+def _ledger_nodes(pool: str) -> dict:
+    """Where LEDGERS pool reads put their ledger actors (read_pool is lazy: it binds the ledger and reads nothing yet)."""
+    import ray
+    from ray._private.state import state
+
+    from raymimic.data.pool import PoolRejects, read_pool
+
+    nodes = []
+    for _ in range(LEDGERS):
+        rejects = PoolRejects(print_summary=False)
+        read_pool(pool, rejects=rejects)
+        rejects.summary()  # waits for the actor to be placed
+        nodes.append(state.actor_table(rejects.actor._actor_id.hex())["Address"]["NodeID"])
+    return {"head": ray.get_runtime_context().get_node_id(), "trainer_nodes": _trainer_nodes(), "nodes": nodes}
+
+
 def _stage2(job: dict) -> dict:
     from raymimic.select.mimic import MimicFilter
 
+    ledgers = _ledger_nodes(job["pool"])  # first: the trainer nodes of the Stage 1 run idle out after minutes
     mimic = MimicFilter(job["scores"], method="gmm").fit()
     return {"n_rows": mimic.stats["n_rows"], "n_uids": mimic.stats["n_uids"], "n_duplicate_rows": mimic.stats["n_duplicate_rows"],
-            "kept": mimic.apply().count()}
+            "kept": mimic.apply().count(), "ledgers": ledgers}
 
 
 def _main(job: dict) -> None:

@@ -284,8 +284,10 @@ class PoolRejects:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         # on the driver's node: a worker node that dies (preemption, scale-down) must not take the
-        # pool-wide ledger, and with it the whole read, down; if the driver's node dies the job is gone anyway
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # pool-wide ledger, and with it the whole read, down; if the driver's node dies the job is gone anyway.
+        # Hard affinity: Ray places an actor that needs no resources on a random alive node unless its node
+        # affinity is hard, so a soft one would put the ledger on a worker node whenever the cluster has some
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self._actor = ray.remote(num_cpus=0, scheduling_strategy=here)(_Ledger).remote(pool_uri, num_shards, self.print_summary)
         return self._actor
 

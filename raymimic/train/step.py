@@ -158,7 +158,8 @@ class MimicStep:
             initial_weight = self.parameter.detach().float().clone()
         self.initial_weight = initial_weight.detach().float() if needs_initial else None  # W_0: saved in checkpoints
         self.controls: dict[str, Control] = {}
-        self.align_every, self.alignment, self._calls = int(align_every), None, 0
+        # the step refits "aligned" itself only when asked by name; a ready Control of that name stays as given
+        self.align_every, self.alignment, self._calls, self._aligning = int(align_every), None, 0, False
         self.batch_dim = batch_dim
         for control in controls:
             if control == ALIGNED:
@@ -167,6 +168,7 @@ class MimicStep:
                 if self.align_every < 1:
                     raise ValueError(f"align_every must be >= 1 step, got {align_every}")
                 control = make_control(ALIGNED, other=reference_weight)  # replaced by the aligned weight at the first step
+                self._aligning = True
             if isinstance(control, str):
                 control = make_control(control, reference=reference_weight, initial=self.initial_weight, seed=seed)
             if control.name in self.controls:
@@ -195,7 +197,7 @@ class MimicStep:
         local = images.shape[0]
         batch = local * size
         self._reference_cache = None
-        if ALIGNED in self.controls and self._calls % self.align_every == 0:
+        if self._aligning and self._calls % self.align_every == 0:
             self._realign(images, texts)
         self._calls += 1
         capture = self.probe.capture() if self.probe is not None else contextlib.nullcontext()
