@@ -274,3 +274,33 @@ def test_a_dying_worker_fails_the_run_within_seconds(ray_session, files):
     delay = failed_at - marker.stat().st_mtime
     print(f"the run failed {delay:.1f} s after rank 1 died: {type(info.value).__name__}")
     assert delay < 60, f"the run took {delay:.0f} s to notice a dead worker"
+
+
+def test_a_run_ended_by_rays_scheduling_is_resumed_and_a_real_error_is_not(monkeypatch, tmp_path):
+    """Ray Train's controller gives up when Ray removes the run's placement group; fit() resumes up to max_failures times."""
+    import ray.train
+
+    from raymimic.train import trainer
+    from raymimic.train.config import TrainConfig
+
+    removed = ray.train.ControllerError(RuntimeError("Destroying worker since its placement group was removed."))
+    outcomes = []
+
+    class FakeTrainer:
+        def fit(self):
+            outcome = outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+    monkeypatch.setattr(trainer, "build_trainer", lambda cfg, dataset: FakeTrainer())
+    cfg = TrainConfig(output=str(tmp_path), model="raymimic-tiny", reference=None, weighting="sgd", samples_seen=8, global_batch=8,
+                      max_failures=2, controls=[])
+    outcomes[:] = [removed, removed, "result"]
+    assert trainer._fit_with_restarts(cfg, None) == "result"
+    outcomes[:] = [removed, removed, removed]
+    with pytest.raises(ray.train.ControllerError):
+        trainer._fit_with_restarts(cfg, None)
+    outcomes[:] = [ray.train.ControllerError(ValueError("a bug in the training code")), "result"]
+    with pytest.raises(ray.train.ControllerError, match="a bug"):
+        trainer._fit_with_restarts(cfg, None)

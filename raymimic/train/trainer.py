@@ -89,7 +89,7 @@ def fit(cfg: TrainConfig, dataset, *, pool: str | None = None, data_cpus: float 
         pool = getattr(cfg, "pool", None)
     preflight(cfg, pool=pool, data_cpus=DATA_CPUS if data_cpus is None else data_cpus, validate=validate,
               resources=check_resources)
-    result = build_trainer(cfg, dataset).fit()
+    result = _fit_with_restarts(cfg, dataset)
     if result.error is not None:
         raise result.error
     return RunSummary(
@@ -99,6 +99,28 @@ def fit(cfg: TrainConfig, dataset, *, pool: str | None = None, data_cpus: float 
         ray_checkpoint=_checkpoint_uri(result.checkpoint, cfg.output),
         metrics=dict(result.metrics or {}),
     )
+
+
+# Ray's own scheduling failing under us, not the training code: Ray Train's controller gives up on
+# these (its failure policy allows no controller errors), but the run can resume from its checkpoint
+_INFRASTRUCTURE_ERRORS = ("placement group was removed",)
+
+
+def _fit_with_restarts(cfg: TrainConfig, dataset):
+    """``TorchTrainer.fit()``; a run that Ray's scheduling (not the training code) ended is resumed up to ``max_failures`` times."""
+    import logging
+
+    import ray.train
+
+    for attempt in range(cfg.max_failures + 1):
+        try:
+            return build_trainer(cfg, dataset).fit()
+        except ray.train.ControllerError as err:
+            if attempt == cfg.max_failures or not any(text in str(err) for text in _INFRASTRUCTURE_ERRORS):
+                raise
+            logging.getLogger(__name__).warning("Ray removed the run's resources (%s); resuming from the latest checkpoint "
+                                                "(restart %d of %d)", str(err).splitlines()[0], attempt + 1, cfg.max_failures)
+    raise AssertionError("unreachable")
 
 
 def _checkpoint_uri(checkpoint, output: str) -> str | None:
