@@ -73,6 +73,63 @@ def uid_pairs(uids) -> tuple[np.ndarray, np.ndarray]:
     return hi, lo
 
 
+def arrow_uid_pairs(column) -> tuple[np.ndarray, np.ndarray]:
+    """``(hi, lo)`` of a pyarrow string column (array or chunked), read from its buffers without Python strings.
+
+    A chunk whose every value is 32 bytes long and not null is decoded in place; any other chunk
+    goes through :func:`uid_pairs`, which names a bad uid.
+    """
+    chunks = column.chunks if hasattr(column, "chunks") else [column]
+    his, los = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
+    for chunk in chunks:
+        hi, lo = _chunk_pairs(chunk)
+        his.append(hi)
+        los.append(lo)
+    return np.concatenate(his), np.concatenate(los)
+
+
+def _chunk_pairs(chunk) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow as pa
+
+    n = len(chunk)
+    if n == 0 or chunk.null_count or not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+        return uid_pairs(chunk.to_numpy(zero_copy_only=False))
+    _, offsets_buffer, data_buffer = chunk.buffers()
+    offset_type = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+    offsets = np.frombuffer(offsets_buffer, offset_type)[chunk.offset: chunk.offset + n + 1]
+    if offsets[-1] - offsets[0] != 32 * n or (np.diff(offsets) != 32).any():
+        return uid_pairs(chunk.to_numpy(zero_copy_only=False))
+    nibbles = _HEX[np.frombuffer(data_buffer, np.uint8)[offsets[0]: offsets[-1]].reshape(n, 32)]
+    if (nibbles == 255).any():
+        return uid_pairs(chunk.to_numpy(zero_copy_only=False))  # raises, naming the bad uid
+    return _pack(nibbles[:, :16]), _pack(nibbles[:, 16:])
+
+
+def _pack(nibbles: np.ndarray) -> np.ndarray:
+    """16 hex digits per row -> uint64, two digits per byte (big-endian bytes viewed as one word)."""
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return np.ascontiguousarray(packed).view(">u8").ravel().astype(np.uint64)
+
+
+_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def _hex_digits(words: np.ndarray) -> np.ndarray:
+    as_bytes = np.asarray(words, np.uint64).astype(">u8").view(np.uint8).reshape(-1, 8)
+    out = np.empty((len(as_bytes), 16), np.uint8)
+    out[:, 0::2] = _DIGITS[as_bytes >> 4]
+    out[:, 1::2] = _DIGITS[as_bytes & 15]
+    return out
+
+
+def pairs_to_hex(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """32-character lower-case uids (numpy ``S32``) of ``(hi, lo)`` pairs, vectorised: the inverse of :func:`uid_pairs`."""
+    out = np.empty((len(hi), 32), np.uint8)
+    out[:, :16] = _hex_digits(hi)
+    out[:, 16:] = _hex_digits(lo)
+    return out.view("S32").ravel()
+
+
 def pairs_to_array(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     """Sorted ``"u8,u8"`` subset array (repeats kept: they mean upsampling in DataComp)."""
     out = np.empty(len(hi), dtype=SUBSET_DTYPE)

@@ -1,6 +1,11 @@
-"""The mimic-score filter on Ray Data: score tables in, per-uid keep decisions out.
+"""The mimic-score filter on Ray: score tables in, per-uid keep decisions out.
 
-Passes over the score table (all streaming, no full column on the driver):
+A score-table URI (what ``raymimic filter`` passes) runs the streaming path of
+:mod:`raymimic.select.stream`: plain Ray tasks over the files, uids as two uint64 words, a
+partition per uid prefix, memory flat in rows (docs/scaling.md). A Dataset of score rows takes
+the Ray Data path below; a pandas DataFrame runs in this process.
+
+Passes of the Ray Data path (all streaming, no full column on the driver):
 
 1. one ``map_batches`` pass returns, per block, the per-step partial statistics
    (count, mean, M2 of the raw score), the count of NaN rows and a Bernoulli sample of
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import weakref
 import zlib
 from typing import Any
 
@@ -153,16 +159,23 @@ def _lift_z(stats: StepStats, steps: np.ndarray, values: np.ndarray) -> np.ndarr
 def _row_votes(batch: pd.DataFrame, binarizers: dict, stats: StepStats | None, score_feature: str, score_column: str = "score",
                lift_stats: dict | None = None) -> pd.DataFrame:
     """Pass 3 (per block): every finite row's aggregated-score feature, keep votes and (for the lift) each score column's step_z."""
-    original, batch = batch, _with_score(batch, score_column)
-    finite = _finite_rows(batch)
-    batch = batch[finite]
-    out = pd.DataFrame({"uid": batch["uid"].to_numpy(), "step": batch["step"].to_numpy(np.int64)})
-    out["mimic_score"] = compute_feature(batch, score_feature, stats)
-    out["norm_weight"] = batch["weight"].to_numpy(np.float64) * batch["batch_size"].to_numpy(np.float64)
-    out["raw_score"] = batch["score"].to_numpy(np.float64)
+    finite = _finite_rows(_with_score(batch, score_column))
+    out = pd.DataFrame({"uid": batch["uid"].to_numpy()[finite]})
+    for name, values in _row_values(batch, finite, binarizers, stats, score_feature, score_column, lift_stats).items():
+        out[name] = values
+    return out
+
+
+def _row_values(batch: pd.DataFrame, finite: np.ndarray, binarizers: dict, stats: StepStats | None, score_feature: str,
+                score_column: str = "score", lift_stats: dict | None = None) -> dict[str, np.ndarray]:
+    """:func:`_row_votes` without the uid, as numpy columns of the ``finite`` rows (the streaming path keeps uids as integers)."""
+    original, batch = batch, _with_score(batch, score_column)[finite]
+    steps = batch["step"].to_numpy(np.int64)
+    out = {"step": steps, "mimic_score": compute_feature(batch, score_feature, stats),
+           "norm_weight": batch["weight"].to_numpy(np.float64) * batch["batch_size"].to_numpy(np.float64),
+           "raw_score": batch["score"].to_numpy(np.float64)}
     for name, binarizer in binarizers.items():
         out[f"votes_{name}"] = binarizer.keep(batch).astype(np.int64)
-    steps = out["step"].to_numpy(np.int64)
     for column, column_stats in (lift_stats or {}).items():
         out[lift_value_column(column)] = _lift_z(column_stats, steps, original[column].to_numpy(np.float64)[finite])
     return out
@@ -178,6 +191,28 @@ def _per_uid(block: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     named.update({f"votes_{m}": (f"votes_{m}", "sum") for m in methods})
     named.update({c: (c, "mean") for c in block.columns if c.startswith(LIFT_VALUE_PREFIX)})
     return block.groupby("uid", sort=False).agg(**named).reset_index()
+
+
+def _run_tasks(fn, calls: list[tuple], local: bool) -> list:
+    """``fn`` over every argument tuple of ``calls``: in this process (``local``) or as one Ray task each, results in order."""
+    from raymimic.select.stream import releasing
+
+    if local:
+        return [releasing(fn, *args) for args in calls]
+    import ray
+
+    task = ray.remote(num_cpus=1)(releasing).options(name=fn.__name__)
+    return ray.get([task.remote(fn, *args) for args in calls])
+
+
+def _read_parts(fs, paths: list[str]):
+    """The merge tasks' decision parts as a Ray Dataset, read lazily (each consumer streams them from the spill folder)."""
+    import pyarrow.fs
+    import ray
+
+    local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+    filesystem = None if local else pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    return ray.data.read_parquet(paths, filesystem=filesystem)
 
 
 def _sampled(uids: pd.Series, fraction: float, seed: int) -> np.ndarray:
@@ -235,6 +270,9 @@ class MimicFilter(FilterStage):
     ``unfit``: a binarizer that cannot be fitted (e.g. fewer than 2 distinct values) raises
     (``"error"``, default) or is left out of the vote with its message in ``stats["unfit"]``
     (``"skip"``; ``methods`` then lists the binarizers that voted).
+    ``spill_dir``: where the streaming path (a URI) keeps its compact rows and decision parts;
+    default a local temporary folder; on a multi-node cluster a folder every node can reach.
+    :meth:`close` removes it once the decisions are consumed.
     """
 
     name = "mimic"
@@ -242,7 +280,8 @@ class MimicFilter(FilterStage):
     def __init__(self, scores, method: str = "gmm", fraction: float = 0.3, feature: str | None = None, score_feature: str = "step_z",
                  rule: str | float = "majority", fit_sample: int = 100_000, seed: int = 0, nan: str = "drop", duplicates: str = "error",
                  missing: str = "drop", methods: list[str] | None = None, num_partitions: int | None = None, drop: bool = True,
-                 unfit: str = "error", score_column: str = "score", paper_rule: bool = False, lift: bool | None = None):
+                 unfit: str = "error", score_column: str = "score", paper_rule: bool = False, lift: bool | None = None,
+                 spill_dir: str | None = None):
         super().__init__(drop)
         if method not in MIMIC_METHODS:
             raise ValueError(f"unknown mimic method {method!r}; choose one of {list(MIMIC_METHODS)}")
@@ -264,7 +303,10 @@ class MimicFilter(FilterStage):
         self.scores, self.method, self.fraction = scores, method, fraction
         self.feature, self.score_feature, self.rule = feature, score_feature, check_rule(rule)
         self.fit_sample, self.seed, self.nan, self.duplicates, self.missing = fit_sample, seed, nan, duplicates, missing
-        self.num_partitions, self.unfit = num_partitions, unfit
+        self.num_partitions, self.unfit, self.spill_dir = num_partitions, unfit, spill_dir
+        self._spill = None
+        self._n_partitions = None
+        self.decision_parts = None  # streaming path: the decisions' parquet parts, readable on the driver without Ray Data
         if method == "ensemble":
             self.methods = list(methods or ENSEMBLE_METHODS)
         elif method == "top-fraction":
@@ -381,6 +423,8 @@ class MimicFilter(FilterStage):
         """Fit on the score table (``ds``, the dataset to filter later, is not needed here)."""
         if isinstance(self.scores, pd.DataFrame):
             return self._fit_local(self.scores)
+        if isinstance(self.scores, str):
+            return self._fit_files(self.scores)
         scores = self._score_dataset()
         self._check_columns(scores.schema().names)
         n_rows = scores.count()
@@ -409,6 +453,76 @@ class MimicFilter(FilterStage):
         self.decisions = _apply_vote(per_uid, self.methods, self.rule, self.threshold).sort_values("uid", ignore_index=True)
         self.fitted = True
         return self
+
+    def _fit_files(self, uri: str) -> MimicFilter:
+        """:meth:`fit` on a score-table URI with plain Ray tasks over its files (:mod:`raymimic.select.stream`).
+
+        A table of at most :data:`raymimic.select.stream.LOCAL_ROWS` rows runs the same rounds in
+        this process: starting workers and importing into them would cost more than the work.
+        """
+        from raymimic.select import stream
+
+        files = stream.ScoreFiles(uri, STAGE2_COLUMNS)
+        self._check_columns(files.names)
+        if files.n_rows == 0:
+            raise ValueError("the score table is empty: nothing to filter")
+        names = [c for c in files.names if c in SCORE_COLUMNS or c in self.stats["score_columns"]]
+        local = files.n_rows <= stream.LOCAL_ROWS
+        n_cpus = 1 if local else stream.cpu_count()
+        groups = files.groups(n_cpus)
+        self._absorb(self._stream_summaries(stream, files, groups, names, local), files.n_rows)
+        self._fit_binarizers()
+        self.decisions = self._stream_decide(stream, files, groups, names, n_cpus, local)
+        self.stats["stage2_tasks"] = {"in_process": local, "map_tasks": len(groups), "partitions": self._n_partitions}
+        self.fitted = True
+        return self
+
+    def _stream_summaries(self, stream, files, groups: list[list[str]], names: list[str], local: bool) -> list[dict]:
+        kwargs = {"sample_prob": self._sample_prob(files.n_rows), "seed": self.seed, "score_column": self.score_column,
+                  "lift_columns": self.lift_columns}
+        blobs = _run_tasks(stream.summarize_files, [(files.fs, group, names, kwargs) for group in groups], local)
+        return [pickle.loads(blob) for group in blobs for blob in group]
+
+    def _stream_decide(self, stream, files, groups: list[list[str]], names: list[str], n_cpus: int, local: bool):
+        self.close()
+        self._spill = spill = stream.SpillFolder(self.spill_dir)
+        weakref.finalize(self, spill.remove)
+        self._n_partitions = n_partitions = self.num_partitions or stream.partition_count(files.n_rows, n_cpus)
+        kwargs = {"binarizers": self.binarizers, "stats": self.step_stats, "score_feature": self.score_feature,
+                  "score_column": self.score_column, "lift_stats": self.lift_stats}
+        written = _run_tasks(stream.partial_files, [(spill.fs, group, names, kwargs, spill.path, i, n_partitions)
+                                                    for i, group in enumerate(groups)], local)
+        by_partition: list[list[tuple]] = [[] for _ in range(n_partitions)]
+        for path, layout in written:
+            for p, columns in layout.items():
+                by_partition[p].append((path, columns))
+        # top-fraction ranks after every partition is reduced: its vote waits for the threshold
+        vote = None if self.method == "top-fraction" else {"rule": self.rule, "threshold": None}
+        totals = _run_tasks(stream.merge_partition, [(spill.fs, pieces, self.methods, vote, f"{spill.path}/decisions/part-{p:05d}.parquet")
+                                                     for p, pieces in enumerate(by_partition)], local)
+        spill.remove_rows()
+        totals = [t for t in totals if t["path"]]
+        self._count(sum(t["n_uids"] for t in totals), sum(t["n_obs"] for t in totals), sum(t["n_steps"] for t in totals))
+        paths = [t["path"] for t in totals]
+        if self.method == "top-fraction":
+            self._stream_top_fraction(stream, spill.fs, paths, [t["range"] for t in totals], local)
+        self.decision_parts = stream.DecisionParts(spill.fs, paths)
+        return _read_parts(spill.fs, paths)
+
+    def _stream_top_fraction(self, stream, fs, paths: list[str], ranges: list[dict], local: bool) -> None:
+        """The rank cut of the streaming path: global histogram of the parts' mimic_score, then the vote on every part."""
+
+        def histogram(edges: np.ndarray) -> np.ndarray:
+            return np.sum(_run_tasks(stream.histogram_part, [(fs, p, edges) for p in paths], local), axis=0)
+
+        self.threshold = stream.histogram_quantile(ranges, histogram, 1 - self.fraction)
+        _run_tasks(stream.vote_part, [(fs, p, self.methods, self.rule, self.threshold) for p in paths], local)
+
+    def close(self) -> None:
+        """Remove the streaming path's spill folder (its decision parts back :attr:`decisions`: read them first)."""
+        if self._spill is not None:
+            self._spill.remove()
+            self._spill, self.decision_parts = None, None
 
     def _decide(self, scores, n_rows: int):
         fn_kwargs = {"binarizers": self.binarizers, "stats": self.step_stats, "score_feature": self.score_feature,
@@ -500,6 +614,9 @@ class MimicFilter(FilterStage):
         if isinstance(self.decisions, pd.DataFrame):
             frame = self.decisions[columns]
             return frame[_sampled(frame["uid"], fraction, self.seed)].reset_index(drop=True)
+        if self.decision_parts is not None:  # streamed on the driver: no Ray Data execution for a sample
+            batches = [_lift_rows(b.to_pandas(), fraction, self.seed) for b in self.decision_parts.select_columns(columns).iter_batches()]
+            return pd.concat(batches, ignore_index=True).sort_values("uid", ignore_index=True)
         ds = self.decisions.select_columns(columns)
         if fraction < 1:
             ds = ds.map_batches(_lift_rows, fn_kwargs={"fraction": fraction, "seed": self.seed}, batch_format="pandas")

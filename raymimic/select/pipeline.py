@@ -11,6 +11,7 @@ from raymimic.select.ensemble import check_rule
 from raymimic.select.mimic import MIMIC_METHODS, MimicFilter, check_feature_choice, check_truth, resolve_score_column
 from raymimic.select.output import write_outputs
 from raymimic.select.stages import keep_where
+from raymimic.select.stream import DecisionParts, write_part_outputs
 
 _POOL_COLUMNS = ["uid", "text", "original_width", "original_height", "clip_b32_similarity_score", "clip_l14_similarity_score"]
 NAN_HANDLING = ("drop", "error")  # rows with NaN/inf score or weight
@@ -83,13 +84,16 @@ def run_filter(cfg: FilterConfig) -> dict:
     truth = read_ground_truth(cfg.ground_truth) if cfg.ground_truth else None  # read first: a bad file fails before any work
     mimic = MimicFilter(scores, method=method, fraction=cfg.fraction, feature=cfg.feature, rule=cfg.rule, fit_sample=cfg.fit_sample,
                         seed=cfg.seed, nan=cfg.nan, duplicates=cfg.duplicates, missing=cfg.unscored, drop=False,
-                        score_column=cfg.score_column, paper_rule=cfg.paper_rule, lift=True if truth is not None else None).fit()
+                        score_column=cfg.score_column, paper_rule=cfg.paper_rule, lift=True if truth is not None else None,
+                        spill_dir=f"{output.rstrip('/')}/_stage2_tmp").fit()
     lift = mimic.reference_lift(truth)
     if lift is not None and cfg.ground_truth:
         lift["ground_truth_path"] = cfg.ground_truth
     stages = [mimic]
     if pool is None:
-        decisions = mimic.decisions.rename_columns({"mimic_keep": "keep"})
+        # the streaming path's parts are read on the driver, as write_outputs streams them there anyway
+        source = mimic.decisions if mimic.decision_parts is None else mimic.decision_parts
+        decisions = source.rename_columns({"mimic_keep": "keep"})
         extra = {}
     else:
         decisions, stages, extra = _with_pool(mimic, pool, cfg.clip_top, cfg.min_clip_score, cfg.clip_column, cfg.basic, cfg.language_model)
@@ -100,7 +104,8 @@ def run_filter(cfg: FilterConfig) -> dict:
         "method": method, "score_column": mimic.score_column, "stages": [s.params() for s in stages], "mimic": mimic.stats,
         "scores": scores, "pool": pool, **extra, "lift": lift,
     }
-    summary = write_outputs(decisions, output, keep_column="keep", quality_column="mean_raw_score", columns=columns, summary=summary)
+    writer = write_part_outputs if isinstance(decisions, DecisionParts) else write_outputs  # parts: keep.npy streamed per part
+    summary = writer(decisions, output, keep_column="keep", quality_column="mean_raw_score", columns=columns, summary=summary)
     summary["seconds"] = round(time.time() - started, 2)
     summary["files"]["fit_sample.parquet"] = _write_fit_sample(mimic, output)
     if cfg.report:
@@ -108,6 +113,7 @@ def run_filter(cfg: FilterConfig) -> dict:
 
         summary["files"]["report.md"] = write_report(output, summary=summary)
     _rewrite_summary(output, summary)
+    mimic.close()  # the decision parts were read into the outputs
     return summary
 
 
