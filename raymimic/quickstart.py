@@ -257,6 +257,10 @@ def run(cfg: QuickstartConfig) -> dict:
     variants["CLIPScore filter"] = (_subset(full, clip_kept), len(clip_kept))
     results["models"] = {}
     for name, (dataset, size) in variants.items():
+        if size < cfg.global_batch:  # fewer samples than one batch: nothing to train on, say so instead of guessing
+            results["models"][name] = {"samples": size, "skipped": f"kept {size} samples, fewer than one batch of {cfg.global_batch}"}
+            _log(f"{name}: not trained, {results['models'][name]['skipped']}")
+            continue
         _log(f"training on the {name} ({size} samples)")
         slug = name.lower().replace(" ", "_").replace(",", "")
         # same number of optimizer steps for every variant: only the data differs
@@ -284,7 +288,7 @@ def _bar_png(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results["models"])
+    names = [n for n in results["models"] if "skipped" not in results["models"][n]]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for offset, key in ((-0.2, "zeroshot_top1"), (0.2, "image_to_text_recall@5")):
         ax.bar(np.arange(len(names)) + offset, [results["models"][n][key] for n in names], width=0.4, label=key)
@@ -401,6 +405,9 @@ def write_report(output: str, results: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in results["models"].items():
+        if "skipped" in m:
+            lines.append(f"| {name} | {m['samples']} | not trained: {m['skipped']} | | | | | |")
+            continue
         lines.append(f"| {name} | {m['samples']} | {m['zeroshot_top1']:.3f} | {m['zeroshot_top5']:.3f} | "
                      f"{m['image_to_text_recall@1']:.3f} | {m['image_to_text_recall@5']:.3f} | "
                      f"{m['text_to_image_recall@1']:.3f} | {m['text_to_image_recall@5']:.3f} |")

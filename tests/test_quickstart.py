@@ -49,13 +49,16 @@ def test_report_sets_the_two_modes_side_by_side_with_the_gates(tmp_path):
         "config": {"samples": 100, "noise": 0.3, "relabel": 0.1, "model": "raymimic-tiny", "method": "ensemble"},
         "filter": {"kept": 60, "quality": {}}, "detection": detection, "detection_clipscore": detection,
         "clipscore_kept_by_kind": {"clean": 58, "relabelled": 2}, "modes": modes, "gates": gates, "lift": None,
-        "models": {"whole pool": {**model, "samples": 100}}, "seconds": 3.0,
+        "models": {"whole pool": {**model, "samples": 100},
+                   "paper mode": {"samples": 31, "skipped": "kept 31 samples, fewer than one batch of 128"}}, "seconds": 3.0,
     }
     text = open(write_report(str(tmp_path), results)).read()
     assert "gate 1 [PASS]" in text and "AUC 0.930" in text and "the pool needs a reference" in text
     assert "| best | sgd | ensemble on `score` | 60 |" in text and "| 3 | 2 | +0.061 |" in text
     assert "| paper | grad-mimic | paper rule (binarize w) | 70 |" in text and "| 9 | 11 | -0.020 |" in text
     assert "| CLIPScore, same size as best |" in text
+    assert "| paper mode | 31 | not trained: kept 31 samples, fewer than one batch of 128 |" in text
+    assert (tmp_path / "models.png").exists()
 
 
 def test_quickstart_modes_and_bad_settings():
