@@ -38,10 +38,13 @@ def test_report_sets_the_two_modes_side_by_side_with_the_gates(tmp_path):
     modes = {
         "best": {"stage1_weighting": "sgd", "filter": {"method": "ensemble", "score_column": "score"}, "kept": 60,
                     "detection": detection, "kept_by_kind": {"clean": 55, "relabelled": 3, "boilerplate": 2},
-                    "lift": {"reference_lift": 0.061}},
+                    "lift": {"columns": {"score": {"kind": "reference", "auc": 0.7}, "score_zero": {"kind": "control", "auc": 0.3,
+                                                                                                           "auc_either_sign": 0.7},
+                                         "score_init": {"kind": "control", "auc": 0.6, "auc_either_sign": 0.6}}}},
         "paper": {"stage1_weighting": "grad-mimic", "filter": {"method": "ensemble", "paper_rule": True}, "kept": 70,
                   "detection": detection, "kept_by_kind": {"clean": 50, "relabelled": 9, "short_caption": 11},
-                  "lift": {"reference_lift": -0.02}},
+                  "lift": {"columns": {"score": {"kind": "reference", "auc": 0.68},
+                                       "score_zero": {"kind": "control", "auc": 0.7, "auc_either_sign": 0.7}}}},
     }
     gates = {"reference_loss_auc": 0.93, "target_loss_auc": 0.55, "reference_flags_relabelled": True, "target_does_not": True,
              "passed": True, "thresholds": {"reference_min": 0.8, "target_max": 0.65}}
@@ -54,7 +57,7 @@ def test_report_sets_the_two_modes_side_by_side_with_the_gates(tmp_path):
     }
     text = open(write_report(str(tmp_path), results)).read()
     assert "gate 1 [PASS]" in text and "AUC 0.930" in text and "the pool needs a reference" in text
-    assert "| best | sgd | ensemble on `score` | 60 |" in text and "| 3 | 2 | +0.061 |" in text
+    assert "| best | sgd | ensemble on `score` | 60 |" in text and "| 3 | 2 | +0.000 |" in text  # 0.7 - max(0.7, 0.6)
     assert "| paper | grad-mimic | paper rule (binarize w) | 70 |" in text and "| 9 | 11 | -0.020 |" in text
     assert "| CLIPScore, same size as best |" in text
     assert "| paper mode | 31 | not trained: kept 31 samples, fewer than one batch of 128 |" in text
