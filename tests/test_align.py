@@ -66,6 +66,16 @@ def _batch(model_name: str, n: int = 128):  # more samples than features: every 
     return model, images, texts
 
 
+def _permute_hidden_units(model, name: str, seed: int) -> None:
+    """Renumber the hidden units of the MLP holding ``name`` (c_fc rows, its bias, c_proj columns): the same function."""
+    mlp = model.get_submodule(name.rsplit(".", 2)[0])
+    perm = torch.randperm(mlp.c_fc.out_features, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        mlp.c_fc.weight.copy_(mlp.c_fc.weight[perm])
+        mlp.c_fc.bias.copy_(mlp.c_fc.bias[perm])
+        mlp.c_proj.weight.copy_(mlp.c_proj.weight[:, perm])
+
+
 def test_align_reference_undoes_a_permutation_of_mlp_hidden_units():
     """A copy of the model with the last image MLP's hidden units permuted computes the same function;
     alignment must map the copy's c_proj weight back onto the model's."""
@@ -77,12 +87,7 @@ def test_align_reference_undoes_a_permutation_of_mlp_hidden_units():
     target, images, texts = _batch("raymimic-tiny")
     name = resolve_mimic_layer(target, "image-mlp")
     reference = copy.deepcopy(target)
-    mlp = reference.get_submodule(name.rsplit(".", 2)[0])
-    perm = torch.randperm(mlp.c_fc.out_features, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        mlp.c_fc.weight.copy_(mlp.c_fc.weight[perm])
-        mlp.c_fc.bias.copy_(mlp.c_fc.bias[perm])
-        mlp.c_proj.weight.copy_(mlp.c_proj.weight[:, perm])
+    _permute_hidden_units(reference, name, seed=2)
     with torch.no_grad():  # the permuted copy is the same function
         assert torch.allclose(reference.encode_image(images), target.encode_image(images), atol=1e-5)
     alignment = align_reference(target, reference, name, images, texts)
@@ -120,12 +125,7 @@ def test_the_aligned_control_ignores_how_the_reference_numbers_its_hidden_units(
     reference = create_model("raymimic-tiny")[0]
     name = resolve_mimic_layer(target, "image-mlp")
     permuted = copy.deepcopy(reference)
-    mlp = permuted.get_submodule(name.rsplit(".", 2)[0])
-    perm = torch.randperm(mlp.c_fc.out_features, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        mlp.c_fc.weight.copy_(mlp.c_fc.weight[perm])
-        mlp.c_fc.bias.copy_(mlp.c_fc.bias[perm])
-        mlp.c_proj.weight.copy_(mlp.c_proj.weight[:, perm])
+    _permute_hidden_units(permuted, name, seed=6)
     results = {}
     for label, ref in (("original", reference), ("permuted", permuted)):
         step, _ = build_mimic_step(copy.deepcopy(target), "raymimic-tiny", reference=ref, weighting="sgd", controls=["zero", "aligned"],

@@ -26,15 +26,21 @@ def _scalar_columns(schema, wanted: Sequence[str] | None) -> list[str]:
     return [n for n, t in zip(names, schema.types) if not hasattr(t, "shape") and "Tensor" not in type(t).__name__]
 
 
-def write_outputs(decisions, output: str, keep_column: str = "keep", quality_column: str = "mean_raw_score",
-                  columns: Sequence[str] | None = None, summary: dict | None = None) -> dict:
-    """Stream ``decisions`` (Dataset with ``uid`` and ``keep_column``) to ``output``; return the summary."""
+def open_output(decisions, output: str, keep_column: str, columns: Sequence[str] | None):
+    """``(fs, root, columns)``: the output folder (created) and the decision columns to write (``uid``, ``keep_column`` included)."""
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
     chosen = _scalar_columns(decisions.schema(), columns)
     for needed in ("uid", keep_column):
         if needed not in chosen:
             raise ValueError(f"decisions lack column {needed!r} (have {decisions.schema().names})")
+    return fs, root, chosen
+
+
+def write_outputs(decisions, output: str, keep_column: str = "keep", quality_column: str = "mean_raw_score",
+                  columns: Sequence[str] | None = None, summary: dict | None = None) -> dict:
+    """Stream ``decisions`` (Dataset with ``uid`` and ``keep_column``) to ``output``; return the summary."""
+    fs, root, chosen = open_output(decisions, output, keep_column, columns)
     his, los, quality, writer, n_rows = [], [], QualityAccumulator(), None, 0
     with fs.open(f"{root}/decisions.parquet", "wb") as sink:
         for batch in decisions.select_columns(chosen).iter_batches(batch_format="pyarrow", batch_size=65_536):

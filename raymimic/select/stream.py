@@ -422,15 +422,10 @@ def write_part_outputs(decisions: DecisionParts, output: str, keep_column: str =
     the parts cover increasing ranges of ``hi``, so their concatenation is the sorted subset
     file. The driver holds one part's kept uids, never the whole subset.
     """
-    from raymimic.select.output import _json_default, _scalar_columns
+    from raymimic.select.output import _json_default, open_output
     from raymimic.select.quality import QualityAccumulator
 
-    fs, root = fsspec.core.url_to_fs(output)
-    fs.makedirs(root, exist_ok=True)
-    chosen = _scalar_columns(decisions.schema(), columns)
-    for needed in ("uid", keep_column):
-        if needed not in chosen:
-            raise ValueError(f"decisions lack column {needed!r} (have {decisions.schema().names})")
+    fs, root, chosen = open_output(decisions, output, keep_column, columns)
     quality, writer, n_rows, kept_parts = QualityAccumulator(), None, 0, []
     with fs.open(f"{root}/decisions.parquet", "wb") as sink:
         for i, path in enumerate(decisions.paths):
