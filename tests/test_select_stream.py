@@ -90,6 +90,25 @@ def test_stream_matches_local_path(ray_session, tmp_path, messy_table, method, m
 
 
 @pytest.mark.ray
+def test_a_fit_sample_smaller_than_the_table_gives_the_same_decisions_whatever_the_layout(ray_session, tmp_path, messy_table, mode):
+    """The fit sample is keyed by (uid, step), not drawn per file or block: files, Ray Data blocks and a
+    shuffled in-memory table all fit the same binarizers and take the same decisions."""
+    scores = write_files(messy_table, tmp_path / "scores", parts=7)
+    kwargs = {"method": "ensemble", "duplicates": "count", "fit_sample": 1500, "seed": 3}
+    streamed = MimicFilter(scores, num_partitions=3, **kwargs).fit()
+    shuffled = MimicFilter(messy_table.sample(frac=1.0, random_state=0), **kwargs).fit()
+    reblocked = MimicFilter(ray_session.data.read_parquet(scores).repartition(5), **kwargs).fit()
+    assert 1000 < len(streamed.sample) < 2000 < len(messy_table)
+    for other in (shuffled, reblocked):
+        pd.testing.assert_frame_equal(streamed.sample, other.sample)
+    got = streamed.decisions.to_pandas()
+    assert_same_decisions(got, shuffled.decisions, shuffled.methods)
+    assert_same_decisions(got, reblocked.decisions.to_pandas(), shuffled.methods)
+    other_seed = MimicFilter(messy_table, **{**kwargs, "seed": 4}).fit()
+    assert not streamed.sample["uid"].equals(other_seed.sample["uid"])  # the seed does choose the rows
+
+
+@pytest.mark.ray
 def test_stream_duplicates_raise_and_top_fraction_matches_ray_data(ray_session, tmp_path, messy_table, mode):
     scores = write_files(messy_table, tmp_path / "scores")
     with pytest.raises(ValueError, match="10 score rows repeat a"):

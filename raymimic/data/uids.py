@@ -130,6 +130,31 @@ def pairs_to_hex(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return out.view("S32").ravel()
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, vectorised: a bijection of uint64 whose outputs look uniform even for close inputs."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(z, np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def keyed_uniform(seed: int, *words: np.ndarray) -> np.ndarray:
+    """A number in [0, 1) per row, a seeded hash of the row's uint64 ``words`` (e.g. a uid's two words and a step).
+
+    Depends on the row's values alone, never on which file, block or task holds it: a sample drawn
+    with it (``keyed_uniform(...) < fraction``) is the same however a table is laid out.
+    """
+    with np.errstate(over="ignore"):
+        z = np.full(len(words[0]), np.uint64(int(seed) % 2**64), np.uint64) + _GOLDEN
+        for word in words:
+            z = mix64(z ^ np.asarray(word).astype(np.uint64)) + _GOLDEN
+    return (mix64(z) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
 def pairs_to_array(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     """Sorted ``"u8,u8"`` subset array (repeats kept: they mean upsampling in DataComp)."""
     out = np.empty(len(hi), dtype=SUBSET_DTYPE)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from raymimic.data.uids import mix64
 from raymimic.select.stages import FilterStage, ScoreFilter
 
 log = logging.getLogger(__name__)
@@ -163,10 +164,7 @@ def bank_keys(hashes: np.ndarray, n_banks: int) -> np.ndarray:
     """Sampling keys ``[n_rows, n_banks]``, uniform in [0, 1) and independent across banks (splitmix64 of the row hash);
     bank k is the ``batch_size`` rows of the pool with the smallest key k (a uniform random subset)."""
     with np.errstate(over="ignore"):
-        z = hashes.astype(np.uint64)[:, None] + (np.arange(1, n_banks + 1, dtype=np.uint64)[None, :] * _GOLDEN)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        z = mix64(hashes.astype(np.uint64)[:, None] + (np.arange(1, n_banks + 1, dtype=np.uint64)[None, :] * _GOLDEN))
     return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 

@@ -48,12 +48,13 @@ from __future__ import annotations
 import logging
 import pickle
 import weakref
-import zlib
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from raymimic.data.uids import arrow_uid_pairs, keyed_uniform
 from raymimic.score_table import COLUMNS as SCORE_COLUMNS
 from raymimic.score_table import STAGE2_COLUMNS, check_schema, control_column, control_name, control_names, read_score_dataset
 from raymimic.select.binarize import (
@@ -126,14 +127,24 @@ def _lift_partials(batch: pd.DataFrame, finite: np.ndarray, columns) -> dict:
     return out
 
 
+def _fit_sample_rows(rows: pd.DataFrame, sample_prob: float, seed: int) -> np.ndarray:
+    """The rows of the binarizers' fit sample: a Bernoulli draw keyed by each row's (uid, step) and the seed.
+
+    Keyed by the row, not drawn per block, so that the sample (and so every decision) is the same
+    whichever files, Ray Data blocks or tasks the rows arrive in.
+    """
+    if sample_prob >= 1 or not len(rows):
+        return np.full(len(rows), sample_prob >= 1)
+    hi, lo = arrow_uid_pairs(pa.array(rows["uid"].array, pa.string()))
+    return keyed_uniform(seed, hi, lo, rows["step"].to_numpy(np.int64)) < sample_prob
+
+
 def _block_summary(batch: pd.DataFrame, sample_prob: float, seed: int, score_column: str = "score", lift_columns=()) -> dict:
     """Pass 1 (per block): per-step partials, NaN count, the range of B*w and a reproducible Bernoulli sample."""
     original, batch = batch, _with_score(batch, score_column)
     finite = _finite_rows(batch)
     good = batch[finite]
-    key = f"{batch['uid'].iloc[0]}:{batch['step'].iloc[0]}" if len(batch) else ""
-    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-    sample = good[rng.random(len(good)) < sample_prob]
+    sample = good[_fit_sample_rows(good, sample_prob, seed)]
     first_bad = batch["uid"][~finite].iloc[0] if (~finite).any() else None
     return {"partials": StepStats.partials(good) if len(good) else None, "n": len(batch), "n_nan": int((~finite).sum()),
             "first_nan_uid": first_bad, "sample": sample[[c for c in batch.columns if c in SCORE_COLUMNS]],
@@ -366,7 +377,11 @@ class MimicFilter(FilterStage):
         if not partials:
             raise ValueError(f"the score table has no usable row ({n_rows} rows, {n_nan} with NaN)")
         self.step_stats = StepStats.from_partials(pd.concat(partials, ignore_index=True))
-        self.sample = pd.concat([s["sample"] for s in summaries], ignore_index=True)
+        sample = pd.concat([s["sample"] for s in summaries], ignore_index=True)
+        # numpy columns in a canonical order: the fits (k-means++ seeding, GMM init) depend on row order, which follows
+        # the layout, and Ray Data blocks arrive with arrow-backed columns where files give numpy ones
+        sample = pd.DataFrame({c: sample[c].to_numpy(object if c == "uid" else None) for c in sample.columns})
+        self.sample = sample.sort_values(list(sample.columns), kind="stable", ignore_index=True)
         weights = combine_weight_ranges([s["weights"] for s in summaries])
         self.weights_informative = bool(informative_weights(weights))
         self.stats["weights"] = {"informative": self.weights_informative, "norm_weight_min": None if weights is None else weights[0],
