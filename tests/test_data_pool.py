@@ -209,3 +209,25 @@ def test_without_dedup_repeated_uids_are_all_returned(ray_session, messy_pool):
     uids = read_pool(str(messy_pool), rejects=rejects, dedup=False, columns=["uid"]).to_pandas()["uid"].tolist()
     assert uids.count(_uid(2)) == 2 and uids.count(_uid(1)) == 2  # across and within shards, as asked
     assert "duplicate_uid" not in rejects.counts_by_reason() and "8 samples read from 4/4 shards" in rejects.summary()
+
+
+def test_every_shard_is_read_by_its_own_task_under_a_batched_preprocess(ray_session, tmp_path):
+    """Reading is a read operator, one task per shard: Ray Data used to fuse a map over shard paths with
+    preprocessing's batch_size (in shard rows), so one task read every shard of a small pool serially."""
+    import re
+
+    from raymimic.data.pool import read_pool
+    from raymimic.data.preprocess import preprocess_for_clip
+
+    shards = tmp_path / "pool" / "shards"
+    shards.mkdir(parents=True)
+    for s in range(4):
+        _write_tar(shards / f"{s:08d}.tar", [_good(f"k{i}", _uid(10 * s + i)) for i in range(3)])
+
+    def transform(image):
+        return np.zeros((3, 2, 2), np.float32)
+
+    ds = preprocess_for_clip(read_pool(str(tmp_path / "pool")), transform, lambda texts: np.zeros((len(texts), 2)), batch_size=256)
+    assert len(ds.take_all()) == 12
+    read_tasks = re.search(r"ReadPoolShards\S*: (\d+) tasks executed", ds.stats())
+    assert read_tasks is not None and int(read_tasks.group(1)) == 4, ds.stats()[:500]

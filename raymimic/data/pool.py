@@ -365,24 +365,49 @@ def _flush(shard, rows, rejects, ledger, columns, dedup, done_rows=None) -> pa.T
     return pa.table({name: pa.array([row[name] for row in rows], _COLUMN_TYPES[name]) for name in columns})
 
 
-def _read_shards_udf(batch: dict, *, ledger, columns, rows_per_block, check_images, dedup) -> Iterator[pa.Table]:
-    for shard in batch["shard"]:
-        shard = str(shard)
-        rows, rejects, total = [], [], 0
-        for new_rows, new_rejects in read_shard(shard, check_images, dedup):
-            for row in new_rows:
-                row["shard"] = shard
-            rows += new_rows
-            rejects += new_rejects
-            if len(rows) >= rows_per_block:
-                table = _flush(shard, rows, rejects, ledger, columns, dedup)
-                rows, rejects = [], []
-                if table is not None:
-                    total += table.num_rows
-                    yield table
-        table = _flush(shard, rows, rejects, ledger, columns, dedup, done_rows=total)
-        if table is not None:
-            yield table
+def _read_one_shard(shard: str, *, ledger, columns, rows_per_block, check_images, dedup) -> Iterator[pa.Table]:
+    rows, rejects, total = [], [], 0
+    for new_rows, new_rejects in read_shard(shard, check_images, dedup):
+        for row in new_rows:
+            row["shard"] = shard
+        rows += new_rows
+        rejects += new_rejects
+        if len(rows) >= rows_per_block:
+            table = _flush(shard, rows, rejects, ledger, columns, dedup)
+            rows, rejects = [], []
+            if table is not None:
+                total += table.num_rows
+                yield table
+    table = _flush(shard, rows, rejects, ledger, columns, dedup, done_rows=total)
+    if table is not None:
+        yield table
+
+
+def _shards_datasource(shards: list[str], read_args: dict):
+    """A Ray Data source with one read task per shard.
+
+    A read operator, not a ``map_batches`` over shard paths: Ray Data fuses consecutive
+    ``map_batches`` and gives the fused task the larger ``batch_size`` in *input* rows, so a
+    downstream ``map_batches(batch_size=256)`` (preprocessing) would make one task read 256
+    shards one after another. Read tasks are never bundled that way: every shard is its own task.
+    """
+    import functools
+
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class PoolShardsDatasource(Datasource):
+        def get_name(self) -> str:
+            return "ReadPoolShards"
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+            return [ReadTask(functools.partial(_read_one_shard, shard, **read_args), metadata) for shard in shards]
+
+    return PoolShardsDatasource()
 
 
 def read_pool(
@@ -419,14 +444,8 @@ def read_pool(
     shards = shard_files(uri)
     rejects = rejects if rejects is not None else PoolRejects()
     ledger = rejects._bind(str(uri), len(shards))
-    paths = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-    ds = paths.map_batches(
-        _read_shards_udf,
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=concurrency),  # map_batches(concurrency=) is deprecated
-        fn_kwargs={"ledger": ledger, "columns": columns, "rows_per_block": rows_per_block, "check_images": check_images, "dedup": dedup},
-    )
+    read_args = {"ledger": ledger, "columns": columns, "rows_per_block": rows_per_block, "check_images": check_images, "dedup": dedup}
+    ds = ray.data.read_datasource(_shards_datasource(shards, read_args), concurrency=concurrency, override_num_blocks=len(shards))
     keys = embedding_keys(embeddings)
     if metadata_columns or keys:
         ds = _join_metadata(ds, uri, columns, metadata_columns or [], keys, join_partitions or max(1, min(len(shards), 32)))
