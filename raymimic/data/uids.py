@@ -130,7 +130,8 @@ def pairs_to_hex(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return out.view("S32").ravel()
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+"""splitmix64's increment: added between rounds so that zero and equal inputs still spread."""
 
 
 def mix64(z: np.ndarray) -> np.ndarray:
@@ -149,10 +150,15 @@ def keyed_uniform(seed: int, *words: np.ndarray) -> np.ndarray:
     with it (``keyed_uniform(...) < fraction``) is the same however a table is laid out.
     """
     with np.errstate(over="ignore"):
-        z = np.full(len(words[0]), np.uint64(int(seed) % 2**64), np.uint64) + _GOLDEN
+        z = np.full(len(words[0]), np.uint64(int(seed) % 2**64), np.uint64) + GOLDEN_GAMMA
         for word in words:
-            z = mix64(z ^ np.asarray(word).astype(np.uint64)) + _GOLDEN
-    return (mix64(z) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+            z = mix64(z ^ np.asarray(word).astype(np.uint64)) + GOLDEN_GAMMA
+    return unit_interval(mix64(z))
+
+
+def unit_interval(z: np.ndarray) -> np.ndarray:
+    """uint64 hashes as floats in [0, 1): their top 53 bits, exactly representable."""
+    return (np.asarray(z, np.uint64) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
 def pairs_to_array(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:

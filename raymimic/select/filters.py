@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from raymimic.data.uids import mix64
+from raymimic.data.uids import GOLDEN_GAMMA, mix64, unit_interval
 from raymimic.select.stages import FilterStage, ScoreFilter
 
 log = logging.getLogger(__name__)
@@ -140,9 +140,6 @@ def neg_clip_loss(image_embeddings: np.ndarray, text_embeddings: np.ndarray, bat
     return np.sum(img * txt, axis=1) - tau * r / (2 * k)
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
 def row_hashes(batch: pd.DataFrame, seed: int = 0, key_column: str | None = "uid", image_column: str = "l14_img",
                text_column: str = "l14_txt") -> np.ndarray:
     """A seeded 64-bit hash per row (uint64), from ``key_column`` (DataComp's ``uid``) or, when that column is
@@ -164,8 +161,8 @@ def bank_keys(hashes: np.ndarray, n_banks: int) -> np.ndarray:
     """Sampling keys ``[n_rows, n_banks]``, uniform in [0, 1) and independent across banks (splitmix64 of the row hash);
     bank k is the ``batch_size`` rows of the pool with the smallest key k (a uniform random subset)."""
     with np.errstate(over="ignore"):
-        z = mix64(hashes.astype(np.uint64)[:, None] + (np.arange(1, n_banks + 1, dtype=np.uint64)[None, :] * _GOLDEN))
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+        z = mix64(hashes.astype(np.uint64)[:, None] + (np.arange(1, n_banks + 1, dtype=np.uint64)[None, :] * GOLDEN_GAMMA))
+    return unit_interval(z)
 
 
 def bank_candidates(batch: pd.DataFrame, n_banks: int, batch_size: int, threshold: float, seed: int = 0, key_column: str | None = "uid",
