@@ -177,7 +177,8 @@ def test_partitions_are_uniform_and_follow_uid_order():
 
 
 def test_reduce_by_hash_equals_reduce_by_sort_and_falls_back_on_a_collision():
-    from raymimic.select.stream import _MIX, _reduce, _reduce_sorted, _uid_groups
+    from raymimic.data.uids import GOLDEN_GAMMA as _MIX
+    from raymimic.select.stream import _reduce, _reduce_sorted, _uid_groups
 
     rng = np.random.default_rng(0)
     n = 5000

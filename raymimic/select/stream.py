@@ -41,7 +41,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymimic.data.uids import arrow_uid_pairs, pairs_to_hex
+from raymimic.data.uids import GOLDEN_GAMMA, arrow_uid_pairs, pairs_to_hex
 from raymimic.score_table import _footers, _ordered, check_schema, table_files
 
 LOCAL_ROWS = 2_000_000
@@ -181,16 +181,13 @@ def _load(fs, pieces: list[tuple[str, list[tuple]]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([part[k] for part in loaded]) for k in loaded[0]}
 
 
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # an odd constant: (hi, lo) -> one 64-bit key, checked exactly afterwards
-
-
 def _uid_groups(hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Each row's uid group (numbered in order of first appearance) and each group's first row; None if two uids share a key.
 
     A hash table on one 64-bit key is several times faster than sorting 128-bit keys; the
     check against the first row of every group keeps it exact.
     """
-    codes, _ = pd.factorize(hi ^ (lo * _MIX))
+    codes, _ = pd.factorize(hi ^ (lo * GOLDEN_GAMMA))  # one 64-bit key (an odd multiplier), checked exactly below
     seen = np.maximum.accumulate(np.concatenate([[-1], codes[:-1]]))
     first = np.flatnonzero(codes > seen)
     if (hi[first][codes] != hi).any() or (lo[first][codes] != lo).any():
@@ -221,20 +218,25 @@ def _reduce(rows: dict[str, np.ndarray], methods: list[str]) -> tuple[pd.DataFra
     codes, first = groups
     n = len(first)
     frame = pd.DataFrame({"n_obs": np.bincount(codes, minlength=n), "n_steps": n_steps})
-
-    def mean(values: np.ndarray) -> np.ndarray:
-        ok = ~np.isnan(values)
-        count = np.bincount(codes, weights=ok, minlength=n)
-        total = np.bincount(codes, weights=np.where(ok, values, 0.0), minlength=n)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-    _fill(frame, rows, methods, mean, lambda v: np.bincount(codes, weights=v, minlength=n).astype(np.int64))
+    _fill(frame, rows, methods, lambda v: np.bincount(codes, weights=v, minlength=n))
     return frame, hi[first], lo[first]
 
 
-def _fill(frame: pd.DataFrame, rows: dict[str, np.ndarray], methods: list[str], mean, total) -> None:
-    """The decision columns after n_obs and n_steps, in :func:`raymimic.select.mimic._per_uid`'s order."""
+def _fill(frame: pd.DataFrame, rows: dict[str, np.ndarray], methods: list[str], group_sum) -> None:
+    """The decision columns after n_obs and n_steps, in :func:`raymimic.select.mimic._per_uid`'s order.
+
+    ``group_sum(values)``: the per-uid sums of a row column (by hash groups or sorted runs).
+    """
+
+    def mean(values: np.ndarray) -> np.ndarray:  # NaN-skipping, as pandas' groupby mean
+        ok = ~np.isnan(values)
+        count, total = group_sum(ok.astype(np.float64)), group_sum(np.where(ok, values, 0.0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+    def total(values: np.ndarray) -> np.ndarray:
+        return np.rint(group_sum(values)).astype(np.int64)
+
     frame["mimic_score"] = mean(rows["mimic_score"])
     frame["mean_norm_weight"] = mean(rows["norm_weight"])
     frame["mean_raw_score"] = mean(rows["raw_score"])
@@ -255,15 +257,7 @@ def _reduce_sorted(rows: dict[str, np.ndarray], methods: list[str]) -> tuple[pd.
     new_step[1:] |= step[1:] != step[:-1]
     starts = np.flatnonzero(new_uid)
     frame = pd.DataFrame({"n_obs": np.diff(np.append(starts, len(hi))), "n_steps": np.add.reduceat(new_step.astype(np.int64), starts)})
-
-    def mean(values: np.ndarray) -> np.ndarray:
-        ok = ~np.isnan(values)
-        count = np.add.reduceat(ok.astype(np.int64), starts)
-        total = np.add.reduceat(np.where(ok, values, 0.0), starts)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-    _fill(frame, rows, methods, mean, lambda v: np.add.reduceat(v, starts))
+    _fill(frame, rows, methods, lambda v: np.add.reduceat(v, starts))
     return frame, hi[starts], lo[starts]
 
 
