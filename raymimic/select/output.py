@@ -41,35 +41,51 @@ def write_outputs(decisions, output: str, keep_column: str = "keep", quality_col
                   columns: Sequence[str] | None = None, summary: dict | None = None) -> dict:
     """Stream ``decisions`` (Dataset with ``uid`` and ``keep_column``) to ``output``; return the summary."""
     fs, root, chosen = open_output(decisions, output, keep_column, columns)
-    his, los, quality, writer, n_rows = [], [], QualityAccumulator(), None, 0
-    with fs.open(f"{root}/decisions.parquet", "wb") as sink:
+    his, los, sink = [], [], DecisionSink(quality_column)
+    with fs.open(f"{root}/decisions.parquet", "wb") as stream:
         for batch in decisions.select_columns(chosen).iter_batches(batch_format="pyarrow", batch_size=65_536):
-            keep = batch[keep_column].to_numpy(zero_copy_only=False).astype(bool)
-            n_rows += len(keep)
-            if writer is None:
-                writer = pq.ParquetWriter(sink, batch.schema)
-            writer.write_table(batch.cast(writer.schema) if batch.schema != writer.schema else batch)
+            keep = sink.append(stream, batch, keep_column)
             hi, lo = uid_pairs(batch["uid"].to_numpy(zero_copy_only=False)[keep])
             his.append(hi)
             los.append(lo)
-            if quality_column in batch.column_names:
-                values = batch[quality_column].to_numpy(zero_copy_only=False).astype(np.float64)
-                # pool uids without any score row (counted in pool_counts) have no score to average
-                scored = ~np.isnan(values)
-                quality.update(keep[scored], values[scored])
-        if writer is None:
-            raise ValueError("the filter produced no decision at all (no uid): nothing to write")
-        writer.close()
+        sink.close()
     subset = write_subset_pairs(f"{output.rstrip('/')}/keep.npy", np.concatenate(his), np.concatenate(los))
-    result = dict(summary or {})
-    result["quality"] = {**quality.result(), "score_column": quality_column} if quality.n else None
-    result["n_decisions"] = n_rows
-    result["n_kept"] = int(len(subset))
-    result["fraction_kept"] = len(subset) / n_rows
-    result["files"] = {name: f"{output.rstrip('/')}/{name}" for name in ("keep.npy", "decisions.parquet", "summary.json")}
-    with fs.open(f"{root}/summary.json", "w") as f:
-        json.dump(result, f, indent=2, default=_json_default)
-    return result
+    return sink.write_summary(fs, root, output, summary, int(len(subset)))
+
+
+class DecisionSink:
+    """What both decision writers share: ``decisions.parquet`` appended batch by batch, the quality
+    estimate of the kept rows, and ``summary.json``."""
+
+    def __init__(self, quality_column: str):
+        self.quality_column, self.quality, self.writer, self.n_rows = quality_column, QualityAccumulator(), None, 0
+
+    def append(self, stream, batch, keep_column: str) -> np.ndarray:
+        """Append ``batch`` (pyarrow) to the open ``decisions.parquet`` stream; return its keep mask."""
+        keep = batch[keep_column].to_numpy(zero_copy_only=False).astype(bool)
+        self.n_rows += len(keep)
+        self.writer = self.writer or pq.ParquetWriter(stream, batch.schema)
+        self.writer.write_table(batch.cast(self.writer.schema) if batch.schema != self.writer.schema else batch)
+        if self.quality_column in batch.column_names:
+            values = batch[self.quality_column].to_numpy(zero_copy_only=False).astype(np.float64)
+            # pool uids without any score row (counted in pool_counts) have no score to average
+            scored = ~np.isnan(values)
+            self.quality.update(keep[scored], values[scored])
+        return keep
+
+    def close(self) -> None:
+        if self.writer is None:
+            raise ValueError("the filter produced no decision at all (no uid): nothing to write")
+        self.writer.close()
+
+    def write_summary(self, fs, root: str, output: str, summary: dict | None, n_kept: int) -> dict:
+        result = dict(summary or {})
+        result["quality"] = {**self.quality.result(), "score_column": self.quality_column} if self.quality.n else None
+        result.update(n_decisions=self.n_rows, n_kept=n_kept, fraction_kept=n_kept / self.n_rows)
+        result["files"] = {name: f"{output.rstrip('/')}/{name}" for name in ("keep.npy", "decisions.parquet", "summary.json")}
+        with fs.open(f"{root}/summary.json", "w") as f:
+            json.dump(result, f, indent=2, default=_json_default)
+        return result
 
 
 def _json_default(value):

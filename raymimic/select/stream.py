@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import pickle
@@ -416,42 +415,21 @@ def write_part_outputs(decisions: DecisionParts, output: str, keep_column: str =
     the parts cover increasing ranges of ``hi``, so their concatenation is the sorted subset
     file. The driver holds one part's kept uids, never the whole subset.
     """
-    from raymimic.select.output import _json_default, open_output
-    from raymimic.select.quality import QualityAccumulator
+    from raymimic.select.output import DecisionSink, open_output
 
     fs, root, chosen = open_output(decisions, output, keep_column, columns)
-    quality, writer, n_rows, kept_parts = QualityAccumulator(), None, 0, []
-    with fs.open(f"{root}/decisions.parquet", "wb") as sink:
+    sink, kept_parts = DecisionSink(quality_column), []
+    with fs.open(f"{root}/decisions.parquet", "wb") as stream:
         for i, path in enumerate(decisions.paths):
             his, los = [], []
             for batch in DecisionParts(decisions.fs, [path], None, decisions.renames).select_columns(chosen).iter_batches():
-                keep = batch[keep_column].to_numpy().astype(bool)
-                n_rows += len(keep)
-                writer = writer or pq.ParquetWriter(sink, batch.schema)
-                writer.write_table(batch.cast(writer.schema) if batch.schema != writer.schema else batch)
+                keep = sink.append(stream, batch, keep_column)
                 hi, lo = arrow_uid_pairs(batch["uid"].filter(pa.array(keep)))
                 his.append(hi)
                 los.append(lo)
-                _update_quality(quality, batch, keep, quality_column)
             kept_parts.append(_save_kept(fs, f"{root}/.keep-{i:05d}.bin", his, los))
-        if writer is None:
-            raise ValueError("the filter produced no decision at all (no uid): nothing to write")
-        writer.close()
-    n_kept = _concatenate_subset(fs, f"{root}/keep.npy", kept_parts)
-    result = dict(summary or {})
-    result["quality"] = {**quality.result(), "score_column": quality_column} if quality.n else None
-    result.update(n_decisions=n_rows, n_kept=n_kept, fraction_kept=n_kept / n_rows)
-    result["files"] = {name: f"{output.rstrip('/')}/{name}" for name in ("keep.npy", "decisions.parquet", "summary.json")}
-    with fs.open(f"{root}/summary.json", "w") as f:
-        json.dump(result, f, indent=2, default=_json_default)
-    return result
-
-
-def _update_quality(quality, batch: pa.Table, keep: np.ndarray, column: str) -> None:
-    if column in batch.column_names:
-        values = batch[column].to_numpy().astype(np.float64)
-        scored = ~np.isnan(values)
-        quality.update(keep[scored], values[scored])
+        sink.close()
+    return sink.write_summary(fs, root, output, summary, _concatenate_subset(fs, f"{root}/keep.npy", kept_parts))
 
 
 def _save_kept(fs, path: str, his: list[np.ndarray], los: list[np.ndarray]) -> tuple[str, int]:
