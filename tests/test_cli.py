@@ -78,6 +78,9 @@ def test_train_default_preset_and_dataclass_defaults(config_of):
     assert cfg == json.loads(expected.to_json())
     assert cfg["model"] == PRESETS[DEFAULT_PRESET]["model"] and cfg["tau"] == 0.05 and cfg["mimic_layer"] == "image-mlp"
     assert cfg["reweight_all"] is False
+    assert cfg["weighting"] == "sgd"  # uniform weights while recording: the measured default (docs/findings.md)
+    plain = config_of("train", "--pool", "P", "--output", "O", "--weighting", "sgd")  # plain training, no scores: said explicitly
+    assert plain["reference"] is None and plain["weighting"] == "sgd"
 
 
 @pytest.mark.parametrize("option, field, value", [
@@ -131,7 +134,8 @@ def test_train_smoke_is_the_tiny_preset_plus_overrides(config_of, tmp_path):
     (["--output", "O", "--reference", "R"], ["--pool"]),
     (["--preset", "tiny", *TRAIN_IO, "--tau", "0"], ["tau"]),
     (["--preset", "tiny", *TRAIN_IO, "--tau", "-1"], ["tau"]),
-    (["--preset", "tiny", "--pool", "P", "--output", "O"], ["reference"]),  # grad-mimic needs a reference
+    (["--preset", "tiny", "--pool", "P", "--output", "O"], ["--reference is required"]),  # nothing to score against
+    (["--preset", "tiny", "--pool", "P", "--output", "O", "--weighting", "grad-mimic"], ["reference"]),
     (["--preset", "tiny", *TRAIN_IO, "--workers", "0"], ["workers"]),
     (["--preset", "tiny", *TRAIN_IO, "--min-workers", "4", "--max-workers", "2"], ["min_workers"]),
 ])

@@ -98,7 +98,7 @@ def test_missing_reference(files):
     message = _error(files, reference=missing)
     assert message.startswith("reference") and missing in message
     cfg = _cfg(files)
-    cfg.reference = None  # grad-mimic needs one (TrainConfig checks it too)
+    cfg.reference, cfg.weighting = None, "grad-mimic"  # grad-mimic needs one (TrainConfig checks it too)
     with pytest.raises(PreflightError, match="reference is required by weighting 'grad-mimic'"):
         check_run(cfg, pool=files["pool"])
 

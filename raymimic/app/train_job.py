@@ -1,7 +1,8 @@
 """The Stage-1 job command line, shared by ``jobs/datacomp_*.py`` and ``raymimic train``.
 
-A job reads a DataComp pool (``--pool``, any fsspec URI) through Ray Data, trains CLIP with
-Grad-Mimic weighting on Ray Train and writes ``<output>/scores/`` (the score table),
+A job reads a DataComp pool (``--pool``, any fsspec URI) through Ray Data, trains CLIP on Ray
+Train while scoring every sample against the reference (``--weighting grad-mimic`` also
+re-weights each batch, as the paper does) and writes ``<output>/scores/`` (the score table),
 ``<output>/checkpoints/final.pt`` (open_clip format) and ``<output>/ray_train/`` (resumable
 checkpoints). ``--smoke`` runs the same code for a few steps on a toy pool it writes itself.
 
@@ -28,8 +29,10 @@ from raymimic.app.options import (
 from raymimic.train.config import BASELINES, BUILTIN_CONTROLS, DIRECTIONS, PRECISIONS, PRESETS, SCORE_KINDS, TrainConfig
 
 WEIGHTING_HELP = (
-    "batch weighting, one of %(choices)s: grad-mimic (softmax of mimic scores, the method), sgd (uniform: standard training, "
-    "scores still recorded when --reference is given), grad-norm (softmax of the mimic layer's per-sample gradient norms), "
+    "batch weighting while the scores are recorded, one of %(choices)s: sgd (uniform weights: the scores are recorded along "
+    "a standard training run; the default, since re-weighting the batch was measured to make the recorded scores worse "
+    "selectors, see the README), grad-mimic (softmax of the mimic scores, the paper's training procedure; needed for "
+    "'raymimic filter --paper-rule'), grad-norm (softmax of the mimic layer's per-sample gradient norms), "
     "agra (equal weight to samples agreeing with the previous step's batch gradient), rho (softmax of loss minus the reference "
     "model's loss; runs the reference model forward), grad-match (weights matching the batch gradient, solved on each "
     "worker's LOCAL Gram matrix) (default: {default})"
@@ -79,7 +82,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, preset: str, preset_is_
     data.add_argument("--pool", help="DataComp pool: local folder or fsspec URI holding shards/{:08d}.tar (required unless --smoke)")
     data.add_argument("--reference", help="reference model whose weights the run mimics: MODEL:TAG (e.g. ViT-B-32:datacomp_m_s128m_b4k), "
                       "a pretrained tag of --model, a local checkpoint or an fsspec URI; its architecture must equal --model's "
-                      "(required by --weighting grad-mimic and rho)")
+                      "(required, except for plain training: --weighting sgd without --reference)")
     data.add_argument("--output", help="run folder, local path or fsspec URI (required; with --smoke the default is a new temporary "
                       "folder); rerunning with the same --output resumes from its latest checkpoint")
     data.add_argument("--shuffle-buffer", type=int,
@@ -158,6 +161,10 @@ def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace, pr
         overrides = {**smoke, **overrides}
     elif "pool" not in overrides:
         fail(parser, "--pool is required (a DataComp pool folder or fsspec URI), or use --smoke")
+    if "reference" not in overrides and "weighting" not in overrides:
+        # the default weighting (uniform) would otherwise train without scoring anything
+        fail(parser, "--reference is required: the model whose weights the scores point toward (MODEL:TAG, tag, path or URI); "
+                     "for plain training without scores give --weighting sgd without --reference")
     return build(parser, TrainConfig.from_preset, preset, output=output, **overrides)
 
 
@@ -213,7 +220,9 @@ def build_parser(preset: str, prog: str | None = None) -> argparse.ArgumentParse
         description=(
             f"Stage 1 at DataComp's {preset} scale: train {p['model']} on {p['samples_seen']:,} samples "
             f"(global batch {p['global_batch']}, lr {p['lr']}, warm-up {p['warmup']}, AdamW wd {_default('weight_decay')} "
-            f"beta2 {_default('beta2')}, cosine) with Grad-Mimic weighting on Ray Train, scoring every sample at every step. "
+            f"beta2 {_default('beta2')}, cosine) on Ray Train, scoring every sample at every step by how well its gradient "
+            "points toward the reference model's weights (the mimic score; --weighting grad-mimic also re-weights each batch "
+            "by it, as the paper does). "
             "Writes OUTPUT/scores/*.parquet (one row per sample per step), OUTPUT/checkpoints/final.pt (open_clip format) "
             "and OUTPUT/ray_train/ (resumable checkpoints)."
         ),

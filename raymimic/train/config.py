@@ -138,7 +138,9 @@ class TrainConfig:
     reference: str | None = None  # MODEL:TAG, tag, path or URI; None = plain training, no scores
     pool: str | None = None  # DataComp pool (folder or fsspec URI) that run_training reads; fit() takes a dataset instead
     mimic_layer: str = DEFAULT_MIMIC_LAYER
-    weighting: str = "grad-mimic"
+    # uniform weights while recording: Grad-Mimic re-weighting was measured to make the recorded scores worse
+    # selectors (docs/findings.md); "grad-mimic" re-weights as the paper does
+    weighting: str = "sgd"
     tau: float = DEFAULT_TAU
     score_kind: str = "proj"
     reweight_all: bool = False  # re-weight every layer's gradient, not only the mimic layer's
