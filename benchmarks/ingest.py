@@ -8,8 +8,12 @@ it times, in one invocation:
 
 - ``baseline``: one process (torch limited to one thread), ``tarfile`` streaming each shard, PIL decode, the open_clip
   eval transform of --model, batches of --batch-size: images stacked (a DataLoader's collate) and captions tokenized;
+- ``baseline_library_transform``: the same loop, but each batch's images go through raymimic's own decode + transform
+  (``ToTensor`` + ``Normalize`` run once per batch on uint8 pixels, bit-identical output): Ray's own cost per CPU
+  is the ratio against this one, since both run the same per-sample code;
 - ``raymimic``: ``read_pool`` + ``preprocess_for_clip`` with the same transform and
-  tokenizer on a local Ray instance with --num-cpus CPUs, consumed with ``iter_batches``;
+  tokenizer on a local Ray instance with --num-cpus CPUs, consumed with ``iter_batches`` in batches of --batch-size
+  (the loop's batches; a larger consumer batch would make Ray copy blocks together);
   timed twice: with cold workers (the first pass imports torch, torchvision and open_clip into
   each worker process) and then warm (the steady state of a long job; the ratios use it);
 - read only (no decode): the tarfile loop, ``read_pool``, and Ray's built-in
@@ -56,31 +60,44 @@ def tar_samples(path: str):
         yield members
 
 
-def baseline(shards, transform, tokenizer, batch_size: int, decode: bool = True) -> int:
+def baseline(shards, transform, tokenizer, batch_size: int, decode: bool = True, library_transform: bool = False) -> int:
     """The single-process loop: decode, transform, and collate batches of ``batch_size`` (images stacked as a
-    DataLoader's default collate does, captions tokenized), the same output the Ray pipeline hands on."""
+    DataLoader's default collate does, captions tokenized), the same output the Ray pipeline hands on.
+    ``library_transform``: decode and transform each batch with raymimic's own batch code instead."""
     import torch
     from PIL import Image
+
+    from raymimic.data.preprocess import _decode_transform
+
+    def collate(images, texts):
+        if library_transform:
+            _decode_transform(images, transform)
+        else:
+            torch.stack(images)
+        tokenizer(texts)
 
     count, images, texts = 0, [], []
     for shard in shards:
         for members in tar_samples(shard):
             json.loads(members["json"])["uid"]
             if decode:
-                with Image.open(io.BytesIO(members["jpg"])) as image:
-                    images.append(torch.as_tensor(transform(image.convert("RGB"))))
+                if library_transform:
+                    images.append(members["jpg"])
+                else:
+                    with Image.open(io.BytesIO(members["jpg"])) as image:
+                        images.append(torch.as_tensor(transform(image.convert("RGB"))))
                 texts.append(members["txt"].decode("utf-8"))
                 if len(texts) == batch_size:
-                    torch.stack(images), tokenizer(texts)
+                    collate(images, texts)
                     images, texts = [], []
             count += 1
     if texts:
-        torch.stack(images), tokenizer(texts)
+        collate(images, texts)
     return count
 
 
-def consume(ds) -> int:
-    return sum(len(batch["uid"]) for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"))
+def consume(ds, batch_size: int) -> int:
+    return sum(len(batch["uid"]) for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
 
 
 def timed(function, *args, **kwargs):
@@ -130,6 +147,8 @@ def main(argv=None) -> int:
     results = {}
     n, seconds = timed(baseline, shards, transform, tokenizer, args.batch_size)
     results["baseline_full"] = {"samples": n, "seconds": seconds}
+    n, seconds = timed(baseline, shards, transform, tokenizer, args.batch_size, library_transform=True)
+    results["baseline_library_transform"] = {"samples": n, "seconds": seconds}
     n, seconds = timed(baseline, shards, transform, tokenizer, args.batch_size, decode=False)
     results["baseline_read_only"] = {"samples": n, "seconds": seconds}
 
@@ -140,17 +159,17 @@ def main(argv=None) -> int:
     from raymimic.data.pool import read_pool
     from raymimic.data.preprocess import preprocess_for_clip
 
-    consume(read_pool(pool, columns=["uid"]))  # worker processes started
+    consume(read_pool(pool, columns=["uid"]), args.batch_size)  # worker processes started
     # the first pass imports torch, torchvision and open_clip into every worker as it unpickles the transform
     # (seconds per worker, once per process): timed apart, as the baseline's imports happen before its clock
-    n, seconds = timed(consume, preprocess_for_clip(read_pool(pool), transform, tokenizer, batch_size=args.batch_size))
+    n, seconds = timed(consume, preprocess_for_clip(read_pool(pool), transform, tokenizer, batch_size=args.batch_size), args.batch_size)
     results["raymimic_full_cold_workers"] = {"samples": n, "seconds": seconds}
-    n, seconds = timed(consume, preprocess_for_clip(read_pool(pool), transform, tokenizer, batch_size=args.batch_size))
+    n, seconds = timed(consume, preprocess_for_clip(read_pool(pool), transform, tokenizer, batch_size=args.batch_size), args.batch_size)
     results["raymimic_full"] = {"samples": n, "seconds": seconds}
-    n, seconds = timed(consume, read_pool(pool))
+    n, seconds = timed(consume, read_pool(pool), args.batch_size)
     results["raymimic_read_only"] = {"samples": n, "seconds": seconds}
     webdataset = ray.data.read_webdataset(shards, decoder=False)
-    n, seconds = timed(lambda: sum(len(b["__key__"]) for b in webdataset.iter_batches(batch_size=1024, batch_format="numpy")))
+    n, seconds = timed(lambda: sum(len(b["__key__"]) for b in webdataset.iter_batches(batch_size=args.batch_size, batch_format="numpy")))
     results["ray_read_webdataset_read_only"] = {"samples": n, "seconds": seconds}
     ray.shutdown()
 
@@ -167,6 +186,8 @@ def main(argv=None) -> int:
         "results": results,
         "ratio_full_vs_baseline": ratio,
         "ratio_full_vs_baseline_per_cpu": ratio / args.num_cpus,
+        "ratio_full_vs_library_transform_loop_per_cpu": results["raymimic_full"]["samples_per_s"]
+        / results["baseline_library_transform"]["samples_per_s"] / args.num_cpus,
         "ratio_full_cold_workers_vs_baseline": results["raymimic_full_cold_workers"]["samples_per_s"]
         / results["baseline_full"]["samples_per_s"],
         "ratio_read_only_vs_baseline": results["raymimic_read_only"]["samples_per_s"] / results["baseline_read_only"]["samples_per_s"],
@@ -178,6 +199,8 @@ def main(argv=None) -> int:
         print(f"{name:34s} {entry['samples']:9d} {entry['seconds']:9.2f} {entry['samples_per_s']:11.0f}")
     print(f"\nread+decode+transform+tokenize, raymimic / single-process tarfile loop: {ratio:.2f}x "
           f"on {args.num_cpus} CPUs = {summary['ratio_full_vs_baseline_per_cpu']:.2f} per CPU")
+    print(f"per CPU against the same loop running raymimic's batch transform (Ray's own cost): "
+          f"{summary['ratio_full_vs_library_transform_loop_per_cpu']:.2f}")
     print(f"read only, raymimic / tarfile loop: {summary['ratio_read_only_vs_baseline']:.2f}x; "
           f"raymimic / ray.data.read_webdataset: {summary['ratio_read_only_vs_read_webdataset']:.2f}x")
     if args.json:

@@ -202,6 +202,45 @@ def test_transforms_for_model_builds_open_clip_preprocessing_without_weights():
         transforms_for_model("no-such-model")
 
 
+def _encoded(image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_batched_tensor_tail_is_bit_identical_to_the_transform_image_by_image():
+    """The batch path runs ToTensor + Normalize once on uint8 pixels; the output must equal the per-image transform exactly,
+    for open_clip's transform, one without Normalize, and images that the batch path cannot stack (other modes and sizes)."""
+    import open_clip
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from raymimic.data.preprocess import _decode_transform, decode_image, split_tensor_tail
+
+    rng = np.random.default_rng(3)
+    pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((20, 32), (64, 64), (300, 170))]
+    images = [_encoded(p, "PNG") for p in pictures] + [_encoded(pictures[1], "JPEG"), _encoded(pictures[2].convert("L"), "PNG"),
+                                                       b"not an image"]
+    transforms = {
+        "open_clip": open_clip.image_transform(48, is_train=False),
+        "no normalize": T.Compose([T.Resize((24, 24)), T.ToTensor()]),
+        "grey": T.Compose([T.Resize((24, 24)), T.Grayscale(), T.ToTensor(), T.Normalize([0.5], [0.2])]),  # not RGB: image by image
+    }
+    for transform in transforms.values():
+        assert split_tensor_tail(transform) is not None
+        good = images[:-1]
+        batch, ok, errors = _decode_transform(good + images[-1:], transform)
+        assert ok == list(range(len(good))) and len(errors) == 1 and "UnidentifiedImageError" in errors[0]
+        expected = np.stack([np.asarray(transform(decode_image(data)), dtype=np.float32) for data in good])
+        assert batch.dtype == np.float32 and batch.flags.c_contiguous
+        np.testing.assert_array_equal(batch, expected)  # bit for bit, not approximately
+    assert split_tensor_tail(T.Compose([T.ToTensor(), T.Normalize([0.5], [0.5]), T.Resize(8)])) is None  # tail is not ToTensor
+    assert split_tensor_tail(lambda image: torch.zeros(3)) is None
+    lone = _decode_transform(images[:2], T.Compose([T.Resize((8, 8)), T.PILToTensor(), T.ConvertImageDtype(torch.float32)]))[0]
+    assert lone.shape == (2, 3, 8, 8)  # not a split transform: applied whole, image by image
+
+
 def test_without_dedup_repeated_uids_are_all_returned(ray_session, messy_pool):
     from raymimic.data.pool import PoolRejects, read_pool
 
