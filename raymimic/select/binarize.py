@@ -144,8 +144,9 @@ def default_feature(method: str, informative: bool | None = True) -> str:
 def uniform_weight_error(feature: str, what: str = "") -> ValueError:
     """The error for a weight feature asked of a table recorded under uniform weights."""
     return ValueError(f"feature {feature!r}{what} needs informative weights, but the score table was recorded under uniform weights "
-                      f"(B * w_i = 1 on every row, e.g. Stage 1 with --weighting sgd): the weight says nothing about a sample there. "
-                      f"Use a score feature (step_z, score), or leave the feature unset to get step_z")
+                      f"(B * w_i = 1 on every row: Stage 1's default, --weighting sgd): the weight says nothing about a sample there. "
+                      f"Use a score feature (step_z, score), or leave the feature unset to get step_z; the paper's rule needs "
+                      f"a table recorded with --weighting grad-mimic")
 
 
 def _check_finite(values: np.ndarray, what: str, table: Any = None) -> None:
