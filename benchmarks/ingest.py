@@ -20,7 +20,9 @@ it times, in one invocation:
   ``ray.data.read_webdataset``, to show what the shard-level reader buys.
 
 It prints samples/s for each, the raymimic/baseline ratio and that ratio per CPU given to
-Ray (1.0 per core = perfect scaling of the single-process loop), and writes them as JSON.
+Ray (1.0 per core = perfect scaling of the single-process loop), and writes them as JSON. The
+loops and the warm pipeline run --repeats times, interleaved; ratios are the median over repeats
+of the ratio within one repeat, since a shared machine's speed drifts from minute to minute.
 Times exclude Ray start-up; they include Ray's per-dataset planning and task launches.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -117,6 +120,8 @@ def main(argv=None) -> int:
                         help="resize to this side instead of the model's (e.g. 64 for a tiny CLIP); the output "
                         "tensors are float32, so at 224 px every sample moves 600 kB through Ray's object store")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the loops and the warm pipeline; "
+                        "the ratio is the median of the repeats' ratios")
     parser.add_argument("--json", help="write the results to this path")
     args = parser.parse_args(argv)
 
@@ -144,14 +149,6 @@ def main(argv=None) -> int:
     # one thread, as in a Ray worker (Ray sets OMP_NUM_THREADS=1): torch's default of one
     # thread per core makes a single small-image transform many times slower on a busy machine
     torch.set_num_threads(1)
-    results = {}
-    n, seconds = timed(baseline, shards, transform, tokenizer, args.batch_size)
-    results["baseline_full"] = {"samples": n, "seconds": seconds}
-    n, seconds = timed(baseline, shards, transform, tokenizer, args.batch_size, library_transform=True)
-    results["baseline_library_transform"] = {"samples": n, "seconds": seconds}
-    n, seconds = timed(baseline, shards, transform, tokenizer, args.batch_size, decode=False)
-    results["baseline_read_only"] = {"samples": n, "seconds": seconds}
-
     import ray
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -159,13 +156,29 @@ def main(argv=None) -> int:
     from raymimic.data.pool import read_pool
     from raymimic.data.preprocess import preprocess_for_clip
 
+    def pipeline():
+        return consume(preprocess_for_clip(read_pool(pool), transform, tokenizer, batch_size=args.batch_size), args.batch_size)
+
+    results = {}
     consume(read_pool(pool, columns=["uid"]), args.batch_size)  # worker processes started
     # the first pass imports torch, torchvision and open_clip into every worker as it unpickles the transform
     # (seconds per worker, once per process): timed apart, as the baseline's imports happen before its clock
-    n, seconds = timed(consume, preprocess_for_clip(read_pool(pool), transform, tokenizer, batch_size=args.batch_size), args.batch_size)
+    n, seconds = timed(pipeline)
     results["raymimic_full_cold_workers"] = {"samples": n, "seconds": seconds}
-    n, seconds = timed(consume, preprocess_for_clip(read_pool(pool), transform, tokenizer, batch_size=args.batch_size), args.batch_size)
-    results["raymimic_full"] = {"samples": n, "seconds": seconds}
+    # the loop, the loop with raymimic's batch transform and the warm pipeline, one after the other, --repeats
+    # times: a shared machine's speed drifts between minutes, so each repeat's ratio compares neighbours
+    runs = {"baseline_full": [], "baseline_library_transform": [], "raymimic_full": []}
+    for _ in range(args.repeats):
+        runs["baseline_full"].append(timed(baseline, shards, transform, tokenizer, args.batch_size))
+        runs["baseline_library_transform"].append(timed(baseline, shards, transform, tokenizer, args.batch_size, library_transform=True))
+        runs["raymimic_full"].append(timed(pipeline))
+    for name, timings in runs.items():
+        results[name] = {"samples": timings[0][0], "seconds": statistics.median(t for _, t in timings),
+                         "runs_seconds": [round(t, 3) for _, t in timings]}
+    ratios = [b / r for (_, b), (_, r) in zip(runs["baseline_full"], runs["raymimic_full"])]
+    library_ratios = [b / r for (_, b), (_, r) in zip(runs["baseline_library_transform"], runs["raymimic_full"])]
+    n, seconds = timed(baseline, shards, transform, tokenizer, args.batch_size, decode=False)
+    results["baseline_read_only"] = {"samples": n, "seconds": seconds}
     n, seconds = timed(consume, read_pool(pool), args.batch_size)
     results["raymimic_read_only"] = {"samples": n, "seconds": seconds}
     webdataset = ray.data.read_webdataset(shards, decoder=False)
@@ -175,7 +188,7 @@ def main(argv=None) -> int:
 
     for entry in results.values():
         entry["samples_per_s"] = entry["samples"] / entry["seconds"]
-    ratio = results["raymimic_full"]["samples_per_s"] / results["baseline_full"]["samples_per_s"]
+    ratio = statistics.median(ratios)
     summary = {
         "pool": pool if args.pool else f"toy pool, {args.samples} samples, {len(shards)} shards",
         "model_transform": args.model,
@@ -185,9 +198,9 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "results": results,
         "ratio_full_vs_baseline": ratio,
+        "ratio_full_vs_baseline_per_repeat": [round(r, 3) for r in ratios],
         "ratio_full_vs_baseline_per_cpu": ratio / args.num_cpus,
-        "ratio_full_vs_library_transform_loop_per_cpu": results["raymimic_full"]["samples_per_s"]
-        / results["baseline_library_transform"]["samples_per_s"] / args.num_cpus,
+        "ratio_full_vs_library_transform_loop_per_cpu": statistics.median(library_ratios) / args.num_cpus,
         "ratio_full_cold_workers_vs_baseline": results["raymimic_full_cold_workers"]["samples_per_s"]
         / results["baseline_full"]["samples_per_s"],
         "ratio_read_only_vs_baseline": results["raymimic_read_only"]["samples_per_s"] / results["baseline_read_only"]["samples_per_s"],
@@ -197,7 +210,8 @@ def main(argv=None) -> int:
     print(f"\n{'measurement':34s} {'samples':>9s} {'seconds':>9s} {'samples/s':>11s}")
     for name, entry in results.items():
         print(f"{name:34s} {entry['samples']:9d} {entry['seconds']:9.2f} {entry['samples_per_s']:11.0f}")
-    print(f"\nread+decode+transform+tokenize, raymimic / single-process tarfile loop: {ratio:.2f}x "
+    print(f"\nper repeat, raymimic / loop: {', '.join(f'{r:.2f}x' for r in ratios)} (median below)")
+    print(f"read+decode+transform+tokenize, raymimic / single-process tarfile loop: {ratio:.2f}x "
           f"on {args.num_cpus} CPUs = {summary['ratio_full_vs_baseline_per_cpu']:.2f} per CPU")
     print(f"per CPU against the same loop running raymimic's batch transform (Ray's own cost): "
           f"{summary['ratio_full_vs_library_transform_loop_per_cpu']:.2f}")
