@@ -156,8 +156,8 @@ def main(argv=None) -> int:
     from raymimic.data.pool import read_pool
     from raymimic.data.preprocess import preprocess_for_clip
 
-    def pipeline():
-        return consume(preprocess_for_clip(read_pool(pool), transform, tokenizer, batch_size=args.batch_size), args.batch_size)
+    def pipeline(batch_size=args.batch_size):
+        return consume(preprocess_for_clip(read_pool(pool), transform, tokenizer, batch_size=args.batch_size), batch_size)
 
     results = {}
     consume(read_pool(pool, columns=["uid"]), args.batch_size)  # worker processes started
@@ -167,16 +167,20 @@ def main(argv=None) -> int:
     results["raymimic_full_cold_workers"] = {"samples": n, "seconds": seconds}
     # the loop, the loop with raymimic's batch transform and the warm pipeline, one after the other, --repeats
     # times: a shared machine's speed drifts between minutes, so each repeat's ratio compares neighbours
-    runs = {"baseline_full": [], "baseline_library_transform": [], "raymimic_full": []}
+    # raymimic_full_blocks: the same pipeline consumed in the blocks it makes (256 rows, fewer at a shard's end)
+    # instead of batches of exactly --batch-size, which the consumer must copy together: what re-batching costs
+    runs = {"baseline_full": [], "baseline_library_transform": [], "raymimic_full": [], "raymimic_full_blocks": []}
     for _ in range(args.repeats):
         runs["baseline_full"].append(timed(baseline, shards, transform, tokenizer, args.batch_size))
         runs["baseline_library_transform"].append(timed(baseline, shards, transform, tokenizer, args.batch_size, library_transform=True))
         runs["raymimic_full"].append(timed(pipeline))
+        runs["raymimic_full_blocks"].append(timed(pipeline, None))
     for name, timings in runs.items():
         results[name] = {"samples": timings[0][0], "seconds": statistics.median(t for _, t in timings),
                          "runs_seconds": [round(t, 3) for _, t in timings]}
     ratios = [b / r for (_, b), (_, r) in zip(runs["baseline_full"], runs["raymimic_full"])]
     library_ratios = [b / r for (_, b), (_, r) in zip(runs["baseline_library_transform"], runs["raymimic_full"])]
+    block_ratios = [b / r for (_, b), (_, r) in zip(runs["baseline_full"], runs["raymimic_full_blocks"])]
     n, seconds = timed(baseline, shards, transform, tokenizer, args.batch_size, decode=False)
     results["baseline_read_only"] = {"samples": n, "seconds": seconds}
     n, seconds = timed(consume, read_pool(pool), args.batch_size)
@@ -199,6 +203,7 @@ def main(argv=None) -> int:
         "results": results,
         "ratio_full_vs_baseline": ratio,
         "ratio_full_vs_baseline_per_repeat": [round(r, 3) for r in ratios],
+        "ratio_full_blocks_vs_baseline": statistics.median(block_ratios),
         "ratio_full_vs_baseline_per_cpu": ratio / args.num_cpus,
         "ratio_full_vs_library_transform_loop_per_cpu": statistics.median(library_ratios) / args.num_cpus,
         "ratio_full_cold_workers_vs_baseline": results["raymimic_full_cold_workers"]["samples_per_s"]
@@ -213,6 +218,7 @@ def main(argv=None) -> int:
     print(f"\nper repeat, raymimic / loop: {', '.join(f'{r:.2f}x' for r in ratios)} (median below)")
     print(f"read+decode+transform+tokenize, raymimic / single-process tarfile loop: {ratio:.2f}x "
           f"on {args.num_cpus} CPUs = {summary['ratio_full_vs_baseline_per_cpu']:.2f} per CPU")
+    print(f"consumed in Ray's own blocks (no re-batching): {summary['ratio_full_blocks_vs_baseline']:.2f}x")
     print(f"per CPU against the same loop running raymimic's batch transform (Ray's own cost): "
           f"{summary['ratio_full_vs_library_transform_loop_per_cpu']:.2f}")
     print(f"read only, raymimic / tarfile loop: {summary['ratio_read_only_vs_baseline']:.2f}x; "
