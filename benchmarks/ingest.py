@@ -70,11 +70,13 @@ def baseline(shards, transform, tokenizer, batch_size: int, decode: bool = True,
     import torch
     from PIL import Image
 
-    from raymimic.data.preprocess import _decode_transform
+    from raymimic.data.preprocess import BatchTransform
+
+    batch_transform = BatchTransform(transform) if library_transform else None
 
     def collate(images, texts):
         if library_transform:
-            _decode_transform(images, transform)
+            batch_transform(images)
         else:
             torch.stack(images)
         tokenizer(texts)

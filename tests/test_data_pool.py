@@ -216,7 +216,7 @@ def test_batched_tensor_tail_is_bit_identical_to_the_transform_image_by_image():
     from PIL import Image
     from torchvision import transforms as T
 
-    from raymimic.data.preprocess import _decode_transform, decode_image, split_tensor_tail
+    from raymimic.data.preprocess import BatchTransform, decode_image, split_tensor_tail
 
     rng = np.random.default_rng(3)
     pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((20, 32), (64, 64), (300, 170))]
@@ -230,14 +230,14 @@ def test_batched_tensor_tail_is_bit_identical_to_the_transform_image_by_image():
     for transform in transforms.values():
         assert split_tensor_tail(transform) is not None
         good = images[:-1]
-        batch, ok, errors = _decode_transform(good + images[-1:], transform)
+        batch, ok, errors = BatchTransform(transform)(good + images[-1:])
         assert ok == list(range(len(good))) and len(errors) == 1 and "UnidentifiedImageError" in errors[0]
         expected = np.stack([np.asarray(transform(decode_image(data)), dtype=np.float32) for data in good])
         assert batch.dtype == np.float32 and batch.flags.c_contiguous
         np.testing.assert_array_equal(batch, expected)  # bit for bit, not approximately
     assert split_tensor_tail(T.Compose([T.ToTensor(), T.Normalize([0.5], [0.5]), T.Resize(8)])) is None  # tail is not ToTensor
     assert split_tensor_tail(lambda image: torch.zeros(3)) is None
-    lone = _decode_transform(images[:2], T.Compose([T.Resize((8, 8)), T.PILToTensor(), T.ConvertImageDtype(torch.float32)]))[0]
+    lone = BatchTransform(T.Compose([T.Resize((8, 8)), T.PILToTensor(), T.ConvertImageDtype(torch.float32)]))(images[:2])[0]
     assert lone.shape == (2, 3, 8, 8)  # not a split transform: applied whole, image by image
 
 

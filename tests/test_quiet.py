@@ -146,7 +146,7 @@ def _image_rows(n=4, size=16):
 def test_preprocess_udf_on_read_only_arrays_is_quiet():
     """The map_batches function itself, in this process: Ray hands it read-only arrays."""
     from raymimic.clip.models import register_model_configs
-    from raymimic.data.preprocess import _preprocess_batch, transforms_for_model
+    from raymimic.data.preprocess import BatchTransform, _preprocess_batch, transforms_for_model
 
     register_model_configs()
     transform, tokenizer = transforms_for_model("raymimic-tiny")
@@ -156,7 +156,7 @@ def test_preprocess_udf_on_read_only_arrays_is_quiet():
     for value in batch.values():
         value.setflags(write=False)
     with quiet():
-        (out,) = list(_preprocess_batch(batch, transform=transform, tokenizer=tokenizer, ledger=None, keep_columns=()))
+        (out,) = list(_preprocess_batch(batch, transform=BatchTransform(transform), tokenizer=tokenizer, ledger=None, keep_columns=()))
     assert len(out["uid"]) == 4
 
 

@@ -64,7 +64,7 @@ def split_tensor_tail(transform):
     open_clip's eval transform is Resize, CenterCrop, RGB, ToTensor, Normalize. The last two
     are the same few element-wise float32 operations for every image; run per image they cost
     a call overhead each and a float32 copy when the batch is stacked. Splitting them off lets
-    :func:`_decode_transform` apply them once to a uint8 batch, with bit-identical results.
+    :class:`BatchTransform` apply them once to a uint8 batch, with bit-identical results.
     """
     from torchvision.transforms import Compose, Normalize, ToTensor
 
@@ -92,29 +92,6 @@ def _reusable_float32(shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(pa.allocate_buffer(count * 4), dtype=np.float32, count=count).reshape(shape)
 
 
-def _to_normalized_batch(pixels: list[np.ndarray], mean, std, chunk: int = 8) -> np.ndarray:
-    """N x H x W x 3 uint8 pixels -> N x 3 x H x W float32 by the same element-wise operations as ToTensor + Normalize.
-
-    A few images at a time: four passes over a whole batch of float32 images (150 MB at 224 px)
-    would each stream it from memory, while a chunk stays in the CPU's cache between passes.
-    """
-    import torch
-
-    height, width, channels = pixels[0].shape
-    out = torch.from_numpy(_reusable_float32((len(pixels), channels, height, width)))
-    mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = None if std is None else torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    for start in range(0, len(pixels), chunk):
-        part = out[start:start + chunk]
-        # uint8 -> float32 is exact; the HWC -> CHW reorder rides on this copy (a plain copy handles the strided
-        # read faster than a dividing one), then ToTensor's div(255) and Normalize's sub, div, in their order
-        part.copy_(torch.from_numpy(np.stack(pixels[start:start + chunk])).permute(0, 3, 1, 2))
-        part.div_(255)
-        if mean is not None:
-            part.sub_(mean).div_(std)
-    return out.numpy()
-
-
 def _rgb_pixels(images: list) -> list[np.ndarray] | None:
     """The images' uint8 pixels when all are PIL RGB images of one size (what the batched tail handles), else None."""
     from PIL import Image
@@ -125,33 +102,68 @@ def _rgb_pixels(images: list) -> list[np.ndarray] | None:
     return [np.asarray(image) for image in images]
 
 
-def _decode_transform(images, transform) -> tuple[np.ndarray | None, list[int], list[str]]:
-    """The decodable images of a batch as one float32 array (in order), their indices, and the others' errors."""
-    split = split_tensor_tail(transform)
-    per_image = transform if split is None else split[0]
-    outputs, ok, errors = [], [], []
-    for i, data in enumerate(images):
-        try:
-            outputs.append(per_image(decode_image(data)))
-            ok.append(i)
-        except Exception as error:  # PIL and transforms raise many types for bad data
-            errors.append(f"{type(error).__name__}: {error}")
-    if not ok:
-        return None, ok, errors
-    if split is not None:
-        pixels = _rgb_pixels(outputs)
-        if pixels is not None:
-            return _to_normalized_batch(pixels, split[2], split[3]), ok, errors
-        outputs = [split[1](image) for image in outputs]  # not one size or mode (a custom transform): image by image
-    return np.stack([np.asarray(output, dtype=np.float32) for output in outputs]), ok, errors
+class BatchTransform:
+    """An image transform applied to a batch of encoded images: what preprocessing runs per batch.
+
+    Built once (the split and the normalisation constants are not redone per batch). When the
+    transform ends in ToTensor (+ Normalize), the steps before them run image by image and the
+    tail once on the batch's uint8 pixels (:func:`split_tensor_tail`); otherwise the whole
+    transform runs image by image. Either way the output equals the per-image transform exactly.
+    """
+
+    CHUNK = 8  # images per pass of the tail: a chunk of float32 images stays in the CPU's cache between its passes
+
+    def __init__(self, transform):
+        import torch
+
+        split = split_tensor_tail(transform)
+        self.per_image, self.tail = (transform, None) if split is None else split[:2]
+        mean, std = (None, None) if split is None else split[2:]
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, images) -> tuple[np.ndarray | None, list[int], list[str]]:
+        """The decodable images as one float32 array (in order), their indices, and the others' errors."""
+        outputs, ok, errors = [], [], []
+        for i, data in enumerate(images):
+            try:
+                outputs.append(self.per_image(decode_image(data)))
+                ok.append(i)
+            except Exception as error:  # PIL and transforms raise many types for bad data
+                errors.append(f"{type(error).__name__}: {error}")
+        if not ok:
+            return None, ok, errors
+        if self.tail is not None:
+            pixels = _rgb_pixels(outputs)
+            if pixels is not None:
+                return self._normalized_batch(pixels), ok, errors
+            outputs = [self.tail(image) for image in outputs]  # not one size or mode (a custom transform): image by image
+        return np.stack([np.asarray(output, dtype=np.float32) for output in outputs]), ok, errors
+
+    def _normalized_batch(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """N x H x W x 3 uint8 pixels -> N x 3 x H x W float32 by the same element-wise operations as ToTensor + Normalize."""
+        import torch
+
+        height, width, channels = pixels[0].shape
+        out = torch.from_numpy(_reusable_float32((len(pixels), channels, height, width)))
+        for start in range(0, len(pixels), self.CHUNK):
+            part = out[start:start + self.CHUNK]
+            # uint8 -> float32 is exact; the HWC -> CHW reorder rides on this copy (a plain copy handles the strided
+            # read faster than a dividing one), then ToTensor's div(255) and Normalize's sub, div, in their order
+            part.copy_(torch.from_numpy(np.stack(pixels[start:start + self.CHUNK])).permute(0, 3, 1, 2))
+            part.div_(255)
+            if self.mean is not None:
+                part.sub_(self.mean).div_(self.std)
+        return out.numpy()
 
 
-def _preprocess_batch(batch: dict, *, transform, tokenizer, ledger, keep_columns) -> Iterator[dict]:
-    images, ok, errors = _decode_transform(batch["image"], transform)
+def _preprocess_batch(batch: dict, *, transform: BatchTransform, tokenizer, ledger, keep_columns) -> Iterator[dict]:
+    images, ok, errors = transform(batch["image"])
     if len(ok) < len(batch["uid"]) and ledger is not None:
         import ray
 
-        failed = [i for i in range(len(batch["uid"])) if i not in set(ok)]
+        kept = set(ok)
+        failed = [i for i in range(len(batch["uid"])) if i not in kept]
         shards = batch.get("shard", batch["uid"])
         keys = batch.get("key", batch["uid"])
         entries = [(str(shards[i]), str(keys[i]), "preprocess", DECODE_REASON, error) for i, error in zip(failed, errors)]
@@ -204,7 +216,7 @@ def preprocess_for_clip(
         batch_size=batch_size,
         batch_format="numpy",
         compute=TaskPoolStrategy(size=concurrency),  # map_batches(concurrency=) is deprecated
-        fn_kwargs={"transform": transform, "tokenizer": tokenizer, "ledger": ledger, "keep_columns": tuple(keep_columns)},
+        fn_kwargs={"transform": BatchTransform(transform), "tokenizer": tokenizer, "ledger": ledger, "keep_columns": tuple(keep_columns)},
         **extra,
     )
 
