@@ -129,7 +129,7 @@ def main(argv=None) -> int:
 
     from raymimic.data.pool import shard_files
     from raymimic.data.preprocess import transforms_for_model
-    from raymimic.data.toy_pool import make_toy_pool
+    from raymimic_experiments.toy_pool import make_toy_pool
 
     workdir = None
     pool = args.pool

@@ -22,7 +22,7 @@ For each (model, seed) cell, in one process and without Ray:
 
 Each cell writes ``cell_<model>_<seed>.json`` in the workdir; ``--summarize`` averages the cells
 over seeds into Markdown tables (AUC on the random and systematic questions of
-:mod:`raymimic.lift.metrics`, reference lift, F1, zero-shot top-1).
+:mod:`raymimic_experiments.reference_lift.metrics`, reference lift, F1, zero-shot top-1).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _log(message: str) -> None:
 
 
 def _aucs(rows, truth) -> dict:
-    from raymimic.lift.metrics import detection_aucs, per_uid
+    from raymimic_experiments.reference_lift.metrics import detection_aucs, per_uid
 
     table = detection_aucs(per_uid(rows), truth)
     return {column: {q: (None if v is None or v != v else float(v)) for q, v in row.items()} for column, row in table.iterrows()}
@@ -55,11 +55,11 @@ def run_cell(model: str, seed: int, args) -> dict:
     import torch
 
     from raymimic.clip import save_checkpoint
-    from raymimic.data.toy_pool import make_toy_pool
-    from raymimic.lift.data import load_split
-    from raymimic.lift.metrics import filter_detection, gate_checks, zero_shot_top1
-    from raymimic.lift.score import score_checkpoints
-    from raymimic.lift.train import RunSpec, per_sample_losses, train
+    from raymimic_experiments.reference_lift.data import load_split
+    from raymimic_experiments.reference_lift.metrics import filter_detection, gate_checks, zero_shot_top1
+    from raymimic_experiments.reference_lift.score import score_checkpoints
+    from raymimic_experiments.reference_lift.train import RunSpec, per_sample_losses, train
+    from raymimic_experiments.toy_pool import make_toy_pool
 
     torch.set_num_threads(args.threads)
     root = os.path.join(args.workdir, f"{model}_{seed}")

@@ -183,7 +183,7 @@ def inputs(tmp_path_factory):
     import torch
 
     from raymimic.clip import create_model, save_checkpoint
-    from raymimic.data.toy_pool import make_toy_pool
+    from raymimic_experiments.toy_pool import make_toy_pool
 
     root = tmp_path_factory.mktemp("autoscaling")
     make_toy_pool(str(root / "pool"), samples=POOL_SAMPLES, noise=0.3, seed=0, shard_size=16, eval_samples=0, workers=1)

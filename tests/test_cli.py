@@ -258,7 +258,7 @@ def test_filter_config(config_of, error_of):
 
 
 def test_quickstart_config(config_of):
-    from raymimic.quickstart import QuickstartConfig
+    from raymimic_experiments.quickstart import QuickstartConfig
 
     assert config_of("quickstart") == QuickstartConfig().to_dict()
     cfg = config_of("quickstart", "--output", "/tmp/qs", "--samples", "500", "--noise", "0.2", "--epochs", "2", "--tau", "0.5",

@@ -136,7 +136,7 @@ def test_unreadable_roots_fail_with_their_name(ray_session, tmp_path):
 def test_metadata_and_embeddings_join_by_uid(ray_session, tmp_path):
     from raymimic.data.metadata import read_metadata
     from raymimic.data.pool import read_pool
-    from raymimic.data.toy_pool import make_toy_pool
+    from raymimic_experiments.toy_pool import make_toy_pool
 
     make_toy_pool(str(tmp_path / "toy"), samples=60, noise=0.5, seed=3, shard_size=25, eval_samples=0, workers=1)
     ds = read_pool(str(tmp_path / "toy"), columns=["uid", "text"], metadata_columns=["clip_b32_similarity_score", "text"],

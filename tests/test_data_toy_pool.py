@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raymimic.data.toy_pool import BOILERPLATE, CLASS_NAMES, KINDS, SHORT_CAPTIONS, make_toy_pool
+from raymimic_experiments.toy_pool import BOILERPLATE, CLASS_NAMES, KINDS, SHORT_CAPTIONS, make_toy_pool
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_cli_writes_a_pool(tmp_path, capsys):
 
 
 def test_mixed_source_uses_real_handwritten_digits(tmp_path):
-    from raymimic.data.toy_pool import DIGIT_CLASSES, SHAPE_CLASSES
+    from raymimic_experiments.toy_pool import DIGIT_CLASSES, SHAPE_CLASSES
 
     out = tmp_path / "mixed"
     summary = make_toy_pool(str(out), samples=60, noise=0.0, seed=1, shard_size=60, eval_samples=20, workers=1, images="mixed")
@@ -150,7 +150,7 @@ def test_mixed_source_uses_real_handwritten_digits(tmp_path):
 def test_relabelling_is_one_way_natural_and_spread_over_pairs(tmp_path):
     import pandas as pd
 
-    from raymimic.data.toy_pool import RELABELLED, relabel_pairs
+    from raymimic_experiments.toy_pool import RELABELLED, relabel_pairs
 
     summary = make_toy_pool(str(tmp_path / "sys"), samples=4000, noise=0.2, seed=3, shard_size=1000, eval_samples=50, workers=1,
                             relabel=0.1, relabel_pairs=4)
@@ -195,7 +195,7 @@ def test_relabelling_is_deterministic_and_leaves_a_plain_pool_unchanged(tmp_path
 
 
 def test_too_much_relabelling_is_refused_with_the_numbers(tmp_path):
-    from raymimic.data.toy_pool import ToyPoolConfig
+    from raymimic_experiments.toy_pool import ToyPoolConfig
 
     with pytest.raises(ValueError, match="holds only"):
         make_toy_pool(str(tmp_path / "x"), samples=100, noise=0.5, relabel=0.2, relabel_pairs=2, workers=1)

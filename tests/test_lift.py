@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raymimic.lift.metrics import detection_aucs, format_gates, gate_checks, lift, per_uid, question_masks
+from raymimic_experiments.reference_lift.metrics import detection_aucs, format_gates, gate_checks, lift, per_uid, question_masks
 
 
 def _truth() -> pd.DataFrame:
@@ -71,11 +71,11 @@ def test_gates_pass_only_when_the_reference_knows_and_the_target_does_not():
 def test_a_small_run_records_scores_controls_alignment_and_filters(tmp_path):
     import torch
 
-    from raymimic.data.toy_pool import make_toy_pool
-    from raymimic.lift.data import load_split
-    from raymimic.lift.metrics import filter_detection, zero_shot_top1
-    from raymimic.lift.score import score_checkpoints
-    from raymimic.lift.train import RunSpec, new_model, train
+    from raymimic_experiments.reference_lift.data import load_split
+    from raymimic_experiments.reference_lift.metrics import filter_detection, zero_shot_top1
+    from raymimic_experiments.reference_lift.score import score_checkpoints
+    from raymimic_experiments.reference_lift.train import RunSpec, new_model, train
+    from raymimic_experiments.toy_pool import make_toy_pool
 
     torch.set_num_threads(1)
     pool = str(tmp_path / "pool")

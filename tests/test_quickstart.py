@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from raymimic.quickstart import detection_metrics, write_report
+from raymimic_experiments.quickstart import detection_metrics, write_report
 
 
 def test_detection_metrics_on_a_hand_example():
@@ -65,7 +65,7 @@ def test_report_sets_the_two_modes_side_by_side_with_the_gates(tmp_path):
 
 
 def test_quickstart_modes_and_bad_settings():
-    from raymimic.quickstart import QuickstartConfig
+    from raymimic_experiments.quickstart import QuickstartConfig
 
     cfg = QuickstartConfig(stage1_weighting="sgd", filter_score_column="aligned")
     modes = cfg.mode_settings()

@@ -74,7 +74,7 @@ def pool(s3, tmp_path_factory):
     import torch
 
     from raymimic.clip import create_model, save_checkpoint
-    from raymimic.data.toy_pool import make_toy_pool
+    from raymimic_experiments.toy_pool import make_toy_pool
 
     local = tmp_path_factory.mktemp("s3-pool") / "pool"
     make_toy_pool(str(local), samples=48, noise=0.3, seed=0, shard_size=16, eval_samples=0, workers=1)

@@ -209,7 +209,7 @@ def test_lift_metric_functions_on_hand_examples():
 
 
 def test_quickstart_report_shows_the_lift_table_when_controls_were_recorded(tmp_path, random_zero):
-    from raymimic.quickstart import detection_metrics, write_report
+    from raymimic_experiments.quickstart import detection_metrics, write_report
 
     table, truth = random_zero
     model = {"zeroshot_top1": 0.5, "zeroshot_top5": 0.9, "image_to_text_recall@1": 0.1, "image_to_text_recall@5": 0.3,

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from raymimic.select.quality import detection_metrics, roc_auc
-from raymimic.sim.analysis import noise_summary, score_auroc, steps_to_reach
-from raymimic.sim.controls import CONTROLS, control_reference
-from raymimic.sim.data import load_dataset, symmetric_noise
-from raymimic.sim.train import TrainConfig, train_reference, train_run
+from raymimic_experiments.label_noise.analysis import noise_summary, score_auroc, steps_to_reach
+from raymimic_experiments.label_noise.control_references import CONTROLS, control_reference
+from raymimic_experiments.label_noise.data import load_dataset, symmetric_noise
+from raymimic_experiments.label_noise.train import ClassifierTrainConfig, train_reference, train_run
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "simulation.py"
 
@@ -42,7 +42,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def reference(digits):
-    return train_reference(digits, TrainConfig(epochs=6, lr=3e-3))
+    return train_reference(digits, ClassifierTrainConfig(epochs=6, lr=3e-3))
 
 
 def test_noise_flips_exact_fraction_to_wrong_classes():
@@ -105,15 +105,15 @@ def test_detection_metrics_count_dropped_as_flagged_noisy():
 def test_sgd_head_gradient_replacement_matches_plain_training(digits):
     # uniform weights through reweighted_grad must reproduce the plain mean gradient exactly
     labels, _ = symmetric_noise(digits.y_train, 0.3, digits.num_classes, seed=0)
-    config = TrainConfig(epochs=1, lr=3e-3)
+    config = ClassifierTrainConfig(epochs=1, lr=3e-3)
     replaced = train_run(digits, labels, "sgd", config, reference=None)
-    plain = train_run(digits, labels, "sgd", TrainConfig(epochs=1, lr=3e-3, reweight_all=True), reference=None)
+    plain = train_run(digits, labels, "sgd", ClassifierTrainConfig(epochs=1, lr=3e-3, reweight_all=True), reference=None)
     assert torch.allclose(replaced.model.head.weight, plain.model.head.weight, atol=1e-5)
 
 
 def test_every_sample_once_per_epoch_even_with_a_remainder_of_one():
     subset = load_dataset("digits", seed=0, max_train=33)  # 33 = 32 + a lone last sample
-    result = train_run(subset, subset.y_train, "grad-norm", TrainConfig(epochs=2, batch_size=32), reference=None)
+    result = train_run(subset, subset.y_train, "grad-norm", ClassifierTrainConfig(epochs=2, batch_size=32), reference=None)
     counts = result.rows.groupby("epoch")["uid"].nunique()
     assert counts.tolist() == [33, 33] and result.rows["batch_size"].max() == 33
     assert np.isfinite(result.rows["weight"]).all()
@@ -121,7 +121,7 @@ def test_every_sample_once_per_epoch_even_with_a_remainder_of_one():
 
 def test_grad_mimic_down_weights_noisy_samples(digits, reference):
     labels, is_noisy = symmetric_noise(digits.y_train, 0.5, digits.num_classes, seed=1)
-    result = train_run(digits, labels, "grad-mimic", TrainConfig(epochs=2, lr=3e-3, tau=0.3), reference.model)
+    result = train_run(digits, labels, "grad-mimic", ClassifierTrainConfig(epochs=2, lr=3e-3, tau=0.3), reference.model)
     rows = result.rows
     assert list(rows.columns[:7]) == ["uid", "step", "epoch", "rank", "score", "weight", "batch_size"]
     assert len(rows) == 2 * len(labels)  # one row per sample per epoch
@@ -191,7 +191,7 @@ def test_cli_and_job_share_the_options():
 
 def test_control_references_set_the_direction(digits, reference):
     labels, _ = symmetric_noise(digits.y_train, 0.5, digits.num_classes, seed=0)
-    config = TrainConfig(epochs=1, lr=3e-3, tau=0.3)
+    config = ClassifierTrainConfig(epochs=1, lr=3e-3, tau=0.3)
     seen = {}
 
     def observe(step, model, direction):
@@ -266,7 +266,7 @@ def test_steps_to_reach_and_the_noise_summary():
     assert lift["best_control_accuracy"] == "noisy" and lift["accuracy_gain"] == pytest.approx(0.05)
     assert summary["goal"]["holds"] and summary["goal"]["closest"] == "grad-mimic[noisy]"
     assert summary["goal"]["margin"] == pytest.approx(0.05)
-    from raymimic.sim.report import _lift
+    from raymimic_experiments.label_noise.report import _lift
 
     assert any("<= 0" in line and "`zero`" in line for line in _lift([summary]))
 
@@ -286,10 +286,10 @@ def test_cli_controls_print_config(capsys):
 
 
 def test_noisy_control_without_an_sgd_run(tmp_path):
-    from raymimic.sim.simulate import simulate
+    from raymimic_experiments.label_noise.simulate import simulate
 
     results, _, md_path = simulate(methods=["grad-mimic"], noise_levels=[0.5], controls=["noisy"], max_train=120,
-                                   config=TrainConfig(epochs=1, lr=3e-3, tau=0.3, eval_every=3), output_dir=str(tmp_path))
+                                   config=ClassifierTrainConfig(epochs=1, lr=3e-3, tau=0.3, eval_every=3), output_dir=str(tmp_path))
     assert [r["method"] for r in results["runs"]] == ["grad-mimic", "grad-mimic[noisy]"]
     assert 0 < results["controls"]["noisy_reference_test_accuracy"]["0.5"] <= 1  # an SGD model trained for the control alone
     summary = results["summary"][0]

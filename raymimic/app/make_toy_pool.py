@@ -40,7 +40,7 @@ OPTIONS = ("output", "samples", "noise", "seed", "shard_size", "eval_samples", "
 
 def register(subparsers) -> None:
     from raymimic.app.options import add_print_config, default
-    from raymimic.data.toy_pool import IMAGE_SOURCES, ToyPoolConfig
+    from raymimic_experiments.toy_pool import IMAGE_SOURCES, ToyPoolConfig
 
     def dflt(name: str):
         return default(ToyPoolConfig, name)
@@ -76,7 +76,7 @@ def run(args) -> int:
     import json
 
     from raymimic.app.options import build, given, print_config
-    from raymimic.data.toy_pool import ToyPoolConfig
+    from raymimic_experiments.toy_pool import ToyPoolConfig
 
     cfg = build(args.parser, ToyPoolConfig, **given(args, OPTIONS))
     if args.print_config:

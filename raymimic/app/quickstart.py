@@ -1,4 +1,4 @@
-"""``raymimic quickstart``: the whole flow on a toy pool (see raymimic/quickstart.py)."""
+"""``raymimic quickstart``: the whole flow on a toy pool (see raymimic_experiments/quickstart.py)."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +21,7 @@ OPTIONS = ("output", "samples", "noise", "relabel", "epochs", "tau", "method", "
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     from raymimic.app.options import MIMIC_METHODS, WEIGHTINGS, add_print_config, default
-    from raymimic.quickstart import QuickstartConfig
+    from raymimic_experiments.quickstart import QuickstartConfig
 
     def dflt(name: str):
         return default(QuickstartConfig, name)
@@ -58,8 +58,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from raymimic.app.options import build, given, print_config
-    from raymimic.quickstart import QuickstartConfig
-    from raymimic.quickstart import run as run_quickstart
+    from raymimic_experiments.quickstart import QuickstartConfig
+    from raymimic_experiments.quickstart import run as run_quickstart
 
     cfg = build(args.parser, QuickstartConfig, **given(args, OPTIONS))
     if args.print_config:

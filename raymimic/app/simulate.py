@@ -1,7 +1,7 @@
 """``raymimic simulate`` and ``jobs/simulation.py``: the paper's label-noise simulation.
 
 Both entry points use :func:`add_arguments` and :func:`run`: the options become one
-:class:`raymimic.sim.config.SimConfig` and :func:`raymimic.sim.config.run_simulation` runs it.
+:class:`raymimic_experiments.label_noise.config.SimConfig` and :func:`raymimic_experiments.label_noise.config.run_simulation` runs it.
 Import-light (argparse only): torch loads when the config is built or the simulation runs.
 """
 from __future__ import annotations
@@ -60,15 +60,15 @@ OPTIONS = ("dataset", "data_dir", "max_train", "max_test", "noise", "seed", "met
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the simulation's options to ``parser`` (the one definition both entry points use)."""
     from raymimic.app.options import WEIGHTINGS, Names, add_lazy, add_print_config, default
-    from raymimic.sim.config import SimConfig
     from raymimic.train.config import SCORE_KINDS
+    from raymimic_experiments.label_noise.config import SimConfig
 
     def dflt(name: str):
         value = default(SimConfig, name)
         return " ".join(f"{v:g}" for v in value) if name == "noise_levels" else value
 
     data = parser.add_argument_group("data")
-    add_lazy(data, "--dataset", names=Names("raymimic.sim.data", "DATASETS"),
+    add_lazy(data, "--dataset", names=Names("raymimic_experiments.label_noise.data", "DATASETS"),
              help=f"one of %(names)s: digits ships with scikit-learn, the others are torchvision datasets read from --data-dir "
                   f"(default: {dflt('dataset')})")
     data.add_argument("--data-dir",
@@ -84,10 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train = parser.add_argument_group("training")
     train.add_argument("--methods", nargs="+", choices=WEIGHTINGS, metavar="METHOD",
                        help="weighting methods to compare, any of %(choices)s (default: all of them)")
-    add_lazy(train, "--controls", nargs="+", metavar="CONTROL", names=Names("raymimic.sim.controls", "CONTROLS"),
+    add_lazy(train, "--controls", nargs="+", metavar="CONTROL",
+             names=Names("raymimic_experiments.label_noise.control_references", "CONTROLS"),
              help="control references Grad-Mimic also runs with in place of the clean one, any of %(names)s, or none "
                   "(default: all of them; only when grad-mimic is among the methods)")
-    add_lazy(train, "--model", names=Names("raymimic.sim.train", "MODELS"),
+    add_lazy(train, "--model", names=Names("raymimic_experiments.label_noise.train", "MODELS"),
              help="one of %(names)s. probe: frozen random-feature encoder + trainable head (linear probing); linear: head on the "
                   f"pixels; mlp: every layer trained (fine-tuning) (default: {dflt('model')})")
     train.add_argument("--hidden", type=int, help=f"width of the encoder's feature map for probe/mlp (default: {dflt('hidden')})")
@@ -122,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """The SimConfig of the parsed options (defaults from SimConfig); a bad value exits with ``error: ...``."""
     from raymimic.app.options import build, given
-    from raymimic.sim.config import SimConfig
+    from raymimic_experiments.label_noise.config import SimConfig
 
     return build(parser, SimConfig, **given(args, OPTIONS, RENAME))
 
@@ -130,7 +131,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """Run the simulation described by the parsed options and print where it wrote what."""
     from raymimic.app.options import print_config
-    from raymimic.sim.config import run_simulation
+    from raymimic_experiments.label_noise.config import run_simulation
 
     cfg = config_from_args(args.parser, args)
     if args.print_config:

@@ -173,7 +173,7 @@ def _prepare_smoke(cfg: TrainConfig) -> None:
     import torch
 
     from raymimic.clip import create_model, save_checkpoint
-    from raymimic.data.toy_pool import make_toy_pool
+    from raymimic_experiments.toy_pool import make_toy_pool
 
     if not os.path.isdir(os.path.join(cfg.pool, "shards")):
         make_toy_pool(cfg.pool, seed=cfg.seed, **SMOKE_POOL)

@@ -1,5 +1,5 @@
 """DataComp pool layer: uids and subset files, pool and metadata reading on Ray Data,
-CLIP preprocessing, and the toy-pool generator.
+and CLIP preprocessing.
 
 Names are imported lazily so that ``import raymimic.data`` does not start pulling in ray or torch.
 """
@@ -30,8 +30,6 @@ _LAZY = {
     "PoolNotReadableError": "raymimic.data._fs",
     # preprocessing
     "preprocess_for_clip": "raymimic.data.preprocess",
-    # toy pool
-    "make_toy_pool": "raymimic.data.toy_pool",
 }
 
 __all__ = sorted(_LAZY)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raymimic.sim.data import SimData
-from raymimic.sim.train import MIMIC_LAYER, Classifier, TrainConfig, build_model
+from raymimic_experiments.label_noise.data import SimData
+from raymimic_experiments.label_noise.train import MIMIC_LAYER, Classifier, ClassifierTrainConfig, build_model
 
 CONTROLS = ("zero", "init", "random", "noisy")
 RANDOM_SEED_OFFSET = 1_000_003  # the random control's generator seed is config.seed + this
@@ -29,7 +29,7 @@ def control_label(control: str) -> str:
     return f"grad-mimic[{control}]"
 
 
-def initial_head(data: SimData, config: TrainConfig) -> torch.Tensor:
+def initial_head(data: SimData, config: ClassifierTrainConfig) -> torch.Tensor:
     """``W_0``: the head weight every run of ``config`` starts from (the model is built from the same seed)."""
     return build_model(data, config).head.weight.detach().clone()
 
@@ -41,7 +41,8 @@ def random_head(like: torch.Tensor, seed: int) -> torch.Tensor:
     return matrix * (like.detach().float().norm() / matrix.norm())
 
 
-def control_head(control: str, data: SimData, config: TrainConfig, clean: nn.Module, noisy: nn.Module | None = None) -> torch.Tensor:
+def control_head(control: str, data: SimData, config: ClassifierTrainConfig, clean: nn.Module,
+                 noisy: nn.Module | None = None) -> torch.Tensor:
     """The ``W_ref`` of ``control``; ``clean`` is the clean reference, ``noisy`` the SGD model of the noisy labels."""
     if control == "zero":
         return torch.zeros_like(clean.get_parameter(MIMIC_LAYER).detach())
@@ -56,7 +57,8 @@ def control_head(control: str, data: SimData, config: TrainConfig, clean: nn.Mod
     raise ValueError(f"unknown control {control!r}; choose from {list(CONTROLS)}")
 
 
-def control_reference(control: str, data: SimData, config: TrainConfig, clean: nn.Module, noisy: nn.Module | None = None) -> Classifier:
+def control_reference(control: str, data: SimData, config: ClassifierTrainConfig, clean: nn.Module,
+                      noisy: nn.Module | None = None) -> Classifier:
     """A model of the simulation's architecture whose head weight is the control's ``W_ref`` (only that tensor is read)."""
     head = control_head(control, data, config, clean, noisy)
     model = build_model(data, config)

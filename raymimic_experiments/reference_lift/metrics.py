@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from raymimic.data.toy_pool import RELABELLED
 from raymimic.select.quality import drop_auc
+from raymimic_experiments.toy_pool import RELABELLED
 
 QUESTIONS = ("random", "systematic", "all")
 CONTROL_COLUMNS = ("score_zero", "score_init", "score_random", "score_loss")
@@ -114,7 +114,7 @@ def filter_detection(rows: pd.DataFrame, truth: pd.DataFrame, score_column: str 
 
 
 def zero_shot_top1(model, model_name: str, data, classnames: list[str], templates: list[str]) -> float:
-    """Zero-shot top-1 accuracy of ``model`` on a labelled split (:class:`~raymimic.lift.data.PoolTensors` with labels)."""
+    """Zero-shot top-1 accuracy of ``model`` on ``data`` (a labelled :class:`~.data.PoolTensors`)."""
     import torch
 
     from raymimic.clip.embed import ClipEmbedder

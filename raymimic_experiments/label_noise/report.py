@@ -3,7 +3,7 @@
 Besides the paper's tables (test accuracy, detection F1, quality estimate) results.md has the
 goal check (Grad-Mimic with the clean reference against SGD and every control), the reference
 lift, the AUROC of every run's mean score and the steps each run needs to reach SGD's final
-test accuracy (the figures of :mod:`raymimic.sim.analysis`).
+test accuracy (the figures of :mod:`raymimic_experiments.label_noise.analysis`).
 """
 from __future__ import annotations
 

@@ -31,14 +31,14 @@ from raymimic.mimic import (
     reweighted_loss_backward,
     weighting_stats,
 )
-from raymimic.sim.data import SimData
+from raymimic_experiments.label_noise.data import SimData
 
 MIMIC_LAYER = "head.weight"
 MODELS = ("probe", "linear", "mlp")
 
 
 @dataclass
-class TrainConfig:
+class ClassifierTrainConfig:
     """Optimiser and model settings shared by the reference and every weighted run."""
 
     model: str = "probe"
@@ -101,7 +101,7 @@ class RunResult:
     curve: list[tuple[int, float]] = field(default_factory=list)
 
 
-def build_model(data: SimData, config: TrainConfig) -> Classifier:
+def build_model(data: SimData, config: ClassifierTrainConfig) -> Classifier:
     return Classifier(config.model, data.num_features, data.num_classes, config.hidden, config.seed)
 
 
@@ -111,7 +111,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(dim=1) == y).float().mean())
 
 
-def train_reference(data: SimData, config: TrainConfig) -> RunResult:
+def train_reference(data: SimData, config: ClassifierTrainConfig) -> RunResult:
     """The reference model: the same architecture trained with plain SGD on the clean labels."""
     return train_run(data, data.y_train, "sgd", config, reference=None)
 
@@ -120,7 +120,7 @@ def train_run(
     data: SimData,
     labels: torch.Tensor,
     method: str,
-    config: TrainConfig,
+    config: ClassifierTrainConfig,
     reference: nn.Module | None,
     observe: Callable[[int, nn.Module, torch.Tensor | None], None] | None = None,
 ) -> RunResult:

@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from raymimic.lift.data import PoolTensors
-from raymimic.lift.train import TrainedRun, _rows, new_model
+from raymimic_experiments.reference_lift.data import PoolTensors
+from raymimic_experiments.reference_lift.train import TrainedRun, _rows, new_model
 
 CONTROLS = ("zero", "init", "random", "fixed")
 

@@ -81,7 +81,7 @@ class QuickstartConfig:
             raise ValueError(f"noise is a fraction in [0, 1), got {self.noise}")
         if not 0 <= self.relabel < 1 or self.noise + self.relabel >= 1:
             raise ValueError(f"relabel is a fraction in [0, 1) and noise + relabel < 1, got relabel={self.relabel}, noise={self.noise}")
-        from raymimic.data.toy_pool import IMAGE_SOURCES
+        from raymimic_experiments.toy_pool import IMAGE_SOURCES
 
         if self.images not in IMAGE_SOURCES:
             raise ValueError(f"images must be one of {list(IMAGE_SOURCES)}, got {self.images!r}")
@@ -177,13 +177,13 @@ def _by_kind(truth, kept: set[str]) -> dict:
 
 
 def gates(cfg: QuickstartConfig, pool: str, reference: str, target: str) -> dict:
-    """The pool's gate checks (:func:`raymimic.lift.metrics.gate_checks`) from the reference's and the target's own losses."""
+    """The pool's gate checks (:func:`~raymimic_experiments.reference_lift.metrics.gate_checks`) from both models' own losses."""
     import pandas as pd
 
     from raymimic.clip import create_model
-    from raymimic.lift.data import load_split
-    from raymimic.lift.metrics import gate_checks
-    from raymimic.lift.train import per_sample_losses
+    from raymimic_experiments.reference_lift.data import load_split
+    from raymimic_experiments.reference_lift.metrics import gate_checks
+    from raymimic_experiments.reference_lift.train import per_sample_losses
 
     data = load_split(pool, cfg.model)
     truth = pd.read_parquet(os.path.join(pool, "ground_truth.parquet")).set_index("uid").loc[data.uids].reset_index()
@@ -197,11 +197,11 @@ def run(cfg: QuickstartConfig) -> dict:
     import ray
 
     from raymimic.data.preprocess import clip_training_dataset
-    from raymimic.data.toy_pool import make_toy_pool
     from raymimic.data.uids import read_subset_uids, write_subset
     from raymimic.evaluate import evaluate
-    from raymimic.lift.metrics import format_gates
     from raymimic.select.pipeline import FilterConfig, run_filter
+    from raymimic_experiments.reference_lift.metrics import format_gates
+    from raymimic_experiments.toy_pool import make_toy_pool
 
     started = time.time()
     cfg.output = os.path.abspath(cfg.output)
@@ -347,7 +347,7 @@ def reference_lift(output: str, results: dict) -> dict | None:
 def _gate_lines(gates: dict | None) -> list[str]:
     if not gates:
         return []
-    from raymimic.lift.metrics import format_gates
+    from raymimic_experiments.reference_lift.metrics import format_gates
 
     verdict = ("the pool needs a reference: only a model that learnt the classes elsewhere can flag the relabelled samples"
                if gates["passed"] else "a gate failed: on this pool the relabelled samples are not a test of the reference")

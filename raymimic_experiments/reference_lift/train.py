@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from raymimic.lift.data import PoolTensors
+from raymimic_experiments.reference_lift.data import PoolTensors
 
 
 @dataclass

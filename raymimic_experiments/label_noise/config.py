@@ -2,7 +2,7 @@
 
 :class:`SimConfig` holds the data, the noise levels, the methods, the per-run training
 settings and where the results go; :func:`run_simulation` runs
-:func:`raymimic.sim.simulate.simulate` with it. Importing this module does not import torch:
+:func:`raymimic_experiments.label_noise.simulate.simulate` with it. Importing this module does not import torch:
 the registries it validates against are imported when a config is built.
 
 Why the defaults are what they are (the model, 10 epochs at lr 3e-3, tau 0.3 where the paper
@@ -23,7 +23,7 @@ def _all_methods() -> tuple[str, ...]:
 
 
 def _all_controls() -> tuple[str, ...]:
-    from raymimic.sim.controls import CONTROLS
+    from raymimic_experiments.label_noise.control_references import CONTROLS
 
     return tuple(CONTROLS)
 
@@ -33,7 +33,7 @@ class SimConfig:
     """Everything one simulation needs: data, noise, methods, the per-run training, outputs."""
 
     # data
-    dataset: str = "digits"  # digits (ships with scikit-learn) or a torchvision dataset on disk (raymimic.sim.data.DATASETS)
+    dataset: str = "digits"  # digits (ships with scikit-learn) or a torchvision dataset on disk (label_noise.data.DATASETS)
     data_dir: str | None = None  # folder torchvision stored the dataset in; needed for every dataset but digits
     max_train: int | None = None  # random subset of this many training samples; None = all
     max_test: int | None = None  # random subset of this many test samples; None = all
@@ -41,11 +41,11 @@ class SimConfig:
     seed: int = 0  # split, noise, model initialisation and batch order
     # methods compared: names of raymimic.mimic.weighting.WEIGHTINGS; default every one of them
     methods: tuple[str, ...] = field(default_factory=_all_methods)
-    # Grad-Mimic is also run with these control references in place of the clean one (raymimic.sim.controls.CONTROLS:
+    # Grad-Mimic is also run with these control references in place of the clean one (control_references.CONTROLS:
     # zero, init, random, noisy); only when grad-mimic is among the methods; () = none
     controls: tuple[str, ...] = field(default_factory=_all_controls)
-    # training of every run and of the reference (raymimic.sim.train.TrainConfig)
-    model: str = "probe"  # probe (frozen random features + trainable head), linear or mlp (raymimic.sim.train.MODELS)
+    # training of every run and of the reference (raymimic_experiments.label_noise.train.ClassifierTrainConfig)
+    model: str = "probe"  # probe (frozen random features + trainable head), linear or mlp (raymimic_experiments.label_noise.train.MODELS)
     hidden: int = 256  # width of the encoder's feature map for probe/mlp
     epochs: int = 10
     lr: float = 3e-3  # AdamW learning rate
@@ -64,10 +64,10 @@ class SimConfig:
     def __post_init__(self):
         from raymimic.mimic.weighting import WEIGHTINGS
         from raymimic.select.ensemble import check_rule
-        from raymimic.sim.controls import CONTROLS
-        from raymimic.sim.data import DATASETS
-        from raymimic.sim.train import MODELS
         from raymimic.train.config import SCORE_KINDS
+        from raymimic_experiments.label_noise.control_references import CONTROLS
+        from raymimic_experiments.label_noise.data import DATASETS
+        from raymimic_experiments.label_noise.train import MODELS
 
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset {self.dataset!r} is not known; choose one of {list(DATASETS)}")
@@ -121,10 +121,10 @@ class SimConfig:
             raise ValueError("output is required: the folder for results.json and results.md")
 
     def train_config(self):
-        """The per-run training settings as :class:`raymimic.sim.train.TrainConfig`."""
-        from raymimic.sim.train import TrainConfig
+        """The per-run training settings as :class:`raymimic_experiments.label_noise.train.ClassifierTrainConfig`."""
+        from raymimic_experiments.label_noise.train import ClassifierTrainConfig
 
-        return TrainConfig(model=self.model, hidden=self.hidden, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+        return ClassifierTrainConfig(model=self.model, hidden=self.hidden, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                            batch_size=self.batch_size, tau=self.tau, score_kind=self.score_kind, reweight_all=self.reweight_all,
                            seed=self.seed, eval_every=self.eval_every)
 
@@ -142,7 +142,7 @@ def run_simulation(cfg: SimConfig, log: Callable[[str], None] | None = None) -> 
     """
     import torch
 
-    from raymimic.sim.simulate import simulate
+    from raymimic_experiments.label_noise.simulate import simulate
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)

@@ -9,12 +9,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from raymimic.sim.analysis import noise_summary, score_auroc
-from raymimic.sim.controls import CONTROLS, RANDOM_SEED_OFFSET, control_label, control_reference, initial_head
-from raymimic.sim.data import load_dataset, symmetric_noise
-from raymimic.sim.detect import evaluate_detection
-from raymimic.sim.report import write_results
-from raymimic.sim.train import MIMIC_LAYER, TrainConfig, train_reference, train_run
+from raymimic_experiments.label_noise.analysis import noise_summary, score_auroc
+from raymimic_experiments.label_noise.control_references import CONTROLS, RANDOM_SEED_OFFSET, control_label, control_reference, initial_head
+from raymimic_experiments.label_noise.data import load_dataset, symmetric_noise
+from raymimic_experiments.label_noise.detect import evaluate_detection
+from raymimic_experiments.label_noise.report import write_results
+from raymimic_experiments.label_noise.train import MIMIC_LAYER, ClassifierTrainConfig, train_reference, train_run
 
 
 def simulate(
@@ -22,7 +22,7 @@ def simulate(
     data_dir: str | None = None,
     noise_levels: list[float] = (0.4, 0.5, 0.6),
     methods: list[str] = ("sgd", "grad-mimic"),
-    config: TrainConfig | None = None,
+    config: ClassifierTrainConfig | None = None,
     output_dir: str = "simulation-results",
     max_train: int | None = None,
     max_test: int | None = None,
@@ -33,11 +33,11 @@ def simulate(
 ) -> tuple[dict, str, str]:
     """Run everything, write ``results.json`` / ``results.md``; return (results, json path, md path).
 
-    ``controls`` (:data:`raymimic.sim.controls.CONTROLS`): Grad-Mimic is also run with each of
+    ``controls`` (:data:`raymimic_experiments.label_noise.control_references.CONTROLS`): Grad-Mimic is also run with each of
     these control references in place of the clean one (runs ``grad-mimic[<control>]``); only
     when ``grad-mimic`` is among ``methods``.
     """
-    config = config or TrainConfig()
+    config = config or ClassifierTrainConfig()
     unknown = [c for c in controls if c not in CONTROLS]
     if unknown:
         raise ValueError(f"controls: unknown {unknown}; choose from {list(CONTROLS)}")
@@ -90,7 +90,7 @@ def simulate(
 
 
 def _record(label: str, method: str, reference_name: str, reference_model, *, data, labels, noise: float, is_noisy: np.ndarray,
-            config: TrainConfig, vote_rule, runs: list, log, scores_dir: str | None):
+            config: ClassifierTrainConfig, vote_rule, runs: list, log, scores_dir: str | None):
     """Train one run, append its result entry (named ``label``) to ``runs``, log it, save its rows if asked."""
     run_started = time.perf_counter()
     result = train_run(data, labels, method, config, reference_model)
@@ -105,7 +105,7 @@ def _record(label: str, method: str, reference_name: str, reference_model, *, da
     return result
 
 
-def _control_info(controls: list[str], data, config: TrainConfig, clean) -> dict:
+def _control_info(controls: list[str], data, config: ClassifierTrainConfig, clean) -> dict:
     """What the control references are: which ran, whether ``init`` equals ``zero``, the random one's seed and norm."""
     w0 = initial_head(data, config)
     return {
@@ -118,7 +118,7 @@ def _control_info(controls: list[str], data, config: TrainConfig, clean) -> dict
 
 
 def _accuracy(model, data) -> float:
-    from raymimic.sim.train import accuracy
+    from raymimic_experiments.label_noise.train import accuracy
 
     return accuracy(model, data.x_test, data.y_test)
 
