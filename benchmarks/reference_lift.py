@@ -162,10 +162,10 @@ def _mean_sd(values) -> str:
 
 
 def _lift(aucs: dict, column: str, question: str) -> float | None:
-    controls = [aucs[c][question] for c in ("score_zero", "score_init", "score_random", "score_loss") if c in aucs]
-    best = [max(a, 1 - a) for a in controls if a is not None]
-    value = aucs.get(column, {}).get(question)
-    return None if value is None or not best else value - max(best)
+    """``column``'s reference lift on ``question`` (the library's one definition; None for a control's own row)."""
+    from raymimic.score_table.columns import reference_lift
+
+    return reference_lift({c: by_question.get(question) for c, by_question in aucs.items()})["lifts"].get(column)
 
 
 def _auc_table(cells: list[dict], pick, title: str) -> list[str]:

@@ -29,8 +29,6 @@ import numpy as np
 
 from raymimic.train.config import DEFAULT_TAU
 
-MODES = ("best", "paper")
-
 
 @dataclass
 class QuickstartConfig:
@@ -355,12 +353,11 @@ def _gate_lines(gates: dict | None) -> list[str]:
 
 
 def filter_column_lift(lift: dict | None, column: str) -> float | None:
-    """The filter column's AUC minus the best control's (either sign), from a lift report; None where undefined."""
+    """The filter column's reference lift (:func:`raymimic.score_table.columns.reference_lift`) from a lift report's AUCs."""
+    from raymimic.score_table.columns import reference_lift
+
     columns = (lift or {}).get("columns") or {}
-    own = (columns.get(column) or {}).get("auc")
-    controls = [c.get("auc_either_sign") for c in columns.values() if c.get("kind") == "control"]
-    controls = [a for a in controls if a is not None]
-    return None if own is None or not controls else float(own - max(controls))
+    return reference_lift({c: row.get("auc") for c, row in columns.items()})["lifts"].get(column)
 
 
 def _mode_lines(results: dict) -> list[str]:
@@ -385,9 +382,10 @@ def _mode_lines(results: dict) -> list[str]:
         random_kept = sum(n for kind, n in kinds.items() if kind not in ("clean", "relabelled"))
         lines.append(f"| CLIPScore, same size as best | | | {modes['best']['kept']} | {det['precision']:.3f} | {det['recall']:.3f} "
                      f"| {det['f1']:.3f} | {kinds.get('relabelled', 0)} | {random_kept} | |")
-    return lines + ["", "Its lift: the AUC of the column the mode filters on minus the best control's (zero, init, "
-                    "random; either sign); <= 0 means the reference adds nothing measurable to that mode. The lift table below "
-                    "is the best mode's, and its headline lift is always the mimic score's (`score`).", ""]
+    return lines + ["", "Its lift: the AUC of the column the mode filters on minus the best among the columns computed without "
+                    "the reference (the controls and the target's own loss `score_loss`; either sign); <= 0 means the reference "
+                    "adds nothing measurable to that mode. The lift table below is the best mode's, and its headline lift is "
+                    "always the mimic score's (`score`).", ""]
 
 
 def write_report(output: str, results: dict) -> str:

@@ -6,35 +6,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import synthetic_scores
 
 from raymimic.select import StepStats, compute_feature, ensemble_by_uid, make_binarizer, quality_estimate, vote, vote_from_counts
-
-
-def synthetic_scores(n_samples=1200, batch=40, epochs=2, noise=0.4, tau=0.05, scale_from=5.0, scale_to=0.05, seed=0):
-    """A bimodal score table: clean samples score ~ +1, noisy ~ -1 (times a drifting scale).
-
-    tau is small relative to the scores, so softmax weights are heavy tailed; the score
-    scale shrinks 100x across training, as gradients do.
-    """
-    rng = np.random.default_rng(seed)
-    uids = np.array([f"{i:032x}" for i in range(n_samples)])
-    noisy = rng.random(n_samples) < noise
-    steps_per_epoch = n_samples // batch
-    scales = np.geomspace(scale_from, scale_to, steps_per_epoch * epochs)
-    rows = []
-    for epoch in range(epochs):
-        order = rng.permutation(n_samples)
-        for s in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + s
-            idx = order[s * batch:(s + 1) * batch]
-            score = (np.where(noisy[idx], -1.0, 1.0) + 0.45 * rng.standard_normal(len(idx))) * scales[step]
-            logits = score / tau
-            weight = np.exp(logits - logits.max())
-            weight /= weight.sum()
-            rows.append(pd.DataFrame({"uid": uids[idx], "step": np.int64(step), "epoch": np.int32(epoch), "rank": np.int32(0),
-                                      "score": score.astype(np.float32), "weight": weight.astype(np.float32),
-                                      "batch_size": np.int32(batch)}))
-    return pd.concat(rows, ignore_index=True), dict(zip(uids, noisy))
 
 
 def f1_drop(table, keep, noisy_by_uid):

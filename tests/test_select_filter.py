@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from test_select_binarize import synthetic_scores
+from conftest import synthetic_scores
 
 from raymimic.data.uids import read_subset, uids_to_array
 
@@ -144,7 +144,7 @@ def test_uid_pairs_match_reference_and_reject_bad_uids():
 
 def test_cli_reference_lift_and_score_column_on_ray(ray_session, tmp_path):
     """The Ray path: control columns (one file without score_fixed), --ground-truth, --report; --score-column zero; same as locally."""
-    from test_select_lift import lift_table
+    from conftest import lift_table
 
     from raymimic.app.cli import main
     from raymimic.select.mimic import MimicFilter

@@ -6,42 +6,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import lift_table
 
+from raymimic.score_table import column_kind
 from raymimic.select.mimic import MimicFilter
-from raymimic.select.quality import drop_auc, lift_metrics, score_column_kind, spearman, top_k
+from raymimic.select.quality import drop_auc, lift_metrics, spearman, top_k
 from raymimic.select.report import NO_CONTROLS, lift_lines
 
 DECISION_COLUMNS = ["uid", "n_obs", "votes_gmm", "votes_kmeans", "votes_threshold", "keep_gmm", "keep_kmeans", "keep_threshold",
                     "mimic_keep", "mimic_score", "mean_raw_score", "mean_norm_weight"]
-
-
-def lift_table(n_samples=400, batch=40, epochs=2, noise=0.4, zero="random", uniform=False, tau=0.5, seed=0):
-    """Score rows with ``score``, ``score_zero`` and ``score_fixed``, and the ground truth (``uid``, ``is_noisy``).
-
-    ``score`` separates noisy (about -1) from clean (about +1) samples perfectly; ``score_fixed`` is
-    ``score`` plus noise (a reference variant). ``zero="random"``: the zero control is pure noise;
-    ``"flipped"``: ``-2 * score + 1``, as good a detector with the opposite sign. Weights are
-    ``softmax(score / tau)`` over each step, or ``1/B`` with ``uniform``.
-    """
-    rng = np.random.default_rng(seed)
-    uids = np.array([f"{i:032x}" for i in range(n_samples)])
-    noisy = rng.random(n_samples) < noise
-    steps_per_epoch = n_samples // batch
-    rows = []
-    for epoch in range(epochs):
-        order = rng.permutation(n_samples)
-        for s in range(steps_per_epoch):
-            idx = order[s * batch:(s + 1) * batch]
-            score = np.where(noisy[idx], -1.0, 1.0) + 0.1 * rng.standard_normal(len(idx))
-            zero_score = rng.standard_normal(len(idx)) if zero == "random" else -2 * score + 1
-            logits = score / tau
-            weight = np.full(len(idx), 1 / len(idx)) if uniform else np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-            rows.append(pd.DataFrame({
-                "uid": uids[idx], "step": np.int64(epoch * steps_per_epoch + s), "epoch": np.int32(epoch), "rank": np.int32(0),
-                "score": score.astype(np.float32), "weight": weight.astype(np.float32), "batch_size": np.int32(batch),
-                "score_fixed": (score + 0.5 * rng.standard_normal(len(idx))).astype(np.float32),
-                "score_zero": zero_score.astype(np.float32)}))
-    return pd.concat(rows, ignore_index=True), pd.DataFrame({"uid": uids, "is_noisy": noisy})
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +175,7 @@ def test_lift_metric_functions_on_hand_examples():
     lift = lift_metrics({"score": values, "score_zero": -values, "score_rho": values}, keep, "score", noisy)
     assert lift["columns"]["score_zero"]["auc"] == 0.0 and lift["reference_lift"] == 0.0
     assert lift["columns"]["score_rho"]["kind"] == "baseline" and lift["controls"] == ["score_zero"]
-    assert [score_column_kind(c) for c in ("score", "score_init", "score_random", "score_current", "score_laion")] == [
+    assert [column_kind(c) for c in ("score", "score_init", "score_random", "score_current", "score_laion")] == [
         "reference", "control", "control", "reference variant", "other reference"]
     with pytest.raises(ValueError, match="not among the columns"):
         lift_metrics({"score": values}, keep, "score_zero")

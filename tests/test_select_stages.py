@@ -107,7 +107,7 @@ def test_chain_teacher_clip_normsim_basic_and_user_step(ray_session):
 @pytest.mark.ray
 def test_mimic_filter_on_a_pandas_table_decides_as_on_ray(ray_session):
     """The local path (a pandas table, no Ray: what the simulation uses) and the Ray path share the decision logic."""
-    from test_select_binarize import synthetic_scores
+    from conftest import synthetic_scores
 
     from raymimic.select.mimic import MimicFilter
 
@@ -127,7 +127,7 @@ def test_mimic_filter_on_a_pandas_table_decides_as_on_ray(ray_session):
 
 
 def test_mimic_filter_leaves_out_a_binarizer_that_cannot_fit():
-    from test_select_binarize import synthetic_scores
+    from conftest import synthetic_scores
 
     from raymimic.select.mimic import MimicFilter
 

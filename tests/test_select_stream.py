@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from test_select_binarize import synthetic_scores
-from test_select_lift import lift_table
+from conftest import lift_table, synthetic_scores
 
 from raymimic.data.uids import arrow_uid_pairs, pair_to_uid, pairs_to_hex, read_subset, uid_pairs, uids_to_array
 from raymimic.select.mimic import MimicFilter

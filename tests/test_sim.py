@@ -11,7 +11,8 @@ import torch
 
 from raymimic.select.quality import detection_metrics, roc_auc
 from raymimic_experiments.label_noise.analysis import noise_summary, score_auroc, steps_to_reach
-from raymimic_experiments.label_noise.control_references import CONTROLS, control_reference
+from raymimic_experiments.label_noise.config import CONTROL_REFERENCES
+from raymimic_experiments.label_noise.control_references import control_reference
 from raymimic_experiments.label_noise.data import load_dataset, symmetric_noise
 from raymimic_experiments.label_noise.train import ClassifierTrainConfig, train_reference, train_run
 
@@ -144,9 +145,9 @@ def test_short_simulation_writes_results_json(tmp_path):
     assert results["reference_test_accuracy"] * 450 == pytest.approx(round(results["reference_test_accuracy"] * 450), abs=1e-3)
     assert results["reference_test_accuracy"] > 0.5
     runs = {r["method"]: r for r in results["runs"]}
-    controls = {f"grad-mimic[{c}]" for c in CONTROLS}
+    controls = {f"grad-mimic[{c}]" for c in CONTROL_REFERENCES}
     assert set(runs) == {"sgd", "grad-mimic"} | controls  # every control by default
-    assert {runs[c]["reference"] for c in controls} == set(CONTROLS) and runs["grad-mimic"]["reference"] == "clean"
+    assert {runs[c]["reference"] for c in controls} == set(CONTROL_REFERENCES) and runs["grad-mimic"]["reference"] == "clean"
     assert all(runs[c]["weighting"] == "grad-mimic" for c in controls)
     # the head starts at zero, so the init control is the zero control, run for run
     assert results["controls"]["init_equals_zero"]
@@ -266,9 +267,9 @@ def test_steps_to_reach_and_the_noise_summary():
     assert lift["best_control_accuracy"] == "noisy" and lift["accuracy_gain"] == pytest.approx(0.05)
     assert summary["goal"]["holds"] and summary["goal"]["closest"] == "grad-mimic[noisy]"
     assert summary["goal"]["margin"] == pytest.approx(0.05)
-    from raymimic_experiments.label_noise.report import _lift
+    from raymimic_experiments.label_noise.report import reference_lift_lines
 
-    assert any("<= 0" in line and "`zero`" in line for line in _lift([summary]))
+    assert any("<= 0" in line and "`zero`" in line for line in reference_lift_lines([summary]))
 
 
 def test_cli_controls_print_config(capsys):
@@ -279,7 +280,7 @@ def test_cli_controls_print_config(capsys):
     assert job.main(["--controls", "none", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["controls"] == []
     assert job.main(["--print-config"]) == 0
-    assert json.loads(capsys.readouterr().out)["controls"] == list(CONTROLS)
+    assert json.loads(capsys.readouterr().out)["controls"] == list(CONTROL_REFERENCES)
     with pytest.raises(SystemExit) as exit_info:
         job.main(["--controls", "bogus", "--print-config"])
     assert exit_info.value.code == 2 and "controls: unknown" in capsys.readouterr().err

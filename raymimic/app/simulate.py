@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return " ".join(f"{v:g}" for v in value) if name == "noise_levels" else value
 
     data = parser.add_argument_group("data")
-    add_lazy(data, "--dataset", names=Names("raymimic_experiments.label_noise.data", "DATASETS"),
+    add_lazy(data, "--dataset", names=Names("raymimic_experiments.label_noise.config", "DATASETS"),
              help=f"one of %(names)s: digits ships with scikit-learn, the others are torchvision datasets read from --data-dir "
                   f"(default: {dflt('dataset')})")
     data.add_argument("--data-dir",
@@ -85,10 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     train.add_argument("--methods", nargs="+", choices=WEIGHTINGS, metavar="METHOD",
                        help="weighting methods to compare, any of %(choices)s (default: all of them)")
     add_lazy(train, "--controls", nargs="+", metavar="CONTROL",
-             names=Names("raymimic_experiments.label_noise.control_references", "CONTROLS"),
+             names=Names("raymimic_experiments.label_noise.config", "CONTROL_REFERENCES"),
              help="control references Grad-Mimic also runs with in place of the clean one, any of %(names)s, or none "
                   "(default: all of them; only when grad-mimic is among the methods)")
-    add_lazy(train, "--model", names=Names("raymimic_experiments.label_noise.train", "MODELS"),
+    add_lazy(train, "--model", names=Names("raymimic_experiments.label_noise.config", "MODELS"),
              help="one of %(names)s. probe: frozen random-feature encoder + trainable head (linear probing); linear: head on the "
                   f"pixels; mlp: every layer trained (fine-tuning) (default: {dflt('model')})")
     train.add_argument("--hidden", type=int, help=f"width of the encoder's feature map for probe/mlp (default: {dflt('hidden')})")

@@ -29,7 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-BUILTIN_CONTROLS = ("zero", "init", "random", "fixed", "current")
+from raymimic.score_table import columns
+
+# the controls make_control builds from tensors (the vocabulary's, but aligned: it needs both models' activations)
+BUILTIN_CONTROLS = tuple(c for c in columns.BUILTIN_CONTROLS if c != columns.ALIGNED)
 RANDOM_SEED_OFFSET = 1_000_003  # the random control's generator: seed + this (not the model-init stream)
 
 

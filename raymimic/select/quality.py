@@ -1,7 +1,7 @@
 """Dataset-quality estimate from a filter's decisions (paper, Stage 2), and how well a filter
 finds known noise (:func:`detection_metrics`, the one precision/recall/F1 of raymimic;
 :func:`roc_auc`, the ROC-AUC of a score against it), and how much the reference changes the
-selection (:func:`lift_metrics`, the *reference lift* of docs/method.md section 7).
+selection (:func:`lift_metrics`, with the one *reference lift* of :func:`raymimic.score_table.columns.reference_lift`).
 
 Two numbers describe how clean a dataset looks to the mimic score:
 
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from raymimic.score_table import control_name
+from raymimic.score_table.columns import CONTROLS, LIFT_DEFINITION, PRIMARY, column_kind, control_name, reference_lift, uses_reference
 
 
 class QualityAccumulator:
@@ -109,12 +109,6 @@ def roc_auc(is_positive: np.ndarray, scores: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------ reference lift
-CONTROLS = ("zero", "init", "random")
-"""Control directions without the reference's knowledge: the reference lift is measured against these."""
-REFERENCE_VARIANTS = ("fixed", "current")
-"""Directions derived from the reference itself (frozen at step 0, or the paper's when the primary is ``fixed``)."""
-BASELINES = ("loss", "ref_loss", "rho", "ref_clipscore")
-"""Baseline scores recorded beside the mimic score (higher = keep): reported, not controls."""
 LIFT_VALUE_PREFIX = "step_z_"
 """Per-uid column ``step_z_<score column>``: the mean over the uid's rows of that column's per-step standardised value."""
 
@@ -129,28 +123,11 @@ LIFT_DEFINITIONS = {
            "1 = every noisy uid ranks below every clean one, 0.5 = chance, 0 = the opposite sign",
     "auc_either_sign": "max(AUC, 1 - AUC): how well the ranking separates noisy from clean uids whichever its sign",
     "f1": "F1 of dropping every uid outside the column's top k (the filter's kept count) as a detector of the noisy uids",
-    "reference_lift": "AUC of `score` (the reference direction) minus the highest AUC-either-sign among the controls zero, init, "
-                      "random present; fixed and current are reference variants, the other columns baselines or other references: "
-                      "reported, not controls",
+    "lift": f"the column's reference lift: {LIFT_DEFINITION}",
+    "reference_lift": "the lift of `score` (the mimic score)",
     "reference_lift_f1": "F1 of `score` minus the highest F1 among the same controls, all at the filter's kept fraction",
 }
 """What each lift metric means (the reports print these)."""
-
-
-def score_column_kind(column: str) -> str:
-    """``reference`` (``score``), ``control``, ``reference variant``, ``baseline`` or ``other reference`` (another reference's name)."""
-    if column == "score":
-        return "reference"
-    name = control_name(column)
-    if name is None:
-        raise ValueError(f"{column!r} is not a score column (score or score_<name>)")
-    if name in CONTROLS:
-        return "control"
-    if name in REFERENCE_VARIANTS:
-        return "reference variant"
-    if name in BASELINES:
-        return "baseline"
-    return "other reference"
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -214,7 +191,7 @@ def lift_metrics(values: Mapping[str, np.ndarray], keep: np.ndarray, filter_colu
     tops = {c: top_k(v, k) for c, v in columns.items()}
     rows = {}
     for column, v in columns.items():
-        row = {"name": control_name(column) or column, "kind": score_column_kind(column), "uids": int(np.isfinite(v).sum()),
+        row = {"name": control_name(column) or column, "kind": column_kind(column), "uids": int(np.isfinite(v).sum()),
                "spearman_zero": spearman(v, zero) if zero is not None else None,
                "spearman_filter": spearman(v, columns[filter_column]),
                "overlap_filter": float((tops[column] & keep).sum() / k) if k else None,
@@ -224,23 +201,19 @@ def lift_metrics(values: Mapping[str, np.ndarray], keep: np.ndarray, filter_colu
             row.update(auc=auc, auc_either_sign=None if auc is None else max(auc, 1.0 - auc),
                        f1=detection_metrics(tops[column], truth)["f1"])
         rows[column] = row
-    controls = [c for c in columns if control_name(c) in CONTROLS]
+    controls = [c for c in columns if not uses_reference(c)]
     out = {"filter_column": filter_column, "n_uids": n, "n_kept": k, "fraction_kept": k / n if n else None,
            "ground_truth": truth is not None, "n_noisy": None if truth is None else int(truth.sum()),
            "columns": rows, "controls": controls, "best_control": None, "reference_auc": None, "best_control_auc_either_sign": None,
            "reference_lift": None, "reference_lift_f1": None, "filter_detection": None}
     if truth is not None:
         out["filter_detection"] = detection_metrics(keep, truth)
-        reference = rows.get("score", {})
-        aucs = {c: rows[c]["auc_either_sign"] for c in controls if rows[c]["auc_either_sign"] is not None}
-        out["reference_auc"] = reference.get("auc")
-        if aucs:
-            best = max(aucs, key=aucs.get)
-            out["best_control"], out["best_control_auc_either_sign"] = best, aucs[best]
-            if reference.get("auc") is not None:
-                out["reference_lift"] = reference["auc"] - aucs[best]
-        if controls and "score" in rows:
-            out["reference_lift_f1"] = rows["score"]["f1"] - max(rows[c]["f1"] for c in controls)
+        by_auc = reference_lift({c: row["auc"] for c, row in rows.items()})
+        for column, value in by_auc["lifts"].items():
+            rows[column]["lift"] = value
+        out.update(reference_auc=rows.get(PRIMARY, {}).get("auc"), best_control=by_auc["best_control"],
+                   best_control_auc_either_sign=by_auc["best_control_value"], reference_lift=by_auc["lifts"].get(PRIMARY))
+        out["reference_lift_f1"] = reference_lift({c: row["f1"] for c, row in rows.items()}, either_sign=False)["lifts"].get(PRIMARY)
     out["verdict"] = _verdict(out)
     return out
 
@@ -248,8 +221,8 @@ def lift_metrics(values: Mapping[str, np.ndarray], keep: np.ndarray, filter_colu
 def _verdict(lift: dict) -> str:
     rows, best = lift["columns"], lift["best_control"]
     if not lift["controls"]:
-        return ("no control direction (zero, init, random) was recorded in the score table: the reference lift cannot be measured "
-                "(record controls in Stage 1)")
+        return (f"no control direction ({', '.join(CONTROLS)}) and no loss of the target's own (score_loss) was recorded in the "
+                "score table: the reference lift cannot be measured (record controls in Stage 1)")
     if not lift["ground_truth"]:
         zero = rows.get("score_zero")
         said = ""

@@ -69,6 +69,7 @@ def _number(value, fmt: str = ".3f") -> str:
 
 def lift_lines(lift: dict | None, heading: str = "##") -> list[str]:
     """Markdown lines of the reference-lift section for ``summary["lift"]`` (None: one sentence, no table)."""
+    from raymimic.score_table.columns import BASELINES, CONTROLS, REFERENCE_VARIANTS, TARGET_BASELINES
     from raymimic.select.quality import LIFT_DEFINITIONS
 
     lines = [f"{heading} Reference lift", ""]
@@ -78,19 +79,21 @@ def lift_lines(lift: dict | None, heading: str = "##") -> list[str]:
     head = ["score column", "kind", "uids", "Spearman vs score_zero", f"Spearman vs {lift['filter_column']}",
             "overlap with filter's kept", "overlap with score_zero's top k"]
     if truth:
-        head += ["AUC (noisy -> drop)", "AUC either sign", "F1 at the same kept fraction"]
+        head += ["AUC (noisy -> drop)", "AUC either sign", "lift", "F1 at the same kept fraction"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for column, row in lift["columns"].items():
         name = f"**`{column}`** (filter)" if column == lift["filter_column"] else f"`{column}`"
         cells = [name, row["kind"], str(row["uids"]), _number(row["spearman_zero"]), _number(row["spearman_filter"]),
                  _number(row["overlap_filter"]), _number(row["overlap_zero"])]
         if truth:
-            cells += [_number(row.get("auc")), _number(row.get("auc_either_sign")), _number(row.get("f1"))]
+            cells += [_number(row.get("auc")), _number(row.get("auc_either_sign")), _number(row.get("lift"), "+.3f"),
+                      _number(row.get("f1"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if truth and lift.get("reference_lift") is not None:
         lines.append(f"**Reference lift: {lift['reference_lift']:+.3f}** (AUC of `score` {lift['reference_auc']:.3f} minus the best "
-                     f"control `{lift['best_control']}`, {lift['best_control_auc_either_sign']:.3f} either sign; "
+                     f"column computed without the reference, `{lift['best_control']}`, {lift['best_control_auc_either_sign']:.3f} "
+                     "either sign; "
                      f"by F1 at the same kept fraction: {_number(lift.get('reference_lift_f1'), '+.3f')}).")
         lines.append("")
     if lift.get("verdict"):
@@ -110,10 +113,11 @@ def lift_lines(lift: dict | None, heading: str = "##") -> list[str]:
         lines.append(f"Left out (no per-step standardisation possible): {json.dumps(lift['skipped'])}.")
     shown = ["uids", "spearman_zero", "spearman_filter", "overlap_filter", "overlap_zero"]
     if truth:
-        shown += ["auc", "auc_either_sign", "f1", "reference_lift", "reference_lift_f1"]
+        shown += ["auc", "auc_either_sign", "lift", "f1", "reference_lift", "reference_lift_f1"]
     lines += ["", "Every column is the per-uid mean of that score column's per-step standardised value (step_z); higher = keep. "
-                  "Kinds: controls (zero, init, random) carry no knowledge of the reference; reference variants (fixed, current) "
-                  "are derived from it; baselines (loss, ref_loss, rho, ref_clipscore) are other selection scores; any other name is "
+                  f"Kinds: controls ({', '.join(CONTROLS)}) carry no knowledge of the reference; reference variants "
+                  f"({', '.join(REFERENCE_VARIANTS)}) are derived from it; baselines ({', '.join(BASELINES)}) are other selection "
+                  f"scores, of which {', '.join(TARGET_BASELINES)} is the target's own and counts as a control; any other name is "
                   "another reference. Definitions:", ""]
     lines += [f"- `{key}`: {LIFT_DEFINITIONS[key]}" for key in shown]
     return lines

@@ -41,7 +41,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymimic.data.uids import GOLDEN_GAMMA, arrow_uid_pairs, pairs_to_hex
-from raymimic.score_table import _footers, _ordered, check_schema, table_files
+from raymimic.score_table import check_schema, table_files
+from raymimic.score_table import ordered_schema as _ordered
+from raymimic.score_table import read_footers as _footers
 
 LOCAL_ROWS = 2_000_000
 """Tables of at most this many rows run the rounds in the driver's process (one task's worth of rows: bounded memory)."""

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
+
+# the control directions recorded beside the score and the per-sample baselines (raymimic.mimic.controls has the maths)
+from raymimic.score_table.columns import BASELINES, BUILTIN_CONTROLS, REFERENCE_VARIANTS
+from raymimic.score_table.columns import CONTROL_NAME as _NAME
 
 # DataComp's scales (samples seen = pool size). ``tiny`` and ``toy`` are raymimic's own.
 PRESETS: dict[str, dict] = {
@@ -28,17 +31,12 @@ SCORE_KINDS = ("proj", "cos")  # proj: <-g_i, V>/||V||; cos: also divided by ||g
 DEFAULT_TAU = 0.05  # softmax temperature of the weights (the paper's choice at small scale)
 DEFAULT_MIMIC_LAYER = "image-mlp"  # the image tower's last MLP c_proj (an alias of raymimic.clip.layers.ALIASES)
 DIRECTIONS = ("current", "fixed")  # the primary score's V: W_ref - W_t every step (the paper), or W_ref - W_0
-# control directions recorded beside the score (raymimic.mimic.controls has the maths; same names)
-BUILTIN_CONTROLS = ("zero", "init", "random", "fixed", "current", "aligned")
 DEFAULT_CONTROLS = ("zero", "fixed")  # what every scoring run records unless told otherwise
 # steps between re-alignments of the "aligned" control (raymimic.clip.align): a fit matches every
 # hidden unit of the mimic layer (a Hungarian assignment, seconds at ViT-B-32's 3,072 units), so it
 # is amortised over many steps; short runs should pass a smaller value
 DEFAULT_ALIGN_EVERY = 1000
-_NEED_REFERENCE = ("random", "fixed", "current", "aligned")  # controls built from W_ref
-# per-sample baseline scores a run records on request (each column score_<name>; higher = more likely kept)
-BASELINES = ("loss", "ref_loss", "rho", "ref_clipscore")
-_NAME = re.compile(r"[a-z0-9_]+")
+_NEED_REFERENCE = ("random", *REFERENCE_VARIANTS)  # controls built from W_ref
 
 
 def _names(value, what: str) -> list[str]:

@@ -45,11 +45,10 @@ from raymimic.mimic import (
     reweighted_grad,
     weighting_stats,
 )
+from raymimic.score_table.columns import ALIGNED
+from raymimic.score_table.columns import BASELINES as BASELINE_NAMES
+from raymimic.score_table.columns import REFERENCE_BASELINES as _REFERENCE_BASELINES  # need the reference model's forward
 from raymimic.train.config import DEFAULT_ALIGN_EVERY
-
-BASELINE_NAMES = ("loss", "ref_loss", "rho", "ref_clipscore")  # raymimic.train.config.BASELINES
-ALIGNED = "aligned"  # the control W_ref' - W_t with W_ref brought into the target's basis (raymimic.clip.align)
-_REFERENCE_BASELINES = ("ref_loss", "rho", "ref_clipscore")  # need the reference model's forward
 
 
 def world() -> tuple[int, int]:

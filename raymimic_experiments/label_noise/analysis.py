@@ -5,8 +5,9 @@
   sample, and the "either sign" value ``max(AUC, 1 - AUC)``.
 - :func:`steps_to_reach`: the first evaluated step of an accuracy curve at or above a target.
 - :func:`noise_summary`: per noise level, the steps each run needs to reach SGD's final test
-  accuracy, the reference lift (clean-reference AUC minus the best control's either-sign AUC;
-  the accuracy gain over the best control) and the goal check (Grad-Mimic with the clean
+  accuracy, the reference lift (:func:`raymimic.score_table.columns.reference_lift`: the
+  clean-reference AUC minus the best control run's either-sign AUC, every control run counting,
+  ``noisy`` included; the accuracy gain over the best control) and the goal check (Grad-Mimic with the clean
   reference beats SGD and every control in test accuracy).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from raymimic.score_table.columns import reference_lift
 from raymimic.select.quality import roc_auc
 
 CLEAN = "grad-mimic"  # the Grad-Mimic run with the clean reference
@@ -63,14 +65,13 @@ def noise_summary(runs: list[dict], noise: float, controls: list[str]) -> dict:
     present = {c: here[f"{CLEAN}[{c}]"] for c in controls if f"{CLEAN}[{c}]" in here}
     if clean is None or not present:
         return summary
-    aucs = {c: r["auroc_either_sign"] for c, r in present.items() if r.get("auroc_either_sign") is not None}
-    best_auc = max(aucs, key=aucs.get) if aucs else None
+    by_auc = reference_lift({CLEAN: clean.get("auroc"), **{c: r.get("auroc") for c, r in present.items()}}, controls=present)
     best_acc = max(present, key=lambda c: present[c]["test_accuracy"])
     summary["lift"] = {
         "clean_auroc": clean.get("auroc"),
-        "best_control_auroc": best_auc,
-        "best_control_auroc_value": aucs.get(best_auc),
-        "auroc_lift": clean["auroc"] - aucs[best_auc] if best_auc and clean.get("auroc") is not None else None,
+        "best_control_auroc": by_auc["best_control"],
+        "best_control_auroc_value": by_auc["best_control_value"],
+        "auroc_lift": by_auc["lifts"][CLEAN],
         "clean_accuracy": clean["test_accuracy"],
         "best_control_accuracy": best_acc,
         "best_control_accuracy_value": present[best_acc]["test_accuracy"],

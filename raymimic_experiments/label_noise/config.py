@@ -15,6 +15,24 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from raymimic.score_table.columns import CONTROLS
+
+CONTROL_REFERENCES = (*CONTROLS, "noisy")
+"""References Grad-Mimic also runs with in place of the clean one: the controls, and ``noisy`` (the SGD model of the noisy labels)."""
+# torchvision class name and whether its constructor takes ``train=`` (the others ``split=``)
+TORCHVISION_DATASETS = {
+    "cifar10": ("CIFAR10", "train"),
+    "cifar100": ("CIFAR100", "train"),
+    "mnist": ("MNIST", "train"),
+    "fashion-mnist": ("FashionMNIST", "train"),
+    "kmnist": ("KMNIST", "train"),
+    "svhn": ("SVHN", "split"),
+}
+DATASETS = ("digits",) + tuple(TORCHVISION_DATASETS)
+"""Datasets by name: scikit-learn's digits (ships with it) and torchvision datasets already on disk."""
+MODELS = ("probe", "linear", "mlp")
+"""Classifiers by name (:func:`raymimic_experiments.label_noise.train.build_model`)."""
+
 
 def _all_methods() -> tuple[str, ...]:
     from raymimic.mimic.weighting import WEIGHTINGS
@@ -23,9 +41,7 @@ def _all_methods() -> tuple[str, ...]:
 
 
 def _all_controls() -> tuple[str, ...]:
-    from raymimic_experiments.label_noise.control_references import CONTROLS
-
-    return tuple(CONTROLS)
+    return CONTROL_REFERENCES
 
 
 @dataclass
@@ -33,7 +49,7 @@ class SimConfig:
     """Everything one simulation needs: data, noise, methods, the per-run training, outputs."""
 
     # data
-    dataset: str = "digits"  # digits (ships with scikit-learn) or a torchvision dataset on disk (label_noise.data.DATASETS)
+    dataset: str = "digits"  # digits (ships with scikit-learn) or a torchvision dataset on disk (DATASETS)
     data_dir: str | None = None  # folder torchvision stored the dataset in; needed for every dataset but digits
     max_train: int | None = None  # random subset of this many training samples; None = all
     max_test: int | None = None  # random subset of this many test samples; None = all
@@ -41,11 +57,11 @@ class SimConfig:
     seed: int = 0  # split, noise, model initialisation and batch order
     # methods compared: names of raymimic.mimic.weighting.WEIGHTINGS; default every one of them
     methods: tuple[str, ...] = field(default_factory=_all_methods)
-    # Grad-Mimic is also run with these control references in place of the clean one (control_references.CONTROLS:
+    # Grad-Mimic is also run with these control references in place of the clean one (CONTROL_REFERENCES:
     # zero, init, random, noisy); only when grad-mimic is among the methods; () = none
     controls: tuple[str, ...] = field(default_factory=_all_controls)
     # training of every run and of the reference (raymimic_experiments.label_noise.train.ClassifierTrainConfig)
-    model: str = "probe"  # probe (frozen random features + trainable head), linear or mlp (raymimic_experiments.label_noise.train.MODELS)
+    model: str = "probe"  # probe (frozen random features + trainable head), linear or mlp (MODELS)
     hidden: int = 256  # width of the encoder's feature map for probe/mlp
     epochs: int = 10
     lr: float = 3e-3  # AdamW learning rate
@@ -65,9 +81,6 @@ class SimConfig:
         from raymimic.mimic.weighting import WEIGHTINGS
         from raymimic.select.ensemble import check_rule
         from raymimic.train.config import SCORE_KINDS
-        from raymimic_experiments.label_noise.control_references import CONTROLS
-        from raymimic_experiments.label_noise.data import DATASETS
-        from raymimic_experiments.label_noise.train import MODELS
 
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset {self.dataset!r} is not known; choose one of {list(DATASETS)}")
@@ -97,9 +110,9 @@ class SimConfig:
         self.controls = tuple(self.controls)
         if self.controls == ("none",):
             self.controls = ()
-        unknown = [c for c in self.controls if c not in CONTROLS]
+        unknown = [c for c in self.controls if c not in CONTROL_REFERENCES]
         if unknown:
-            raise ValueError(f"controls: unknown {unknown}; choose from {list(CONTROLS)} (or none)")
+            raise ValueError(f"controls: unknown {unknown}; choose from {list(CONTROL_REFERENCES)} (or none)")
         if len(set(self.controls)) != len(self.controls):
             raise ValueError(f"controls: {list(self.controls)} names a control twice")
         if self.model not in MODELS:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from raymimic.mimic.controls import random_matrix
+from raymimic_experiments.label_noise.config import CONTROL_REFERENCES
 from raymimic_experiments.label_noise.data import SimData
 from raymimic_experiments.label_noise.train import MIMIC_LAYER, Classifier, ClassifierTrainConfig, build_model
-
-CONTROLS = ("zero", "init", "random", "noisy")
-RANDOM_SEED_OFFSET = 1_000_003  # the random control's generator seed is config.seed + this
 
 
 def control_label(control: str) -> str:
@@ -36,9 +35,7 @@ def initial_head(data: SimData, config: ClassifierTrainConfig) -> torch.Tensor:
 
 def random_head(like: torch.Tensor, seed: int) -> torch.Tensor:
     """A Gaussian matrix of ``like``'s shape drawn from ``seed + RANDOM_SEED_OFFSET``, with ``like``'s Frobenius norm."""
-    generator = torch.Generator().manual_seed(seed + RANDOM_SEED_OFFSET)
-    matrix = torch.randn(like.shape, generator=generator, dtype=torch.float32)
-    return matrix * (like.detach().float().norm() / matrix.norm())
+    return random_matrix(like.shape, float(like.detach().float().norm()), seed)
 
 
 def control_head(control: str, data: SimData, config: ClassifierTrainConfig, clean: nn.Module,
@@ -54,7 +51,7 @@ def control_head(control: str, data: SimData, config: ClassifierTrainConfig, cle
         if noisy is None:
             raise ValueError("the noisy control needs the model trained with plain SGD on the noisy labels")
         return noisy.get_parameter(MIMIC_LAYER).detach().clone()
-    raise ValueError(f"unknown control {control!r}; choose from {list(CONTROLS)}")
+    raise ValueError(f"unknown control {control!r}; choose from {list(CONTROL_REFERENCES)}")
 
 
 def control_reference(control: str, data: SimData, config: ClassifierTrainConfig, clean: nn.Module,

@@ -12,16 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# torchvision class name and whether its constructor takes ``train=`` (the others ``split=``)
-TORCHVISION_DATASETS = {
-    "cifar10": ("CIFAR10", "train"),
-    "cifar100": ("CIFAR100", "train"),
-    "mnist": ("MNIST", "train"),
-    "fashion-mnist": ("FashionMNIST", "train"),
-    "kmnist": ("KMNIST", "train"),
-    "svhn": ("SVHN", "split"),
-}
-DATASETS = ("digits",) + tuple(TORCHVISION_DATASETS)
+from raymimic_experiments.label_noise.config import DATASETS, TORCHVISION_DATASETS
 
 
 @dataclass

@@ -47,7 +47,7 @@ def markdown(results: dict) -> str:
     summaries = results.get("summary") or []
     lines += _controls_note(results)
     lines += _goal(summaries)
-    lines += _lift(summaries)
+    lines += reference_lift_lines(summaries)
     lines += _auroc(methods, noises, by_key, header, rule)
     lines += _steps(methods, noises, by_key, summaries, results)
     lines += ["", "## F1 (%) of finding the mislabeled samples (dropped = flagged noisy)", ""]
@@ -93,7 +93,7 @@ def _goal(summaries: list[dict]) -> list[str]:
     return lines
 
 
-def _lift(summaries: list[dict]) -> list[str]:
+def reference_lift_lines(summaries: list[dict]) -> list[str]:
     lifts = [s for s in summaries if s.get("lift")]
     if not lifts:
         return []

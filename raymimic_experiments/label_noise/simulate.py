@@ -9,8 +9,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from raymimic.mimic.controls import RANDOM_SEED_OFFSET
 from raymimic_experiments.label_noise.analysis import noise_summary, score_auroc
-from raymimic_experiments.label_noise.control_references import CONTROLS, RANDOM_SEED_OFFSET, control_label, control_reference, initial_head
+from raymimic_experiments.label_noise.config import CONTROL_REFERENCES
+from raymimic_experiments.label_noise.control_references import control_label, control_reference, initial_head
 from raymimic_experiments.label_noise.data import load_dataset, symmetric_noise
 from raymimic_experiments.label_noise.detect import evaluate_detection
 from raymimic_experiments.label_noise.report import write_results
@@ -29,18 +31,18 @@ def simulate(
     vote_rule: str | float = "majority",
     save_scores: bool = False,
     log: Callable[[str], None] | None = None,
-    controls: list[str] = CONTROLS,
+    controls: list[str] = CONTROL_REFERENCES,
 ) -> tuple[dict, str, str]:
     """Run everything, write ``results.json`` / ``results.md``; return (results, json path, md path).
 
-    ``controls`` (:data:`raymimic_experiments.label_noise.control_references.CONTROLS`): Grad-Mimic is also run with each of
+    ``controls`` (:data:`~raymimic_experiments.label_noise.config.CONTROL_REFERENCES`): Grad-Mimic is also run with each of
     these control references in place of the clean one (runs ``grad-mimic[<control>]``); only
     when ``grad-mimic`` is among ``methods``.
     """
     config = config or ClassifierTrainConfig()
-    unknown = [c for c in controls if c not in CONTROLS]
+    unknown = [c for c in controls if c not in CONTROL_REFERENCES]
     if unknown:
-        raise ValueError(f"controls: unknown {unknown}; choose from {list(CONTROLS)}")
+        raise ValueError(f"controls: unknown {unknown}; choose from {list(CONTROL_REFERENCES)}")
     controls = list(controls) if "grad-mimic" in methods else []
     log = log or (lambda message: None)
     started = time.perf_counter()

@@ -31,10 +31,10 @@ from raymimic.mimic import (
     reweighted_loss_backward,
     weighting_stats,
 )
+from raymimic_experiments.label_noise.config import MODELS
 from raymimic_experiments.label_noise.data import SimData
 
 MIMIC_LAYER = "head.weight"
-MODELS = ("probe", "linear", "mlp")
 
 
 @dataclass

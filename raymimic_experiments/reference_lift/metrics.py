@@ -8,25 +8,22 @@ keep) and scored by :func:`raymimic.select.quality.drop_auc` on three questions:
   confound: a score that only disliked those classes would look good against all clean samples);
 - ``all``: any noise vs clean.
 
-The *reference lift* of a column on a question is its AUC minus the best control's, a control
-counting with either sign (``max(auc, 1 - auc)``): a ranking that flags noise upside down is
-still knowledge the reference did not supply.
+The *reference lift* of a column on a question is the library's one definition
+(:func:`raymimic.score_table.columns.reference_lift`): its AUC minus the best among the columns
+computed without the reference (the controls and the target's own loss), either sign.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from raymimic.score_table.columns import PRIMARY, control_name, reference_lift
 from raymimic.select.quality import drop_auc
 from raymimic_experiments.toy_pool import RELABELLED
 
-QUESTIONS = ("random", "systematic", "all")
-CONTROL_COLUMNS = ("score_zero", "score_init", "score_random", "score_loss")
-"""Columns without the reference's knowledge: the target's own statistics (the lift is measured against them)."""
-
 
 def score_columns(rows: pd.DataFrame) -> list[str]:
-    return [c for c in rows.columns if c == "score" or c.startswith("score_")]
+    return [c for c in rows.columns if c == PRIMARY or control_name(c)]
 
 
 def per_uid(rows: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
@@ -61,15 +58,9 @@ def detection_aucs(values: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-def lift(aucs: pd.DataFrame, column: str, controls=CONTROL_COLUMNS) -> dict[str, float | None]:
-    """Per question, ``column``'s AUC minus the best control's (either sign); None where undefined."""
-    present = [c for c in controls if c in aucs.index]
-    result = {}
-    for question in aucs.columns:
-        auc = aucs.loc[column, question]
-        best = [max(a, 1 - a) for a in aucs.loc[present, question] if a is not None and not pd.isna(a)]
-        result[question] = None if auc is None or pd.isna(auc) or not best else float(auc - max(best))
-    return result
+def lift(aucs: pd.DataFrame, column: str) -> dict[str, float | None]:
+    """Per question, ``column``'s reference lift (:func:`~raymimic.score_table.columns.reference_lift`); None where undefined."""
+    return {question: reference_lift(aucs[question].to_dict())["lifts"].get(column) for question in aucs.columns}
 
 
 def gate_checks(truth: pd.DataFrame, reference_loss: np.ndarray, target_loss: np.ndarray, *,

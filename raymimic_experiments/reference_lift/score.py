@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from raymimic_experiments.reference_lift.data import PoolTensors
-from raymimic_experiments.reference_lift.train import TrainedRun, _rows, new_model
+from raymimic_experiments.reference_lift.train import TrainedRun, new_model, score_rows
 
 CONTROLS = ("zero", "init", "random", "fixed")
 
@@ -56,6 +56,6 @@ def score_checkpoints(run: TrainedRun, model_name: str, data: PoolTensors, refer
             index = torch.as_tensor(order[b * batch:(b + 1) * batch])
             model.zero_grad(set_to_none=True)
             result = step(data.images[index], data.texts[index])
-            tables.append(_rows(data, index, k * per_checkpoint + b, k, result))
+            tables.append(score_rows(data, index, k * per_checkpoint + b, k, result))
     model.zero_grad(set_to_none=True)
     return pd.concat(tables, ignore_index=True), reports

@@ -95,7 +95,7 @@ def train(spec: RunSpec, data: PoolTensors, reference: nn.Module | None = None, 
                 _plain_step(model, images, texts)
             else:
                 result = step_fn(images, texts)
-                rows.append(_rows(data, index, step, epoch, result))
+                rows.append(score_rows(data, index, step, epoch, result))
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
@@ -118,7 +118,7 @@ def _plain_step(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> 
     per_sample_contrastive_loss(*model(images, texts)[:3]).mean().backward()
 
 
-def _rows(data: PoolTensors, index: torch.Tensor, step: int, epoch: int, result) -> pd.DataFrame:
+def score_rows(data: PoolTensors, index: torch.Tensor, step: int, epoch: int, result) -> pd.DataFrame:
     """The score-table rows of one step (the columns Stage 2 reads, plus every ``score_<name>``)."""
     frame = {
         "uid": [data.uids[i] for i in index.tolist()], "step": np.full(len(index), step, np.int64),

@@ -1,4 +1,4 @@
-"""The score table: its schema, file names, writers and readers, in one place.
+"""The score table itself: its schema, file names, writers and readers.
 
 The score table is the contract between Stage 1 (training, :mod:`raymimic.train.loop`; the
 score-only pass, :mod:`raymimic.train.score_only`) and Stage 2 (:mod:`raymimic.select`).
@@ -7,16 +7,12 @@ Layout (**contract**): parquet files under ``<run>/scores/``, one row per sample
 step, with the required columns uid (str), step (int64), epoch (int32), rank (int32), score
 (float32, raw m_i), weight (float32, w_i), batch_size (int32, global B). ``step`` is the 0-based
 index of the optimizer update the sample took part in. Optional float32 columns
-``score_<name>`` (``<name>`` in ``[a-z0-9_]+``) hold the same sample's score against control
-directions (``score_zero``, ``score_fixed``, ``score_init``, ``score_random``, ``score_current``,
-another reference's name; same score kind as ``score``) or a baseline of the same step, all
-with higher = more likely to keep: ``score_loss = -loss`` (the target's per-sample contrastive
-loss: small-loss selection), ``score_ref_loss = -ref_loss`` (the reference model's loss of the
-pair in the same global batch), ``score_rho = loss - ref_loss`` (RHO-loss's own sign: high
-reducible loss = learnable, not yet learnt), ``score_ref_clipscore`` (cosine of the reference's
-image and text embeddings). Readers accept tables with or without them, also when only some files have
-them: the small reader fills the missing values with null, the Ray reader reads with the union
-schema of all files, so every block has every column (null where a file lacks it).
+``score_<name>`` (``<name>`` in ``[a-z0-9_]+``) hold the same sample's score against another
+direction or a baseline score of the same step, higher = more likely to keep
+(:mod:`raymimic.score_table.columns` names them and says what each is). Readers accept tables
+with or without them, also when only some files have them: the small reader fills the missing
+values with null, the Ray reader reads with the union schema of all files, so every block has
+every column (null where a file lacks it).
 
 File names (:func:`file_name`, :func:`parse_file_name`, one regular expression):
 ``steps-{first:010d}-{last:010d}-rank-{rank:05d}.parquet`` for Stage-1 training files, and
@@ -58,35 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = [
-    "COLUMNS",
-    "CONTRACT",
-    "CONTROL_PREFIX",
-    "CONTROL_TYPE",
-    "REQUIRED_FIELDS",
-    "SCHEMA",
-    "STAGE2_COLUMNS",
-    "ScoreFile",
-    "ScoreTableError",
-    "ScoreTableWriter",
-    "check_schema",
-    "conform",
-    "control_column",
-    "control_name",
-    "control_names",
-    "count_rows",
-    "discard_from_step",
-    "discard_parts",
-    "file_name",
-    "parse_file_name",
-    "part_name",
-    "read_score_dataset",
-    "read_score_table",
-    "schema_for",
-    "score_files",
-    "table_files",
-    "write_part",
-]
+from raymimic.score_table.columns import CONTROL_PREFIX, control_column, control_name
 
 # ------------------------------------------------------------------------------ schema
 REQUIRED_FIELDS = (
@@ -104,9 +72,7 @@ COLUMNS = tuple(SCHEMA.names)
 """Names of the required columns: uid, step, epoch, rank, score, weight, batch_size."""
 STAGE2_COLUMNS = tuple(c for c in COLUMNS if c != "rank")
 """The columns Stage 2 needs (``rank`` only says which worker wrote a row)."""
-CONTROL_PREFIX = "score_"
 CONTROL_TYPE = pa.float32()
-_CONTROL_NAME = re.compile(r"[a-z0-9_]+")
 _TYPES = {f.name: f.type for f in REQUIRED_FIELDS}
 
 
@@ -121,21 +87,6 @@ CONTRACT = (", ".join(f"{f.name} {_type_name(f.type)}" for f in REQUIRED_FIELDS)
 
 class ScoreTableError(ValueError):
     """A score table (or one of its files) that does not follow the contract or cannot be read."""
-
-
-def control_column(name: str) -> str:
-    """The column of control ``name`` (``"zero"`` -> ``"score_zero"``); ``ValueError`` for a bad name."""
-    if not isinstance(name, str) or not _CONTROL_NAME.fullmatch(name):
-        raise ValueError(f"control name {name!r} is not valid: use lower-case letters, digits and '_' (e.g. 'zero', 'init'); "
-                         f"its column is {CONTROL_PREFIX}<name>")
-    return CONTROL_PREFIX + name
-
-
-def control_name(column: str) -> str | None:
-    """The control name of an optional ``score_<name>`` column; ``None`` for any other column."""
-    if isinstance(column, str) and column.startswith(CONTROL_PREFIX) and _CONTROL_NAME.fullmatch(column[len(CONTROL_PREFIX):]):
-        return column[len(CONTROL_PREFIX):]
-    return None
 
 
 def control_names(names_or_schema: Any) -> list[str]:
@@ -461,7 +412,7 @@ def _footer(fs: fsspec.AbstractFileSystem, path: str) -> pq.FileMetaData:
         raise ScoreTableError(f"score file {_display(fs, path)} is not a readable parquet file: {exc}") from exc
 
 
-def _footers(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[pq.FileMetaData]:
+def read_footers(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[pq.FileMetaData]:
     """Parquet footers of ``paths`` (metadata only, no row data), read by up to 16 threads."""
     if len(paths) <= 1:
         return [_footer(fs, p) for p in paths]
@@ -472,10 +423,10 @@ def _footers(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[pq.FileMet
 def count_rows(scores_uri: str) -> int:
     """Rows of the committed files, summed from their parquet footers (no row data read); 0 if the folder is missing."""
     fs, _ = _fs(scores_uri)
-    return sum(meta.num_rows for meta in _footers(fs, table_files(scores_uri)))
+    return sum(meta.num_rows for meta in read_footers(fs, table_files(scores_uri)))
 
 
-def _ordered(schema: pa.Schema) -> pa.Schema:
+def ordered_schema(schema: pa.Schema) -> pa.Schema:
     """Required columns first, then control columns sorted, then the rest in their order; no metadata."""
     controls = sorted(n for n in schema.names if control_name(n))
     first = [n for n in COLUMNS if n in schema.names] + controls
@@ -504,7 +455,7 @@ def read_score_table(scores_uri: str) -> pa.Table:
     if not tables:
         return SCHEMA.empty_table()
     table = pa.concat_tables(tables, promote_options="permissive")
-    return table.select(_ordered(table.schema).names)
+    return table.select(ordered_schema(table.schema).names)
 
 
 def read_score_dataset(scores_uri: str, *, required: Sequence[str] = COLUMNS):
@@ -532,12 +483,12 @@ def read_score_dataset(scores_uri: str, *, required: Sequence[str] = COLUMNS):
     if not files:
         return ray.data.from_arrow(SCHEMA.empty_table())
     schemas = []
-    for p, meta in zip(files, _footers(fs, files)):
+    for p, meta in zip(files, read_footers(fs, files)):
         schema = meta.schema.to_arrow_schema().remove_metadata()
         check_schema(schema, f"score file {_display(fs, p)}", required)
         schemas.append(schema)
     try:
-        unified = _ordered(pa.unify_schemas(schemas, promote_options="permissive"))
+        unified = ordered_schema(pa.unify_schemas(schemas, promote_options="permissive"))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ScoreTableError(f"the files of score table {scores_uri!r} have incompatible column types: {exc}") from exc
     filesystem = None if _is_local(fs) else pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
