@@ -257,6 +257,13 @@ def test_filter_config(config_of, error_of):
                                       "--print-config")
 
 
+def test_filter_missing_option_is_the_config_field_and_keeps_its_former_name(config_of, error_of):
+    assert config_of("filter", "--scores", "S", "--output", "O")["missing"] == "drop"
+    assert config_of("filter", "--scores", "S", "--output", "O", "--missing", "keep")["missing"] == "keep"
+    assert config_of("filter", "--scores", "S", "--output", "O", "--unscored", "error")["missing"] == "error"
+    assert "invalid choice" in error_of("filter", "--scores", "S", "--output", "O", "--missing", "ignore", one_line=False)
+
+
 def test_quickstart_config(config_of):
     from raymimic_experiments.quickstart import QuickstartConfig
 

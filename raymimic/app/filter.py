@@ -23,8 +23,9 @@ examples:
 """
 
 
-_CONFIG = ("raymimic.select.pipeline", "FilterConfig")
-OPTIONS = ("scores", "output", "pool", "method", "feature", "rule", "fraction", "fit_sample", "seed", "nan", "duplicates", "unscored",
+_CONFIG = ("raymimic.select.config", "FilterConfig")
+_NAMES = "raymimic.select.names"  # the names of the choices
+OPTIONS = ("scores", "output", "pool", "method", "feature", "rule", "fraction", "fit_sample", "seed", "nan", "duplicates", "missing",
            "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report", "score_column", "paper_rule", "ground_truth")
 
 
@@ -74,12 +75,14 @@ def register(subparsers) -> None:
              help="rows sampled at random to fit the binarizer (default: %(config_default)s)")
     add_lazy(p, "--seed", type=int, config_default=_default("seed"),
              help="seed of the fit sample and the fits (default: %(config_default)s)")
-    add_lazy(p, "--nan", choices=Names(_CONFIG[0], "NAN_HANDLING"), metavar="HOW", config_default=_default("nan"),
+    add_lazy(p, "--nan", choices=Names(_NAMES, "NAN_HANDLING"), metavar="HOW", config_default=_default("nan"),
              help="rows with NaN score/weight, one of %(choices)s: drop and count, or stop (default: %(config_default)s)")
-    add_lazy(p, "--duplicates", choices=Names(_CONFIG[0], "DUPLICATE_HANDLING"), metavar="HOW", config_default=_default("duplicates"),
+    add_lazy(p, "--duplicates", choices=Names(_NAMES, "DUPLICATE_HANDLING"), metavar="HOW", config_default=_default("duplicates"),
              help="repeated (uid, step) rows, one of %(choices)s: stop, or let each vote and count them (default: %(config_default)s)")
-    add_lazy(p, "--unscored", choices=Names(_CONFIG[0], "UNSCORED_HANDLING"), metavar="HOW", config_default=_default("unscored"),
-             help="with --pool: pool uids without any score, one of %(choices)s (default: %(config_default)s; counted either way)")
+    add_lazy(p, "--missing", "--unscored", dest="missing", choices=Names(_NAMES, "MISSING_HANDLING"), metavar="HOW",
+             config_default=_default("missing"),
+             help="with --pool: pool uids without any score, one of %(choices)s (default: %(config_default)s; counted either way; "
+                  "--unscored is the same option's former name)")
     p.add_argument("--clip-top", type=float, help="with --pool: also keep only the top fraction by CLIP score (e.g. 0.3)")
     p.add_argument("--min-clip-score", type=float, help="with --pool: also keep only CLIP score >= this")
     add_lazy(p, "--clip-column", config_default=_default("clip_column"),

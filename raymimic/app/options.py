@@ -47,11 +47,11 @@ class Names:
         return f"Names({self.module}.{self.attribute})"
 
 
-WEIGHTINGS = Names("raymimic.mimic.weighting", "WEIGHTINGS")
-MIMIC_LAYER_ALIASES = Names("raymimic.clip.layers", "ALIASES")
-MIMIC_METHODS = Names("raymimic.select.mimic", "MIMIC_METHODS")
-FEATURES = Names("raymimic.select.binarize", "FEATURES")
-VOTE_RULES = Names("raymimic.select.ensemble", "RULES")
+WEIGHTINGS = Names("raymimic.choices", "WEIGHTINGS")
+MIMIC_LAYER_ALIASES = Names("raymimic.choices", "MIMIC_LAYER_ALIASES")
+MIMIC_METHODS = Names("raymimic.select.names", "MIMIC_METHODS")
+FEATURES = Names("raymimic.select.names", "FEATURES")
+VOTE_RULES = Names("raymimic.select.names", "RULES")
 
 
 def default(cls: type, name: str) -> Any:

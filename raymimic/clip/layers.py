@@ -3,14 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from raymimic.choices import MIMIC_LAYER_ALIASES as ALIASES  # noqa: F401  (the aliases resolve_mimic_layer takes)
 from raymimic.mimic.params import get_parameter, unwrap
-
-ALIASES = {
-    "image-mlp": "the image tower's last MLP output projection (the paper's best choice)",
-    "text-mlp": "the text tower's last MLP output projection",
-    "image-proj": "the image tower's final projection to the joint space (visual.proj)",
-    "text-proj": "the text tower's final projection (text_projection)",
-}
 
 
 def _last_block(transformer: nn.Module, prefix: str) -> str:

@@ -7,7 +7,7 @@ gather_with_grad=True``. Summed over ranks these local losses are ``world_size *
 ``dL/dtheta``. Consequence for the mimic scores: the output gradients a rank's hooks see are
 ``world_size * dL/dy``, so scores use ``grad_scale = 1 / world_size`` (:func:`grad_scale`).
 Sample i's role as a negative for every other sample reaches its own features through the
-gather's backward, as SPEC.md asks.
+gather's backward (docs/method.md, section 2).
 """
 from __future__ import annotations
 

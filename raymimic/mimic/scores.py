@@ -1,6 +1,6 @@
 """Per-sample statistics of the mimic layer, scaled to the paper's definitions.
 
-Conventions (SPEC.md section 1): the batch loss ``L`` is a mean over the *global* batch of
+Conventions (docs/method.md, section 1): the batch loss ``L`` is a mean over the *global* batch of
 size ``B``; sample i's gradient is ``g_i = B * G_i`` where ``G_i`` is its own-path
 contribution to ``dL/dW``, so ``mean_i g_i`` is the batch gradient and uniform weights
 reproduce standard training. ``grad_scale`` converts what the probe captured into ``dL/dy``

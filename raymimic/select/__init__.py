@@ -1,27 +1,30 @@
 """Stage 2: turn mimic scores (and other signals) into a keep list.
 
 The maths (binarizers, ensemble vote, quality estimate) is plain numpy/sklearn; the Ray
-Data stages live in :mod:`raymimic.select.filters` and :mod:`raymimic.select.pipeline`.
-"""
-from raymimic.select.binarize import (
-    FEATURES,
-    METHODS,
-    Binarizer,
-    GMMBinarizer,
-    KMeansBinarizer,
-    StepStats,
-    ThresholdBinarizer,
-    compute_feature,
-    make_binarizer,
-)
-from raymimic.select.ensemble import decide, ensemble_by_uid, vote, vote_from_counts
-from raymimic.select.filters import BasicFilter, CLIPScoreFilter, NegCLIPLossFilter, NormSimFilter
-from raymimic.select.mimic import MimicFilter
-from raymimic.select.quality import quality_estimate
-from raymimic.select.stages import FilterStage, keep_where, run_stages
+Data stages live in :mod:`raymimic.select.filters` and :mod:`raymimic.select.pipeline`;
+:mod:`raymimic.select.config` holds the settings and :mod:`raymimic.select.names` the names
+of the choices, as plain data.
 
-__all__ = [
-    "FEATURES", "METHODS", "Binarizer", "GMMBinarizer", "KMeansBinarizer", "StepStats", "ThresholdBinarizer",
-    "compute_feature", "make_binarizer", "decide", "ensemble_by_uid", "vote", "vote_from_counts", "quality_estimate",
-    "BasicFilter", "CLIPScoreFilter", "FilterStage", "MimicFilter", "NegCLIPLossFilter", "NormSimFilter", "keep_where", "run_stages",
-]
+Names are imported lazily so that ``import raymimic.select.config`` does not pull in pandas or ray.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    **dict.fromkeys(("FEATURES", "METHODS", "Binarizer", "GMMBinarizer", "KMeansBinarizer", "StepStats", "ThresholdBinarizer",
+                     "compute_feature", "make_binarizer"), "raymimic.select.binarize"),
+    **dict.fromkeys(("decide", "ensemble_by_uid", "vote", "vote_from_counts"), "raymimic.select.ensemble"),
+    **dict.fromkeys(("BasicFilter", "CLIPScoreFilter", "NegCLIPLossFilter", "NormSimFilter"), "raymimic.select.filters"),
+    "MimicFilter": "raymimic.select.mimic",
+    "quality_estimate": "raymimic.select.quality",
+    **dict.fromkeys(("FilterStage", "keep_where", "run_stages"), "raymimic.select.stages"),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'raymimic.select' has no attribute {name!r}")

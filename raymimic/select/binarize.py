@@ -60,8 +60,8 @@ import numpy as np
 import pandas as pd
 
 from raymimic.score_table import COLUMNS as SCORE_COLUMNS  # the Stage 1 score-table columns (raymimic.score_table owns them)
+from raymimic.select.names import FEATURES
 
-FEATURES = ("step_z", "log_norm_weight", "norm_weight", "score")
 METHODS = ("threshold", "kmeans", "gmm")
 DEFAULT_FEATURE = {"threshold": "norm_weight", "kmeans": "step_z", "gmm": "step_z"}
 """Each method's feature when the table's weights are informative."""

@@ -26,8 +26,7 @@ import numpy as np
 import pandas as pd
 
 from raymimic.select.binarize import Binarizer, _column
-
-RULES = ("majority", "all", "any")
+from raymimic.select.names import RULES
 
 
 def check_rule(rule: str | float) -> str | float:

@@ -1,4 +1,4 @@
-"""Filters beside the mimic score (SPEC section 3), as chainable Ray Data stages.
+"""Filters beside the mimic score (docs/filters.md), as chainable Ray Data stages.
 
 - :class:`CLIPScoreFilter`: cosine of a teacher CLIP's image and text embeddings, read from
   DataComp's metadata columns or computed with an open_clip model in ``map_batches``;

@@ -70,13 +70,13 @@ from raymimic.select.binarize import (
     weight_range,
 )
 from raymimic.select.ensemble import check_rule, vote_from_counts
+from raymimic.select.names import MIMIC_METHODS
 from raymimic.select.quality import LIFT_VALUE_PREFIX, lift_metrics
 from raymimic.select.quantile import approximate_quantiles
 from raymimic.select.stages import FilterStage, drop_unkept
 
 log = logging.getLogger(__name__)
 
-MIMIC_METHODS = ("gmm", "kmeans", "threshold", "ensemble", "top-fraction")
 ENSEMBLE_METHODS = ("gmm", "kmeans", "threshold")
 LIFT_MAX_UIDS = 1_000_000
 """The reference-lift metrics are computed on the driver over a seeded sample of at most this many uids."""

@@ -1,80 +1,16 @@
 """The Stage 2 pipeline behind ``raymimic filter``: mimic filter, optional pool stages, outputs."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from dataclasses import dataclass
 
-from raymimic.select.binarize import FEATURES
-from raymimic.select.ensemble import check_rule
-from raymimic.select.mimic import MIMIC_METHODS, MimicFilter, check_feature_choice, check_truth, resolve_score_column
+from raymimic.select.config import FilterConfig
+from raymimic.select.mimic import MimicFilter, check_truth
 from raymimic.select.output import write_outputs
 from raymimic.select.stages import keep_where
 from raymimic.select.stream import DecisionParts, write_part_outputs
 
 _POOL_COLUMNS = ["uid", "text", "original_width", "original_height", "clip_b32_similarity_score", "clip_l14_similarity_score"]
-NAN_HANDLING = ("drop", "error")  # rows with NaN/inf score or weight
-DUPLICATE_HANDLING = ("error", "count")  # repeated (uid, step) rows
-UNSCORED_HANDLING = ("drop", "keep", "error")  # pool uids without any score (with a pool)
-
-
-@dataclass
-class FilterConfig:
-    """Stage 2 (:func:`run_filter`): score tables in, a DataComp subset and its decisions out."""
-
-    scores: str  # score tables: RUN/scores, a directory of parquet files (local path or fsspec URI)
-    output: str  # output directory (local path or fsspec URI)
-    pool: str | None = None  # DataComp pool root: join its metadata on uid (clip_top, min_clip_score, basic need it)
-    method: str = "gmm"  # one of raymimic.select.mimic.MIMIC_METHODS
-    feature: str | None = None  # what the binarizers fit (raymimic.select.binarize.FEATURES); None = the method's default
-    rule: str | float = "majority"  # vote across epochs and methods: majority, all, any or a fraction in (0, 1]
-    fraction: float = 0.3  # top-fraction: share of uids to keep
-    fit_sample: int = 100_000  # rows sampled at random to fit the binarizers
-    seed: int = 0
-    nan: str = "drop"  # one of NAN_HANDLING
-    duplicates: str = "error"  # one of DUPLICATE_HANDLING
-    unscored: str = "drop"  # one of UNSCORED_HANDLING
-    clip_top: float | None = None  # with a pool: also keep only this top fraction by CLIP score
-    min_clip_score: float | None = None  # with a pool: also keep only CLIP score >= this
-    clip_column: str = "clip_l14_similarity_score"
-    basic: bool = False  # with a pool: also apply DataComp basic filtering
-    language_model: str | None = None  # fastText language-id model for basic's English check
-    report: bool = False  # also write report.md with histograms
-    # the column in the raw score's role: score, score_<name> or a bare control name (zero -> score_zero)
-    score_column: str = "score"
-    paper_rule: bool = False  # the paper's Stage-2 rule: every binarizer on w_i (threshold B*w > 1, GMM/k-means on B*w)
-    ground_truth: str | None = None  # parquet with uid and boolean is_noisy: ROC-AUC, F1 and the reference lift in summary.json
-
-    def __post_init__(self):
-        for name in ("scores", "output"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is required")
-        if self.method not in MIMIC_METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {list(MIMIC_METHODS)}")
-        if self.feature is not None and self.feature not in FEATURES:
-            raise ValueError(f"unknown feature {self.feature!r}; choose one of {list(FEATURES)}")
-        self.score_column = resolve_score_column(self.score_column)
-        check_feature_choice(self.method, self.feature, self.score_column, self.paper_rule)
-        self.rule = check_rule(self.rule)
-        if self.method == "top-fraction" and not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1] for top-fraction, got {self.fraction}")
-        if self.fit_sample < 2:
-            raise ValueError(f"fit_sample must be at least 2 rows, got {self.fit_sample}")
-        for name, allowed in (("nan", NAN_HANDLING), ("duplicates", DUPLICATE_HANDLING), ("unscored", UNSCORED_HANDLING)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use one of {list(allowed)}")
-        if self.clip_top is not None and not 0 < self.clip_top <= 1:
-            raise ValueError(f"clip_top is a fraction in (0, 1], got {self.clip_top}")
-        needs_pool = self.clip_top is not None or self.min_clip_score is not None or self.basic
-        if needs_pool and self.pool is None:
-            raise ValueError("--clip-top, --min-clip-score and --basic read the pool's metadata: give --pool")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 def run_filter(cfg: FilterConfig) -> dict:
@@ -83,7 +19,7 @@ def run_filter(cfg: FilterConfig) -> dict:
     scores, output, pool, method = cfg.scores, cfg.output, cfg.pool, cfg.method
     truth = read_ground_truth(cfg.ground_truth) if cfg.ground_truth else None  # read first: a bad file fails before any work
     mimic = MimicFilter(scores, method=method, fraction=cfg.fraction, feature=cfg.feature, rule=cfg.rule, fit_sample=cfg.fit_sample,
-                        seed=cfg.seed, nan=cfg.nan, duplicates=cfg.duplicates, missing=cfg.unscored, drop=False,
+                        seed=cfg.seed, nan=cfg.nan, duplicates=cfg.duplicates, missing=cfg.missing, drop=False,
                         score_column=cfg.score_column, paper_rule=cfg.paper_rule, lift=True if truth is not None else None,
                         spill_dir=f"{output.rstrip('/')}/_stage2_tmp").fit()
     lift = mimic.reference_lift(truth)
@@ -180,7 +116,6 @@ def _write_fit_sample(mimic: MimicFilter, output: str) -> str:
 
 
 def _rewrite_summary(output: str, summary: dict) -> None:
-    import json
 
     import fsspec
 

@@ -89,7 +89,7 @@ class ScoreFilter(FilterStage):
     """A stage that scores every row and keeps the top fraction or scores >= ``min_score``.
 
     Subclasses implement ``score_batch(batch: pandas.DataFrame) -> np.ndarray``. Rows whose
-    score is NaN are dropped (``<name>_keep`` False) and counted by :meth:`count_missing`.
+    score is NaN are not kept (``<name>_keep`` False: a comparison with NaN is false).
     """
 
     name = "score"

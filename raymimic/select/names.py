@@ -1,0 +1,14 @@
+"""The names of Stage 2's choices, as plain data (no imports).
+
+The registries of :mod:`raymimic.select.mimic` (methods), :mod:`raymimic.select.binarize`
+(features) and :mod:`raymimic.select.ensemble` (vote rules) import them from here, and so do
+:class:`raymimic.select.config.FilterConfig` and the command line's help.
+"""
+from __future__ import annotations
+
+MIMIC_METHODS = ("gmm", "kmeans", "threshold", "ensemble", "top-fraction")
+FEATURES = ("step_z", "log_norm_weight", "norm_weight", "score")
+RULES = ("majority", "all", "any")
+NAN_HANDLING = ("drop", "error")  # rows with NaN/inf score or weight
+DUPLICATE_HANDLING = ("error", "count")  # repeated (uid, step) rows
+MISSING_HANDLING = ("drop", "keep", "error")  # pool uids without any score (with a pool)
