@@ -23,16 +23,16 @@ examples:
 """
 
 
-_CONFIG = ("raymimic.select.config", "FilterConfig")
 _NAMES = "raymimic.select.names"  # the names of the choices
 OPTIONS = ("scores", "output", "pool", "method", "feature", "rule", "fraction", "fit_sample", "seed", "nan", "duplicates", "missing",
            "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report", "score_column", "paper_rule", "ground_truth")
 
 
 def _default(name: str):
-    from raymimic.app.options import ConfigDefault
+    from raymimic.app.options import default
+    from raymimic.select.config import FilterConfig
 
-    return ConfigDefault(*_CONFIG, name)
+    return default(FilterConfig, name)
 
 
 def register(subparsers) -> None:

@@ -1,8 +1,10 @@
 """Helpers shared by the command modules: registry choices, defaults read from the configs,
 ``--print-config``, and turning parsed options into one config.
 
-Import-light on purpose (argparse, dataclasses, json): a registry that lives in a torch
-module is imported only when its names are needed (an option is checked or help is shown).
+Import-light on purpose (argparse, dataclasses, json): the registries the options name are
+plain-Python modules (:mod:`raymimic.choices`, :mod:`raymimic.select.names`, ...), read when
+their names are needed (an option is checked or help is shown); building a parser or its help
+imports neither torch nor Ray.
 """
 from __future__ import annotations
 
@@ -66,24 +68,11 @@ def default(cls: type, name: str) -> Any:
     raise KeyError(f"{cls.__name__} has no field {name!r}")
 
 
-class ConfigDefault:
-    """The default of field ``name`` of the config class ``module:cls``, read when help is formatted.
+def add_lazy(group, *flags: str, names: Names | None = None, config_default: Any = None, **kwargs) -> argparse.Action:
+    """``add_argument`` whose help may say ``%(names)s`` (a registry's names) and ``%(config_default)s`` (the config's default).
 
-    For configs whose module is slow to import (pandas, torch): the parser is built without it.
-    """
-
-    def __init__(self, module: str, cls: str, name: str):
-        self.module, self.cls, self.name = module, cls, name
-
-    def __str__(self) -> str:
-        return str(default(getattr(importlib.import_module(self.module), self.cls), self.name))
-
-
-def add_lazy(group, *flags: str, names: Names | None = None, config_default: ConfigDefault | None = None, **kwargs) -> argparse.Action:
-    """``add_argument`` whose help may say ``%(names)s`` (a registry's names) and ``%(config_default)s``.
-
-    argparse fills ``%(...)s`` from the action's attributes when it formats help, so neither the
-    registry nor the config module is imported before help is shown.
+    argparse fills ``%(...)s`` from the action's attributes when it formats help, so a registry is
+    read only when help is shown.
     """
     action = group.add_argument(*flags, **kwargs)
     action.names = names
