@@ -35,8 +35,6 @@ import time
 import numpy as np
 
 LAYERS = ("image-mlp", "image-proj", "text-proj", "text-mlp")
-CONTROLS = ("zero", "init", "random", "fixed")
-BASELINES = ("loss", "ref_loss", "rho", "ref_clipscore")
 
 
 def _log(message: str) -> None:
@@ -55,9 +53,10 @@ def run_cell(model: str, seed: int, args) -> dict:
     import torch
 
     from raymimic.clip import save_checkpoint
+    from raymimic.score_table.columns import BASELINES
     from raymimic_experiments.reference_lift.data import load_split
     from raymimic_experiments.reference_lift.metrics import filter_detection, gate_checks, zero_shot_top1
-    from raymimic_experiments.reference_lift.score import score_checkpoints
+    from raymimic_experiments.reference_lift.score import SCORED_CONTROLS, score_checkpoints
     from raymimic_experiments.reference_lift.train import RunSpec, per_sample_losses, train
     from raymimic_experiments.toy_pool import make_toy_pool
 
@@ -94,7 +93,7 @@ def run_cell(model: str, seed: int, args) -> dict:
         return cell
 
     _log(f"{model}/{seed}: target, uniform weights, online scores")
-    target = train(RunSpec(**base, seed=seed, weighting="sgd", controls=(*CONTROLS, f"same={same_path}"), baselines=BASELINES,
+    target = train(RunSpec(**base, seed=seed, weighting="sgd", controls=(*SCORED_CONTROLS, f"same={same_path}"), baselines=BASELINES,
                            checkpoints=args.checkpoints), data, reference=other)
     losses = {name: per_sample_losses(m, data, args.batch, seed) for name, m in (("reference", other), ("same_init", same),
                                                                                  ("target", target.model))}
@@ -112,7 +111,7 @@ def run_cell(model: str, seed: int, args) -> dict:
     modes = {"uniform": target.rows}
     for direction in args.paper_directions:
         _log(f"{model}/{seed}: Grad-Mimic re-weighting, direction {direction}")
-        run = train(RunSpec(**base, seed=seed, weighting="grad-mimic", tau=args.tau, direction=direction, controls=CONTROLS,
+        run = train(RunSpec(**base, seed=seed, weighting="grad-mimic", tau=args.tau, direction=direction, controls=SCORED_CONTROLS,
                             baselines=("loss",)), data, reference=other)
         modes[f"grad-mimic/{direction}"] = run.rows
         cell[f"online_grad-mimic/{direction}"] = _aucs(run.rows, truth)

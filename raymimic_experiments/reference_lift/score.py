@@ -16,10 +16,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from raymimic.score_table.columns import CONTROLS
 from raymimic_experiments.reference_lift.data import PoolTensors
 from raymimic_experiments.reference_lift.train import TrainedRun, new_model, score_rows
 
-CONTROLS = ("zero", "init", "random", "fixed")
+SCORED_CONTROLS = (*CONTROLS, "fixed")
+"""What every checkpoint is scored against beside the reference: the controls and the frozen direction ``W_ref - W_0``."""
 
 
 def score_checkpoints(run: TrainedRun, model_name: str, data: PoolTensors, reference: nn.Module, layer: str, *,
@@ -49,7 +51,7 @@ def score_checkpoints(run: TrainedRun, model_name: str, data: PoolTensors, refer
                       Control("aligned_fixed", alignment.weight - initial, moving=False)]
             reports.append({"epoch": epoch, "layer": layer, **alignment.report()})
         step, _ = build_mimic_step(model, model_name, mimic_layer=name, reference=reference, weighting="sgd",
-                                   controls=list(CONTROLS), baselines=baselines, initial_weight=initial, seed=seed)
+                                   controls=list(SCORED_CONTROLS), baselines=baselines, initial_weight=initial, seed=seed)
         step.controls.update({c.name: c for c in extra})
         order = np.random.default_rng([seed, 21, k]).permutation(len(data))
         for b in range(per_checkpoint):
