@@ -38,10 +38,10 @@ CONTROL_NAME = re.compile(r"[a-z0-9_]+")
 
 CONTROLS = ("zero", "init", "random")
 """Control directions that carry no knowledge of the reference: ``-W_t``, ``W_0 - W_t``, ``R - W_t``."""
-REFERENCE_VARIANTS = ("fixed", "current", "aligned")
-"""Directions derived from the reference: ``W_ref - W_0``, ``W_ref - W_t``, the reference brought into the target's basis."""
 ALIGNED = "aligned"
 """The reference variant that needs both models' activations (Stage 1 builds it, :mod:`raymimic.clip.align`)."""
+REFERENCE_VARIANTS = ("fixed", "current", ALIGNED)
+"""Directions derived from the reference: ``W_ref - W_0``, ``W_ref - W_t``, the reference brought into the target's basis."""
 BUILTIN_CONTROLS = (*CONTROLS, *REFERENCE_VARIANTS)
 """Every direction Stage 1 records by name beside the score (``NAME=SPEC`` adds another reference)."""
 TARGET_BASELINES = ("loss",)
