@@ -385,3 +385,26 @@ def write_gallery(decisions, pool: str, output: str, *, score_column: str, keep_
         f.write(page)
     return {"path": path, "tiles": len(picks), "images": len(images), "problems": problems, "shards_read": reading["shards_read"],
             "n_rows": n_rows, "n_kept": n_kept, "cut": cut, "seconds": round(time.time() - started, 2)}
+
+
+def write_filter_gallery(output: str, pool: str, ground_truth: str | None = None, **options) -> dict:
+    """The gallery of a ``raymimic filter`` output folder: its ``decisions.parquet`` (read with Ray Data) on
+    ``mimic_score`` and ``keep``, compared with every recorded score column (``step_z_<column>``) and, when a
+    pool stage wrote one, ``clip_score``; written beside the report. ``ground_truth``: the parquet given to the
+    filter (its ``kind`` column names the noise on the tiles). ``options`` go to :func:`write_gallery`."""
+    import fsspec
+    import ray
+
+    from raymimic.select.quality import LIFT_VALUE_PREFIX
+
+    root = output.rstrip("/")
+    decisions = ray.data.read_parquet(f"{root}/decisions.parquet")
+    names = decisions.schema().names
+    compare = [c for c in names if c.startswith(LIFT_VALUE_PREFIX)] + [c for c in ("clip_score",) if c in names]
+    truth = None
+    if ground_truth:
+        with fsspec.open(ground_truth, "rb") as f:
+            frame = pd.read_parquet(f)
+        truth = frame[[c for c in ("uid", "is_noisy", "kind") if c in frame.columns]]
+    return write_gallery(decisions, pool, root, score_column="mimic_score", keep_column="keep", compare_columns=compare, truth=truth,
+                         title=f"Gallery of {root.rsplit('/', 1)[-1]}: mimic_score", **options)

@@ -45,6 +45,7 @@ class FilterConfig:
     score_column: str = "score"
     paper_rule: bool = False  # the paper's Stage-2 rule: every binarizer on w_i (threshold B*w > 1, GMM/k-means on B*w)
     ground_truth: str | None = None  # parquet with uid and boolean is_noisy: ROC-AUC, F1 and the reference lift in summary.json
+    gallery: bool = False  # also write gallery.html: thumbnails of dropped, borderline and kept samples from the pool
 
     def __post_init__(self):
         for name in ("scores", "output"):
@@ -69,6 +70,8 @@ class FilterConfig:
         needs_pool = self.clip_top is not None or self.min_clip_score is not None or self.basic
         if needs_pool and self.pool is None:
             raise ValueError("--clip-top, --min-clip-score and --basic read the pool's metadata: give --pool")
+        if self.gallery and self.pool is None:
+            raise ValueError("--gallery shows the pool's images: give --pool")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,6 +111,12 @@ def run_filter(cfg: FilterConfig) -> dict:
     summary = writer(decisions, output, keep_column="keep", quality_column="mean_raw_score", columns=columns, summary=summary)
     summary["seconds"] = round(time.time() - started, 2)
     summary["files"]["fit_sample.parquet"] = _write_fit_sample(mimic, output)
+    if cfg.gallery:
+        from raymimic.select.gallery import write_filter_gallery
+
+        gallery = write_filter_gallery(output, pool, cfg.ground_truth)
+        summary["files"]["gallery.html"] = gallery.pop("path")
+        summary["gallery"] = {**gallery, "problems": len(gallery["problems"])}
     if cfg.report:
         from raymimic.select.report import write_report
 
