@@ -14,7 +14,7 @@ or dropped at the same kept fraction, so the reader sees where the columns disag
 
 How it is made (kernels are plain pandas/numpy/PIL; executors only move data):
 
-1. one pass over the decisions (a Ray Dataset, or a pandas frame in this process) keeps, per
+1. one pass over the decisions (a Ray Dataset; a pandas frame or a parquet file in this process) keeps, per
    block, the rows whose keyed hash of the uid (:func:`raymimic.data.uids.keyed_uniform`) is
    small, and the block's row and kept counts (:func:`sketch_block`); the driver keeps the
    ``sample_size`` smallest keys, a uniform sample that does not depend on the blocks;
@@ -52,6 +52,8 @@ SKETCH_KEY = "sketch_key"
 _BLOCK_ROWS, _BLOCK_KEPT = "sketch_block_rows", "sketch_block_kept"
 THUMBNAIL_FOLDER = "gallery_files"
 PAGE_NAME = "gallery.html"
+LOCAL_SAMPLE_ROWS = 5_000_000
+"""A filter's decisions.parquet up to this many rows is sampled in the driver, larger ones with Ray Data."""
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -274,29 +276,43 @@ def render_gallery(picks: pd.DataFrame, images: dict[str, str], problems: dict[s
 
 def sample_decisions(decisions, columns: Sequence[str], keep_column: str, sample_size: int = 20_000,
                      seed: int = 0) -> tuple[pd.DataFrame, int, int]:
-    """``(sample, n_rows, n_kept)`` of a decisions Dataset (one Ray Data pass) or pandas frame (in this process).
+    """``(sample, n_rows, n_kept)`` of decisions: a Ray Dataset (one Ray Data pass), a pandas frame, or the path of a
+    parquet file (both in this process; the file streamed by batches).
 
     The sample: about ``sample_size`` rows, uniform, chosen by uid key, with ``uid``, ``keep_column``
     and ``columns``.
     """
-    if isinstance(decisions, pd.DataFrame):
-        missing = [c for c in ("uid", keep_column, *columns) if c not in decisions.columns]
-        n = len(decisions)
+    wanted = list(dict.fromkeys(["uid", keep_column, *columns]))
+    if isinstance(decisions, str):
+        import fsspec
+        import pyarrow.parquet as pq
+
+        with fsspec.open(decisions, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            _check_columns(wanted, parquet.schema_arrow.names, decisions)
+            below = _oversampled(sample_size, parquet.metadata.num_rows)
+            sketch = pd.concat([sketch_block(batch.to_pandas(), list(columns), keep_column, below, seed)
+                                for batch in parquet.iter_batches(columns=wanted, batch_size=65_536)], ignore_index=True)
+    elif isinstance(decisions, pd.DataFrame):
+        _check_columns(wanted, list(decisions.columns), "the decisions")
+        sketch = sketch_block(decisions, list(columns), keep_column, _oversampled(sample_size, len(decisions)), seed)
     else:
-        missing = [c for c in ("uid", keep_column, *columns) if c not in decisions.schema().names]
-        n = None if missing else decisions.count()
-    if missing:
-        have = list(decisions.columns) if isinstance(decisions, pd.DataFrame) else decisions.schema().names
-        raise ValueError(f"the decisions lack column(s) {missing} (have {have})")
-    # oversample four-fold: the driver keeps the sample_size smallest keys
-    kwargs = {"columns": list(columns), "keep_column": keep_column, "below": min(1.0, 4 * sample_size / max(n, 1)), "seed": seed}
-    if isinstance(decisions, pd.DataFrame):
-        sketch = sketch_block(decisions, **kwargs)
-    else:
-        wanted = list(dict.fromkeys(["uid", keep_column, *columns]))
+        _check_columns(wanted, decisions.schema().names, "the decisions")
+        kwargs = {"columns": list(columns), "keep_column": keep_column, "below": _oversampled(sample_size, decisions.count()), "seed": seed}
         sketch = decisions.select_columns(wanted).map_batches(sketch_block, fn_kwargs=kwargs, batch_format="pandas",
                                                               batch_size=None).to_pandas()
     return merge_sketches(sketch, sample_size)
+
+
+def _oversampled(sample_size: int, n_rows: int) -> float:
+    """The key cap that keeps about four times ``sample_size`` of ``n_rows`` rows (the driver keeps the smallest keys)."""
+    return min(1.0, 4 * sample_size / max(n_rows, 1))
+
+
+def _check_columns(wanted: list[str], have: list[str], where: str) -> None:
+    missing = [c for c in wanted if c not in have]
+    if missing:
+        raise ValueError(f"{where} lack column(s) {missing} (have {have})")
 
 
 def fetch_thumbnails(pool: str, uids: Sequence[str], size: int) -> tuple[pd.DataFrame, dict[str, str], dict]:
@@ -331,7 +347,7 @@ def write_gallery(decisions, pool: str, output: str, *, score_column: str, keep_
                   embed: bool = False, title: str | None = None) -> dict:
     """Write ``output/gallery.html`` (and ``output/gallery_files/``) for a filter's decisions; return what was done.
 
-    ``decisions``: a Ray Dataset or pandas frame with ``uid``, ``score_column`` (higher = keep) and the boolean
+    ``decisions``: a Ray Dataset, a pandas frame or a parquet file's path, with ``uid``, ``score_column`` (higher = keep) and the boolean
     ``keep_column``, e.g. a stage's output with ``drop=False`` (``stage.score_column``, ``stage.keep_column``,
     ``stage.threshold``), a chain combined by ``keep_where``, or a filter's ``decisions.parquet``.
     ``compare_columns``: other score columns of ``decisions`` shown beside ``score_column`` in the second view.
@@ -388,18 +404,24 @@ def write_gallery(decisions, pool: str, output: str, *, score_column: str, keep_
 
 
 def write_filter_gallery(output: str, pool: str, ground_truth: str | None = None, **options) -> dict:
-    """The gallery of a ``raymimic filter`` output folder: its ``decisions.parquet`` (read with Ray Data) on
+    """The gallery of a ``raymimic filter`` output folder: its ``decisions.parquet`` (sampled in the driver up to
+    :data:`LOCAL_SAMPLE_ROWS` rows, with Ray Data above) on
     ``mimic_score`` and ``keep``, compared with every recorded score column (``step_z_<column>``) and, when a
     pool stage wrote one, ``clip_score``; written beside the report. ``ground_truth``: the parquet given to the
     filter (its ``kind`` column names the noise on the tiles). ``options`` go to :func:`write_gallery`."""
     import fsspec
+    import pyarrow.parquet as pq
     import ray
 
     from raymimic.select.quality import LIFT_VALUE_PREFIX
 
     root = output.rstrip("/")
-    decisions = ray.data.read_parquet(f"{root}/decisions.parquet")
-    names = decisions.schema().names
+    path = f"{root}/decisions.parquet"
+    with fsspec.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names, n_rows = parquet.schema_arrow.names, parquet.metadata.num_rows
+    # the driver wrote the file in one stream: it reads a small one back faster than Ray Data starts tasks
+    decisions = path if n_rows <= LOCAL_SAMPLE_ROWS else ray.data.read_parquet(path)
     compare = [c for c in names if c.startswith(LIFT_VALUE_PREFIX)] + [c for c in ("clip_score",) if c in names]
     truth = None
     if ground_truth:
