@@ -3,7 +3,7 @@
 img2dataset (and so DataComp's download) writes beside every ``POOL/shards/{:08d}.tar`` a
 ``{:08d}.parquet`` with one row per sample it tried (``key``, ``uid``, ``status``, ...).
 :func:`locate_uids` reads only the ``uid``, ``key`` and ``status`` columns of those small tables
-(one Ray task per table) and returns where each wanted uid lives, so a reader that needs a few
+(a few Ray tasks per CPU) and returns where each wanted uid lives, so a reader that needs a few
 samples opens only the tars holding them (``read_pool(..., shards=...)``).
 """
 from __future__ import annotations
@@ -59,7 +59,9 @@ def locate_uids(uri: str, uids: Iterable[str]) -> pd.DataFrame | None:
     tables = shard_tables(uri)
     if not tables:
         return None
-    paths = ray.data.from_items([{"path": path} for path in tables], override_num_blocks=min(len(tables), 256))
+    # two tasks per CPU, each reading its tables one after another: a table is small, a task costs more than reading one
+    tasks = max(1, min(len(tables), 2 * int(ray.cluster_resources().get("CPU", 1))))
+    paths = ray.data.from_items([{"path": path} for path in tables], override_num_blocks=tasks)
     found = paths.map_batches(_locate_in_tables, fn_kwargs={"uids": frozenset(uids)}, batch_format="numpy", batch_size=1)
     frame = found.to_pandas()
     if frame.empty:
