@@ -20,13 +20,15 @@ ROC_PNG, HEATMAP_PNG = "lift_roc.png", "lift_rank_correlation.png"
 
 
 def sampled_lift_values(decisions_path: str, columns: list[str], max_uids: int = FIGURE_MAX_UIDS, seed: int = 0) -> pd.DataFrame:
-    """``uid`` and the ``step_z_<column>`` value columns of a seeded sample (by uid key) of at most ~``max_uids`` decisions."""
+    """``uid`` and those of the ``step_z_<column>`` value ``columns`` the file has, for a seeded sample (by uid key) of at
+    most ~``max_uids`` decisions."""
     import pyarrow.parquet as pq
 
     from raymimic.select.gallery import uid_keys
 
     with fsspec.open(decisions_path, "rb") as f:
         parquet = pq.ParquetFile(f)
+        columns = [c for c in columns if c in parquet.schema_arrow.names]  # outputs of older runs may lack some
         fraction = min(1.0, max_uids / max(parquet.metadata.num_rows, 1))
         parts = []
         for batch in parquet.iter_batches(columns=["uid", *columns], batch_size=65_536):
@@ -114,6 +116,9 @@ def lift_figure_lines(root: str, summary: dict) -> list[str]:
     if len(columns) < 2:
         return lines
     values = sampled_lift_values(f"{root}/decisions.parquet", list(columns.values()))
+    columns = {label: column for label, column in columns.items() if column in values.columns}
+    if len(columns) < 2:
+        return lines
     truth = _truth(lift.get("ground_truth_path")) if lift.get("ground_truth") else None
     if truth is not None:
         matched = values.merge(truth.drop_duplicates("uid"), on="uid", how="inner")
