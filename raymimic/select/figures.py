@@ -63,8 +63,8 @@ def rank_correlation_png(values: pd.DataFrame, columns: dict[str, str]) -> bytes
     plt = _pyplot()
     labels = list(columns)
     matrix = values[list(columns.values())].corr(method="spearman").to_numpy()
-    size = 1.2 + 0.7 * len(labels)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    size = 2.4 + 0.6 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.6, size))
     image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
@@ -74,7 +74,7 @@ def rank_correlation_png(values: pd.DataFrame, columns: dict[str, str]) -> bytes
                 colour = "white" if abs(matrix[i, j]) > 0.6 else "black"
                 ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
     fig.colorbar(image, ax=ax, label="Spearman rank correlation")
-    ax.set_title("Rank agreement of the score columns")
+    ax.set_title("Rank agreement of the score columns", fontsize=10)
     return _png(fig, plt)
 
 
