@@ -76,6 +76,19 @@ def test_a_constant_column_still_gives_three_rows():
     assert not picks.loc[picks["band"] == "dropped", "keep"].any() and picks.loc[picks["band"] == "kept", "keep"].all()
 
 
+def test_bad_decisions_are_refused_before_any_read(tmp_path):
+    from raymimic.select.gallery import write_gallery
+
+    frame = decisions_frame(50)
+    with pytest.raises(ValueError, match=r"lack column\(s\) \['missing'\]"):
+        write_gallery(frame, str(tmp_path / "no-pool"), str(tmp_path / "out"), score_column="missing")
+    with pytest.raises(ValueError, match="the decisions are empty"):
+        write_gallery(frame.iloc[:0], str(tmp_path / "no-pool"), str(tmp_path / "out"), score_column="score")
+    with pytest.raises(ValueError, match="per_row >= 1"):
+        write_gallery(frame, str(tmp_path / "no-pool"), str(tmp_path / "out"), score_column="score", per_row=0)
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- pools and runs
 
 

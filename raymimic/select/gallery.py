@@ -49,7 +49,7 @@ BAND_TITLES = {
     "kept": "Kept: drawn from the highest-scored",
 }
 SKETCH_KEY = "sketch_key"
-_BLOCK_ROWS, _BLOCK_KEPT = "sketch_block_rows", "sketch_block_kept"
+_BLOCK_ROWS, _BLOCK_KEPT, _SAMPLED = "sketch_block_rows", "sketch_block_kept", "sketch_sampled"
 THUMBNAIL_FOLDER = "gallery_files"
 PAGE_NAME = "gallery.html"
 LOCAL_SAMPLE_ROWS = 5_000_000
@@ -80,15 +80,17 @@ def sketch_block(batch: pd.DataFrame, columns: Sequence[str], keep_column: str, 
     if len(out):
         out.loc[0, _BLOCK_ROWS], out.loc[0, _BLOCK_KEPT] = len(batch), int(keep.sum())
     # the counting row joins the sample only if its own key is below the cap
-    out["sketch_sampled"] = out[SKETCH_KEY].to_numpy() < below
+    out[_SAMPLED] = out[SKETCH_KEY].to_numpy() < below
     return out
 
 
 def merge_sketches(sketch: pd.DataFrame, sample_size: int) -> tuple[pd.DataFrame, int, int]:
     """``(sample, n_rows, n_kept)``: the ``sample_size`` sampled rows of smallest key, and the totals."""
+    if _BLOCK_ROWS not in sketch.columns:  # no block had a row
+        return pd.DataFrame(), 0, 0
     n_rows, n_kept = int(sketch[_BLOCK_ROWS].sum()), int(sketch[_BLOCK_KEPT].sum())
-    sampled = sketch[sketch["sketch_sampled"].to_numpy(bool)].drop_duplicates("uid")
-    sample = sampled.nsmallest(sample_size, SKETCH_KEY).drop(columns=[_BLOCK_ROWS, _BLOCK_KEPT, "sketch_sampled"])
+    sampled = sketch[sketch[_SAMPLED].to_numpy(bool)].drop_duplicates("uid")
+    sample = sampled.nsmallest(sample_size, SKETCH_KEY).drop(columns=[_BLOCK_ROWS, _BLOCK_KEPT, _SAMPLED])
     return sample.reset_index(drop=True), n_rows, n_kept
 
 
@@ -192,7 +194,7 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}nav a{margin-right:1em}
 .tile{width:170px;margin:0;background:#fff;border:3px solid #ccc;border-radius:6px;padding:6px;font-size:12px}
 .tile.keep{border-color:#2e8b57}.tile.drop{border-color:#c0392b}
 .tile img,.tile .missing{display:block;width:160px;height:160px;object-fit:contain;background:#eee}
-.tile .missing{box-sizing:border-box;padding:8px;overflow:auto;color:#900;font-size:11px;white-space:normal}
+.missing-small{color:#900}.tile .missing{box-sizing:border-box;padding:8px;overflow:auto;color:#900;font-size:11px;white-space:normal}
 .caption{margin:4px 0;max-height:4.5em;overflow:auto}.meta{margin:0;color:#555;word-break:break-all}
 .decision{font-weight:bold}.keep .decision{color:#2e8b57}.drop .decision{color:#c0392b}.kind{color:#7a4b00}
 table{border-collapse:collapse;font-size:12px;background:#fff}td,th{border:1px solid #ddd;padding:3px 6px;text-align:right}
@@ -317,7 +319,8 @@ def _check_columns(wanted: list[str], have: list[str], where: str) -> None:
 
 def fetch_thumbnails(pool: str, uids: Sequence[str], size: int) -> tuple[pd.DataFrame, dict[str, str], dict]:
     """``(rows, problems, reading)``: :func:`thumbnail_rows` of the picked uids, read through Ray Data from only the
-    shards that hold them; why the others have none; and what was read (``shards_read``, ``shards_listed``)."""
+    shards that hold them; why the others have none; and what was read (``shards_read``; ``shard_index``: whether the
+    pool's per-shard tables named the shards, or every shard was read)."""
     from raymimic.data.pool import PoolRejects, read_pool, shard_files
     from raymimic.data.shard_index import locate_uids
 
