@@ -169,10 +169,11 @@ def test_filter_gallery_shows_every_band_with_the_decisions_of_the_filter(filter
 def test_report_draws_a_rank_correlation_heatmap_without_ground_truth(filtered, tmp_path):
     from raymimic.select.figures import HEATMAP_PNG, lift_figure_lines
 
-    shutil.copy(filtered / "decisions.parquet", tmp_path / "decisions.parquet")
     summary = json.loads((filtered / "summary.json").read_text())
     summary["lift"]["ground_truth"] = False
     summary["files"].pop("gallery.html")
+    assert lift_figure_lines(str(tmp_path), summary) == []  # no decisions.parquet beside the summary: no pictures
+    shutil.copy(filtered / "decisions.parquet", tmp_path / "decisions.parquet")
     lines = lift_figure_lines(str(tmp_path), summary)
     assert not any("gallery.html" in line for line in lines) and lines[-1].endswith(f"({HEATMAP_PNG})")
     assert "600 uids; no ground truth" in lines[-1] and (tmp_path / HEATMAP_PNG).stat().st_size > 10_000

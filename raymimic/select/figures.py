@@ -115,6 +115,9 @@ def lift_figure_lines(root: str, summary: dict) -> list[str]:
     columns = {c: lift_value_column(c) for c in lift.get("columns", {})}
     if len(columns) < 2:
         return lines
+    fs, folder = fsspec.core.url_to_fs(root)
+    if not fs.exists(f"{folder}/decisions.parquet"):  # a summary alone (the report needs no more): no pictures
+        return lines
     values = sampled_lift_values(f"{root}/decisions.parquet", list(columns.values()))
     columns = {label: column for label, column in columns.items() if column in values.columns}
     if len(columns) < 2:
