@@ -230,7 +230,7 @@ def run(cfg: QuickstartConfig) -> dict:
         _log(f"Stage 2 ({mode} mode): {settings['filter']}")
         out = os.path.join(cfg.output, f"filter_{mode}")
         summary = run_filter(FilterConfig(os.path.join(cfg.output, f"stage1_{weighting}", "scores"), out, pool=pool, report=True,
-                                          ground_truth=truth_path, **settings["filter"]))
+                                          gallery=True, ground_truth=truth_path, **settings["filter"]))
         kept = set(read_subset_uids(os.path.join(out, "keep.npy")))
         results["modes"][mode] = {
             "stage1_weighting": weighting, "filter": settings["filter"], "kept": len(kept), "uids": kept,
@@ -421,6 +421,10 @@ def write_report(output: str, results: dict) -> str:
                      f"{m['image_to_text_recall@1']:.3f} | {m['image_to_text_recall@5']:.3f} | "
                      f"{m['text_to_image_recall@1']:.3f} | {m['text_to_image_recall@5']:.3f} |")
     lines += ["", "![models](models.png)", "", "Score histograms and the fitted mixtures: [filter/report.md](filter/report.md)", ""]
+    galleries = [f"[{mode}](filter_{mode}/gallery.html)" for mode in results.get("modes", {})
+                 if os.path.isfile(os.path.join(output, f"filter_{mode}", "gallery.html"))]
+    if galleries:
+        lines += ["What each mode dropped, left at the cut and kept, in pictures: " + ", ".join(galleries), ""]
     path = os.path.join(output, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))

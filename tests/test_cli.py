@@ -255,6 +255,9 @@ def test_filter_config(config_of, error_of):
                                                           "--print-config")
     assert "top-fraction" in error_of("filter", "--scores", "S", "--output", "O", "--method", "top-fraction", "--paper-rule",
                                       "--print-config")
+    assert config_of("filter", "--scores", "S", "--output", "O", "--pool", "P", "--gallery")["gallery"] is True
+    assert "--gallery shows the pool's images: give --pool" in error_of("filter", "--scores", "S", "--output", "O", "--gallery",
+                                                                        "--print-config")
 
 
 def test_filter_missing_option_is_the_config_field_and_keeps_its_former_name(config_of, error_of):

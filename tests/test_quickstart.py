@@ -55,7 +55,10 @@ def test_report_sets_the_two_modes_side_by_side_with_the_gates(tmp_path):
         "models": {"whole pool": {**model, "samples": 100},
                    "paper mode": {"samples": 31, "skipped": "kept 31 samples, fewer than one batch of 128"}}, "seconds": 3.0,
     }
+    (tmp_path / "filter_best").mkdir()
+    (tmp_path / "filter_best" / "gallery.html").write_text("<!DOCTYPE html>")
     text = open(write_report(str(tmp_path), results)).read()
+    assert "in pictures: [best](filter_best/gallery.html)\n" in text  # the paper mode wrote no gallery here
     assert "gate 1 [PASS]" in text and "AUC 0.930" in text and "the pool needs a reference" in text
     assert "| best | sgd | ensemble on `score` | 60 |" in text and "| 3 | 2 | +0.000 |" in text  # 0.7 - max(0.7, 0.6)
     assert "| paper | grad-mimic | paper rule (binarize w) | 70 |" in text and "| 9 | 11 | -0.020 |" in text

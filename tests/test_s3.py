@@ -192,3 +192,37 @@ def test_stage1_and_stage2_on_s3(s3, pool):
     with s3.open(f"{BUCKET}/filter/decisions.parquet", "rb") as f:
         assert pq.read_table(f).num_rows == 48
     assert s3.isfile(f"{BUCKET}/filter/report.md") and s3.glob(f"{BUCKET}/filter/hist_*.png")
+
+
+@pytest.mark.ray
+def test_gallery_of_a_pool_on_s3_reads_only_the_shards_holding_the_picked_uids(s3, pool, tmp_path):
+    """The picked uids all live in shard 0 of 3: the gallery reads that one shard and writes its page to S3."""
+    import pandas as pd
+
+    local, uri, _ = pool
+    truth = pd.read_parquet(local / "ground_truth.parquet")
+    rng = np.random.default_rng(0)
+    score = rng.choice([-1, 1], len(truth)) * rng.uniform(1, 10, len(truth))
+    first = np.flatnonzero(truth["shard"].to_numpy() == 0)
+    # shard 0 holds the two lowest, the two highest and the two nearest the threshold (0)
+    score[first[:6]] = [-100, -99, 99, 100, -0.01, 0.01]
+    decisions = pd.DataFrame({"uid": truth["uid"], "score": score, "keep": score > 0})
+    decisions.to_parquet(tmp_path / "decisions.parquet", index=False)
+    code = (
+        "import json, sys, ray\n"
+        "import pandas as pd\n"
+        "ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)\n"
+        "ray.data.DataContext.get_current().enable_progress_bars = False\n"
+        "from raymimic.select.gallery import write_gallery\n"
+        "out = write_gallery(pd.read_parquet(sys.argv[1]), sys.argv[2], sys.argv[3], score_column='score', threshold=0.0, per_row=2,\n"
+        "                    band=0.001)\n"
+        "print('GALLERY=' + json.dumps({'tiles': out['tiles'], 'images': out['images'], 'shards_read': out['shards_read'],\n"
+        "                               'problems': out['problems']}))\n"
+    )
+    done = _run([sys.executable, "-c", code, str(tmp_path / "decisions.parquet"), uri, f"s3://{BUCKET}/gallery"], timeout=300)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("GALLERY="))
+    assert json.loads(line[len("GALLERY="):]) == {"tiles": 6, "images": 6, "shards_read": 1, "problems": {}}
+    assert s3.isfile(f"{BUCKET}/gallery/gallery.html") and len(s3.glob(f"{BUCKET}/gallery/gallery_files/*.jpg")) == 6
+    with s3.open(f"{BUCKET}/gallery/gallery.html", "r") as f:
+        page = f.read()
+    assert all(f'data-uid="{uid}"' in page for uid in truth["uid"].iloc[first[:6]])

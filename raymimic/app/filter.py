@@ -7,6 +7,7 @@ EPILOG = """
 outputs (in --output, any fsspec URI):
   keep.npy           sorted numpy array of dtype "u8,u8": DataComp's resharder.py -s keep.npy
   decisions.parquet  one row per uid: aggregated mimic score, votes and keep per method, keep
+  gallery.html       with --gallery: sampled dropped, borderline and kept samples as pictures (gallery_files/ beside it)
   summary.json       counts, fraction kept, quality estimate, method and fitted parameters (features chosen), and
                      "lift": per score column (score, score_<name>) Spearman with score_zero and with the filter's
                      column, overlap of the kept sets; with --ground-truth also ROC-AUC, F1 and the reference lift
@@ -25,7 +26,8 @@ examples:
 
 _NAMES = "raymimic.select.names"  # the names of the choices
 OPTIONS = ("scores", "output", "pool", "method", "feature", "rule", "fraction", "fit_sample", "seed", "nan", "duplicates", "missing",
-           "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report", "score_column", "paper_rule", "ground_truth")
+           "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report", "score_column", "paper_rule", "ground_truth",
+           "gallery")
 
 
 def _default(name: str):
@@ -92,6 +94,9 @@ def register(subparsers) -> None:
     p.add_argument("--language-model",
                    help="fastText language-id model file for --basic's English check (skipped with a warning without it)")
     p.add_argument("--report", action="store_true", default=None, help="also write report.md with histograms (as `raymimic report` does)")
+    p.add_argument("--gallery", action="store_true", default=None,
+                   help="with --pool: also write gallery.html, thumbnails of dropped, borderline and kept samples read from the shards "
+                        "that hold them, and the same uids under every score column (with --ground-truth: the kind of noise)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
     add_print_config(p)
     p.set_defaults(func=run, parser=p)

@@ -422,6 +422,7 @@ def read_pool(
     rows_per_block: int = 512,
     join_partitions: int | None = None,
     concurrency: int | None = None,
+    shards: Sequence[str] | None = None,
 ):
     """Read a DataComp pool (local path or fsspec URI) as a streaming ``ray.data.Dataset``.
 
@@ -437,11 +438,15 @@ def read_pool(
     ledger then holds one entry per uid (about 200 bytes), fine up to tens of millions of
     samples; for larger pools de-duplicate upstream and pass ``dedup=False``.
     ``rows_per_block``: rows per output block; ``concurrency``: max parallel shard reads.
+    ``shards``: read only these tars of the pool (paths as :func:`shard_files` gives them, e.g. the
+    shards :func:`raymimic.data.shard_index.locate_uids` found a few uids in); default all.
     """
     import ray
 
     columns = _pool_columns(columns)
-    shards = shard_files(uri)
+    if shards is not None and not list(shards):
+        raise ValueError(f"read_pool({uri!r}, shards=[]): give at least one shard, or None to read them all")
+    shards = list(shards) if shards is not None else shard_files(uri)
     rejects = rejects if rejects is not None else PoolRejects()
     ledger = rejects._bind(str(uri), len(shards))
     read_args = {"ledger": ledger, "columns": columns, "rows_per_block": rows_per_block, "check_images": check_images, "dedup": dedup}

@@ -39,6 +39,7 @@ class FilterConfig:
     score_column: str = "score"
     paper_rule: bool = False  # the paper's Stage-2 rule: every binarizer on w_i (threshold B*w > 1, GMM/k-means on B*w)
     ground_truth: str | None = None  # parquet with uid and boolean is_noisy: ROC-AUC, F1 and the reference lift in summary.json
+    gallery: bool = False  # also write gallery.html: thumbnails of dropped, borderline and kept samples from the pool
 
     def __post_init__(self):
         from raymimic.select.ensemble import check_rule
@@ -66,6 +67,8 @@ class FilterConfig:
         needs_pool = self.clip_top is not None or self.min_clip_score is not None or self.basic
         if needs_pool and self.pool is None:
             raise ValueError("--clip-top, --min-clip-score and --basic read the pool's metadata: give --pool")
+        if self.gallery and self.pool is None:
+            raise ValueError("--gallery shows the pool's images: give --pool")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -44,6 +44,12 @@ def run_filter(cfg: FilterConfig) -> dict:
     summary = writer(decisions, output, keep_column="keep", quality_column="mean_raw_score", columns=columns, summary=summary)
     summary["seconds"] = round(time.time() - started, 2)
     summary["files"]["fit_sample.parquet"] = _write_fit_sample(mimic, output)
+    if cfg.gallery:
+        from raymimic.select.gallery import write_filter_gallery
+
+        gallery = write_filter_gallery(output, pool, cfg.ground_truth)
+        summary["files"]["gallery.html"] = gallery.pop("path")
+        summary["gallery"] = {**gallery, "problems": len(gallery["problems"])}
     if cfg.report:
         from raymimic.select.report import write_report
 

@@ -14,6 +14,8 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from raymimic.select.figures import lift_figure_lines
+
 
 def _read_json(path: str) -> dict:
     with fsspec.open(path, "r") as f:
@@ -164,6 +166,7 @@ def write_report(output: str, summary: dict | None = None) -> str:
                   f"| {quality['mean_score_dropped']} |",
                   "", f"(score column: `{quality.get('score_column')}`)"]
     lines += [""] + lift_lines(summary.get("lift"))
+    lines += lift_figure_lines(root, summary)
     lines += ["", "## Fitted binarizers", ""]
     for name, params in fits.items():
         shown = {k: v for k, v in params.items() if k not in ("step_stats",)}
