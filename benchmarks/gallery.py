@@ -95,9 +95,9 @@ def main() -> None:
     import ray
 
     from raymimic.data.pool import shard_files
-    from raymimic.data.toy_pool import make_toy_pool
     from raymimic.select.gallery import THUMBNAIL_FOLDER, write_filter_gallery
     from raymimic.select.pipeline import FilterConfig, run_filter
+    from raymimic_experiments.toy_pool import make_toy_pool
 
     work = args.workdir or tempfile.mkdtemp(prefix="raymimic-gallery-bench-")
     pool, scores, out = f"{work}/pool", f"{work}/scores", f"{work}/filter"

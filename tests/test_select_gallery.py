@@ -110,7 +110,7 @@ def score_rows(uids: np.ndarray, noisy: np.ndarray, epochs: int = 2, batch: int 
 
 @pytest.fixture(scope="module")
 def toy_pool(tmp_path_factory):
-    from raymimic.data.toy_pool import make_toy_pool
+    from raymimic_experiments.toy_pool import make_toy_pool
 
     root = tmp_path_factory.mktemp("gallery-pool") / "pool"
     make_toy_pool(str(root), samples=600, noise=0.3, seed=0, shard_size=50, eval_samples=0, workers=1)
