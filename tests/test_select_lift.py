@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raymimic.select.mimic import MimicFilter
+from raymimic.select.mimic_filter import MimicFilter
 from raymimic.select.quality import drop_auc, lift_metrics, score_column_kind, spearman, top_k
 from raymimic.select.report import NO_CONTROLS, lift_lines
 

@@ -49,7 +49,7 @@ class Names:
 
 WEIGHTINGS = Names("raymimic.mimic.weighting", "WEIGHTINGS")
 MIMIC_LAYER_ALIASES = Names("raymimic.clip.layers", "ALIASES")
-MIMIC_METHODS = Names("raymimic.select.mimic", "MIMIC_METHODS")
+MIMIC_METHODS = Names("raymimic.select.mimic_filter", "MIMIC_METHODS")
 FEATURES = Names("raymimic.select.binarize", "FEATURES")
 VOTE_RULES = Names("raymimic.select.ensemble", "RULES")
 

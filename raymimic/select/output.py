@@ -84,11 +84,11 @@ class DecisionSink:
         result.update(n_decisions=self.n_rows, n_kept=n_kept, fraction_kept=n_kept / self.n_rows)
         result["files"] = {name: f"{output.rstrip('/')}/{name}" for name in ("keep.npy", "decisions.parquet", "summary.json")}
         with fs.open(f"{root}/summary.json", "w") as f:
-            json.dump(result, f, indent=2, default=_json_default)
+            json.dump(result, f, indent=2, default=json_default)
         return result
 
 
-def _json_default(value):
+def json_default(value):
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from raymimic.select.binarize import FEATURES
 from raymimic.select.ensemble import check_rule
-from raymimic.select.mimic import MIMIC_METHODS, MimicFilter, check_feature_choice, check_truth, resolve_score_column
+from raymimic.select.executors.parts import DecisionParts, write_part_outputs
+from raymimic.select.mimic_filter import MIMIC_METHODS, MimicFilter, check_feature_choice, check_truth, resolve_score_column
 from raymimic.select.output import write_outputs
 from raymimic.select.stages import keep_where
-from raymimic.select.stream import DecisionParts, write_part_outputs
 
 _POOL_COLUMNS = ["uid", "text", "original_width", "original_height", "clip_b32_similarity_score", "clip_l14_similarity_score"]
 NAN_HANDLING = ("drop", "error")  # rows with NaN/inf score or weight
@@ -26,7 +26,7 @@ class FilterConfig:
     scores: str  # score tables: RUN/scores, a directory of parquet files (local path or fsspec URI)
     output: str  # output directory (local path or fsspec URI)
     pool: str | None = None  # DataComp pool root: join its metadata on uid (clip_top, min_clip_score, basic need it)
-    method: str = "gmm"  # one of raymimic.select.mimic.MIMIC_METHODS
+    method: str = "gmm"  # one of raymimic.select.mimic_filter.MIMIC_METHODS
     feature: str | None = None  # what the binarizers fit (raymimic.select.binarize.FEATURES); None = the method's default
     rule: str | float = "majority"  # vote across epochs and methods: majority, all, any or a fraction in (0, 1]
     fraction: float = 0.3  # top-fraction: share of uids to keep
@@ -184,7 +184,7 @@ def _rewrite_summary(output: str, summary: dict) -> None:
 
     import fsspec
 
-    from raymimic.select.output import _json_default
+    from raymimic.select.output import json_default
 
     with fsspec.open(f"{output.rstrip('/')}/summary.json", "w") as f:
-        json.dump(summary, f, indent=2, default=_json_default)
+        json.dump(summary, f, indent=2, default=json_default)

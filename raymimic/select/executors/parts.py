@@ -1,0 +1,133 @@
+"""The task executor's files: the spill folder, the decision parts read on the driver, and the outputs written from them."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymimic.data.uids import SUBSET_DTYPE, arrow_uid_pairs, pairs_to_array
+from raymimic.select.output import DecisionSink, open_output
+
+
+class DecisionParts:
+    """The decision parts read on the driver one batch at a time, with the Dataset calls :func:`write_outputs` makes.
+
+    Writing the outputs streams every decision through the driver anyway; reading the parts
+    there directly saves starting a Ray Data execution for it.
+    """
+
+    def __init__(self, fs, paths: list[str], columns: list[str] | None = None, renames: dict | None = None):
+        self.fs, self.paths, self.columns, self.renames = fs, list(paths), columns, dict(renames or {})
+
+    def _source_names(self) -> list[str]:
+        with self.fs.open(self.paths[0], "rb") as f:
+            return pq.read_schema(f).names
+
+    def _inverse(self) -> dict:
+        return {new: old for old, new in self.renames.items()}
+
+    def schema(self) -> pa.Schema:
+        with self.fs.open(self.paths[0], "rb") as f:
+            schema = pq.read_schema(f).remove_metadata()
+        fields = [schema.field(n).with_name(self.renames.get(n, n)) for n in schema.names]
+        if self.columns is not None:
+            by_name = {f.name: f for f in fields}
+            fields = [by_name[c] for c in self.columns]
+        return pa.schema(fields)
+
+    def rename_columns(self, renames: dict) -> DecisionParts:
+        if self.columns is not None:
+            raise ValueError("rename before selecting columns")
+        return DecisionParts(self.fs, self.paths, None, {**self.renames, **renames})
+
+    def select_columns(self, columns: list[str]) -> DecisionParts:
+        return DecisionParts(self.fs, self.paths, list(columns), self.renames)
+
+    def iter_batches(self, batch_format: str = "pyarrow", batch_size: int = 65_536):
+        if batch_format != "pyarrow":
+            raise ValueError("decision parts are read as pyarrow tables")
+        inverse = self._inverse()
+        wanted = None if self.columns is None else [inverse.get(c, c) for c in self.columns]
+        for path in self.paths:
+            with self.fs.open(path, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=wanted):
+                    table = pa.Table.from_batches([batch])
+                    yield table.rename_columns([self.renames.get(n, n) for n in table.column_names])
+
+
+class SpillFolder:
+    """Where the compact rows and the decision parts live; a local temporary folder unless given (removed by :meth:`remove`)."""
+
+    def __init__(self, root: str | None):
+        self.owned = root is None
+        root = root or tempfile.mkdtemp(prefix="raymimic-stage2-")
+        self.fs, path = fsspec.core.url_to_fs(root)
+        self.path = f"{path.rstrip('/')}/{uuid.uuid4().hex[:12]}"
+        self.root = path
+        for sub in ("rows", "decisions"):
+            self.fs.makedirs(f"{self.path}/{sub}", exist_ok=True)
+
+    def remove_rows(self) -> None:
+        """The compact rows are merged: only the decision parts stay."""
+        self.fs.rm(f"{self.path}/rows", recursive=True)
+
+    def remove(self) -> None:
+        target = self.root if self.owned else self.path
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        if "file" in protocols:
+            shutil.rmtree(target, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.root)  # the given folder goes too once no other run uses it
+        elif self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+
+
+def write_part_outputs(decisions: DecisionParts, output: str, keep_column: str = "keep", quality_column: str = "mean_raw_score",
+                       columns=None, summary: dict | None = None) -> dict:
+    """:func:`raymimic.select.output.write_outputs` for decision parts: the same files and summary, flat driver memory.
+
+    ``keep.npy`` is written part by part: each part's kept uids are sorted on their own, and
+    the parts cover increasing ranges of ``hi``, so their concatenation is the sorted subset
+    file. The driver holds one part's kept uids, never the whole subset.
+    """
+    fs, root, chosen = open_output(decisions, output, keep_column, columns)
+    sink, kept_parts = DecisionSink(quality_column), []
+    with fs.open(f"{root}/decisions.parquet", "wb") as stream:
+        for i, path in enumerate(decisions.paths):
+            his, los = [], []
+            for batch in DecisionParts(decisions.fs, [path], None, decisions.renames).select_columns(chosen).iter_batches():
+                keep = sink.append(stream, batch, keep_column)
+                hi, lo = arrow_uid_pairs(batch["uid"].filter(pa.array(keep)))
+                his.append(hi)
+                los.append(lo)
+            kept_parts.append(_save_kept(fs, f"{root}/.keep-{i:05d}.bin", his, los))
+        sink.close()
+    return sink.write_summary(fs, root, output, summary, _concatenate_subset(fs, f"{root}/keep.npy", kept_parts))
+
+
+def _save_kept(fs, path: str, his: list[np.ndarray], los: list[np.ndarray]) -> tuple[str, int]:
+    """One part's kept uids, sorted, as raw ``u8,u8`` records in a temporary file; (path, count)."""
+    array = pairs_to_array(np.concatenate(his), np.concatenate(los))
+    with fs.open(path, "wb") as f:
+        f.write(array.tobytes())
+    return path, len(array)
+
+
+def _concatenate_subset(fs, path: str, parts: list[tuple[str, int]]) -> int:
+    """``keep.npy``: the npy header for the total count, then every part's records in order; the temporary files go."""
+    n = sum(count for _, count in parts)
+    header = {"descr": np.lib.format.dtype_to_descr(SUBSET_DTYPE), "fortran_order": False, "shape": (n,)}
+    with fs.open(path, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, header)
+        for part, _ in parts:
+            with fs.open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+            fs.rm(part)
+    return n
