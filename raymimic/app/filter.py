@@ -25,7 +25,8 @@ examples:
 
 _CONFIG = ("raymimic.select.pipeline", "FilterConfig")
 OPTIONS = ("scores", "output", "pool", "method", "feature", "rule", "fraction", "fit_sample", "seed", "nan", "duplicates", "unscored",
-           "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report", "score_column", "paper_rule", "ground_truth")
+           "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report", "score_column", "paper_rule", "ground_truth",
+           "overwrite")
 
 
 def _default(name: str):
@@ -89,6 +90,9 @@ def register(subparsers) -> None:
     p.add_argument("--language-model",
                    help="fastText language-id model file for --basic's English check (skipped with a warning without it)")
     p.add_argument("--report", action="store_true", default=None, help="also write report.md with histograms (as `raymimic report` does)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="start afresh when --output holds an unfinished run of other inputs or settings (by default a rerun with the "
+                        "same inputs and settings resumes it, skipping the work it committed, and one with others is refused)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
     add_print_config(p)
     p.set_defaults(func=run, parser=p)
@@ -98,19 +102,39 @@ def run(args) -> int:
     import json
     import os
 
-    from raymimic.app.options import build, given, print_config
-    from raymimic.select.pipeline import FilterConfig, run_filter
+    from raymimic.app.options import build, fail, given, print_config
+    from raymimic.select.pipeline import FilterConfig, check_inputs, run_filter
 
     cfg = build(args.parser, FilterConfig, **given(args, OPTIONS))
     if args.print_config:
         return print_config(cfg)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+    try:
+        n_rows = check_inputs(cfg)
+        if cfg.pool is not None or n_rows > _local_rows() or args.ray_address:  # a small table is filtered without Ray
+            import ray
 
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
-    summary = run_filter(cfg)
+            if not ray.is_initialized():
+                ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
+        summary = run_filter(cfg)
+    except (ValueError, OSError) as err:  # bad input, an unwritable or full disk: one line naming the file, column or option
+        fail(args.parser, _one_line(err, cfg.output))
     print(json.dumps({k: summary[k] for k in ("n_decisions", "n_kept", "fraction_kept")}, indent=None))
     for name, path in summary["files"].items():
         print(f"wrote {name}: {path}")
     return 0
+
+
+def _local_rows() -> int:
+    from raymimic.select.executors.tasks import LOCAL_ROWS
+
+    return LOCAL_ROWS
+
+
+def _one_line(err: Exception, output: str) -> str:
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return (f"no space left to write under --output {output!r} ({err.strerror}); its committed work stays in "
+                "_stage2_tmp: free space and rerun the same command to resume")
+    return " ".join(str(err).split())

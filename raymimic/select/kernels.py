@@ -76,6 +76,11 @@ def fit_sample_rows(rows: pd.DataFrame, sample_prob: float, seed: int) -> np.nda
 def block_summary(batch: pd.DataFrame, sample_prob: float, seed: int, score_column: str = "score", lift_columns=()) -> dict:
     """Round 1 on one block: per-step partials, NaN count, the range of B*w and a reproducible Bernoulli sample."""
     original, batch = batch, with_score(batch, score_column)
+    sizes = batch["batch_size"].to_numpy()
+    if (sizes <= 0).any():
+        bad = sizes <= 0
+        raise ValueError(f"{int(bad.sum())} rows have batch_size <= 0 (first {sizes[bad][0]} at uid {batch['uid'][bad].iloc[0]!r}); "
+                         "batch_size is the global batch's sample count, a positive integer")
     finite = finite_rows(batch)
     good = batch[finite]
     sample = good[fit_sample_rows(good, sample_prob, seed)]

@@ -108,9 +108,11 @@ class MimicFilter(FilterStage):
     ``unfit``: a binarizer that cannot be fitted (e.g. fewer than 2 distinct values) raises
     (``"error"``, default) or is left out of the vote with its message in ``stats["unfit"]``
     (``"skip"``; ``methods`` then lists the binarizers that voted).
-    ``spill_dir``: where the streaming path (a URI) keeps its compact rows and decision parts;
-    default a local temporary folder; on a multi-node cluster a folder every node can reach.
-    :meth:`close` removes it once the decisions are consumed.
+    ``spill_dir``: where the task executor (a URI) commits its work (summaries, compact rows,
+    decision parts, each with a completion marker); default a local temporary folder; on a
+    multi-node cluster a folder every node can reach. A given folder survives a killed run: a
+    rerun with the same table and settings skips every task that committed, and one with other
+    inputs or settings is refused. :meth:`close` removes it once the decisions are consumed.
     """
 
     name = "mimic"
@@ -157,8 +159,22 @@ class MimicFilter(FilterStage):
         self.step_stats: StepStats | None = None
         self.sample: pd.DataFrame | None = None
         self.threshold: float | None = None
-        self.decisions = None
+        self._decisions = None
         self.stats: dict[str, Any] = {}
+
+    def settings(self) -> dict:
+        """What the decisions depend on besides the score table (a resumed run must have the same)."""
+        return {"method": self.method, "methods": self.methods, "fraction": self.fraction, "feature": self.feature,
+                "score_feature": self.score_feature, "rule": self.rule, "fit_sample": self.fit_sample, "seed": self.seed,
+                "nan": self.nan, "duplicates": self.duplicates, "num_partitions": self.num_partitions, "unfit": self.unfit,
+                "score_column": self.score_column, "paper_rule": self.paper_rule, "lift": self.lift}
+
+    @property
+    def decisions(self):
+        """The per-uid decisions: a DataFrame (fitted in this process) or a Dataset (read from the decision parts on first use)."""
+        if self._decisions is None and self.decision_parts is not None:
+            self._decisions = tasks.read_parts(self.decision_parts)
+        return self._decisions
 
     # ----------------------------------------------------------------- fitting
     def fit(self, ds=None) -> MimicFilter:
@@ -180,7 +196,7 @@ class MimicFilter(FilterStage):
         return self
 
     def _take(self, outcome: Outcome) -> None:
-        self.decisions, self.threshold = outcome.decisions, outcome.threshold
+        self._decisions, self.threshold = outcome.decisions, outcome.threshold
         self.decision_parts, self._spill = outcome.parts, outcome.spill
         self.stats.update(outcome.stats)
         self.fitted = True
@@ -285,7 +301,7 @@ class MimicFilter(FilterStage):
         """Remove the task executor's spill folder (its decision parts back :attr:`decisions`: read them first)."""
         if self._spill is not None:
             self._spill.remove()
-            self._spill, self.decision_parts = None, None
+            self._spill, self.decision_parts, self._decisions = None, None, None
 
     def count(self, n_uids: int, n_obs: int, n_steps: int) -> None:
         """Record the uid count; duplicate (uid, step) rows raise or are counted (``duplicates``)."""

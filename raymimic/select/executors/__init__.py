@@ -17,7 +17,7 @@ from typing import Any
 class Outcome:
     """What an executor hands back to the filter: the per-uid decisions and what it learnt on the way."""
 
-    decisions: Any  # a DataFrame (local) or a Dataset
+    decisions: Any  # a DataFrame (local), a Dataset, or None when ``parts`` hold them
     threshold: float | None = None  # top-fraction's cut of mimic_score
     stats: dict = field(default_factory=dict)  # merged into the filter's stats
     parts: Any = None  # the task executor: the decision parts, readable on the driver

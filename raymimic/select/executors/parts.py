@@ -1,8 +1,7 @@
 """The task executor's files: the spill folder, the decision parts read on the driver, and the outputs written from them."""
 from __future__ import annotations
 
-import contextlib
-import os
+import json
 import shutil
 import tempfile
 import uuid
@@ -13,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymimic.data.uids import SUBSET_DTYPE, arrow_uid_pairs, pairs_to_array
-from raymimic.select.output import DecisionSink, open_output
+from raymimic.select.output import TEMPORARY_PREFIX, DecisionSink, commit, open_output
 
 
 class DecisionParts:
@@ -63,34 +62,61 @@ class DecisionParts:
 
 
 class SpillFolder:
-    """Where the compact rows and the decision parts live; a local temporary folder unless given (removed by :meth:`remove`)."""
+    """Where the task executor's committed work lives: summaries, compact rows, decision parts and their markers.
+
+    A given folder (``root``) is used as it is and survives its process, so that a rerun finds the
+    tasks that committed; without one, a local temporary folder. :meth:`remove` deletes it.
+    """
 
     def __init__(self, root: str | None):
         self.owned = root is None
-        root = root or tempfile.mkdtemp(prefix="raymimic-stage2-")
-        self.fs, path = fsspec.core.url_to_fs(root)
-        self.path = f"{path.rstrip('/')}/{uuid.uuid4().hex[:12]}"
-        self.root = path
-        for sub in ("rows", "decisions"):
+        self.fs, path = fsspec.core.url_to_fs(root or tempfile.mkdtemp(prefix="raymimic-stage2-"))
+        self.path = path.rstrip("/")
+        for sub in ("summaries", "rows", "decisions"):
             self.fs.makedirs(f"{self.path}/{sub}", exist_ok=True)
 
     def remove_rows(self) -> None:
         """The compact rows are merged: only the decision parts stay."""
-        self.fs.rm(f"{self.path}/rows", recursive=True)
+        if self.fs.exists(f"{self.path}/rows"):
+            self.fs.rm(f"{self.path}/rows", recursive=True)
 
     def remove(self) -> None:
-        target = self.root if self.owned else self.path
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         if "file" in protocols:
-            shutil.rmtree(target, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.rmdir(self.root)  # the given folder goes too once no other run uses it
-        elif self.fs.exists(target):
-            self.fs.rm(target, recursive=True)
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif self.fs.exists(self.path):
+            self.fs.rm(self.path, recursive=True)
+
+
+def temporary_name(path: str) -> str:
+    """A unique temporary name beside ``path``: a task killed while writing leaves only such a file behind."""
+    folder, _, name = path.rpartition("/")
+    return f"{folder}/{TEMPORARY_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
+
+
+def commit_bytes(fs, path: str, data: bytes) -> None:
+    """``data`` to ``path``, written under a temporary name and renamed once complete."""
+    temporary = temporary_name(path)
+    with fs.open(temporary, "wb") as f:
+        f.write(data)
+    commit(fs, temporary, path)
+
+
+def commit_json(fs, path: str, value) -> None:
+    commit_bytes(fs, path, json.dumps(value).encode())
+
+
+def read_committed(fs, path: str) -> bytes | None:
+    """The bytes of a committed file; None when it is not there."""
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def write_part_outputs(decisions: DecisionParts, output: str, keep_column: str = "keep", quality_column: str = "mean_raw_score",
-                       columns=None, summary: dict | None = None) -> dict:
+                       columns=None, summary: dict | None = None, write: bool = True) -> dict:
     """:func:`raymimic.select.output.write_outputs` for decision parts: the same files and summary, flat driver memory.
 
     ``keep.npy`` is written part by part: each part's kept uids are sorted on their own, and
@@ -99,7 +125,7 @@ def write_part_outputs(decisions: DecisionParts, output: str, keep_column: str =
     """
     fs, root, chosen = open_output(decisions, output, keep_column, columns)
     sink, kept_parts = DecisionSink(quality_column), []
-    with fs.open(f"{root}/decisions.parquet", "wb") as stream:
+    with fs.open(f"{root}/{TEMPORARY_PREFIX}decisions.parquet", "wb") as stream:
         for i, path in enumerate(decisions.paths):
             his, los = [], []
             for batch in DecisionParts(decisions.fs, [path], None, decisions.renames).select_columns(chosen).iter_batches():
@@ -107,9 +133,12 @@ def write_part_outputs(decisions: DecisionParts, output: str, keep_column: str =
                 hi, lo = arrow_uid_pairs(batch["uid"].filter(pa.array(keep)))
                 his.append(hi)
                 los.append(lo)
-            kept_parts.append(_save_kept(fs, f"{root}/.keep-{i:05d}.bin", his, los))
+            kept_parts.append(_save_kept(fs, f"{root}/{TEMPORARY_PREFIX}keep-{i:05d}.bin", his, los))
         sink.close()
-    return sink.write_summary(fs, root, output, summary, _concatenate_subset(fs, f"{root}/keep.npy", kept_parts))
+    commit(fs, f"{root}/{TEMPORARY_PREFIX}decisions.parquet", f"{root}/decisions.parquet")
+    n_kept = _concatenate_subset(fs, f"{root}/{TEMPORARY_PREFIX}keep.npy", kept_parts)
+    commit(fs, f"{root}/{TEMPORARY_PREFIX}keep.npy", f"{root}/keep.npy")
+    return sink.summary(fs, root, output, summary, n_kept, write)
 
 
 def _save_kept(fs, path: str, his: list[np.ndarray], los: list[np.ndarray]) -> tuple[str, int]:
