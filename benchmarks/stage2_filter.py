@@ -12,6 +12,7 @@ each process tree's own):
 - ``lean``: the baseline. pyarrow reads ``uid, step, score``; per-step z-scores with
   ``np.bincount``; a 2-component scikit-learn GMM fitted on a 100k-row sample; ``pd.factorize``
   on the uids and a ``bincount`` majority vote; a sorted ``u8,u8`` keep.npy;
+- ``ray_before`` (with ``--before-code``): the same command on an earlier version of the package;
 - ``pandas``: the same pass grouping per uid with a pandas ``groupby`` on the uid strings and
   writing a decisions table too (slower and larger: kept as a second row).
 
@@ -134,7 +135,7 @@ def run_pandas(scores: str, output: str, fit_sample: int = 100_000) -> None:
 
 
 def command(mode: str, scores: str, output: str) -> list[str]:
-    if mode == "ray":
+    if mode in ("ray", "ray_before"):
         return [sys.executable, "-m", "raymimic.app.cli", "filter", "--scores", scores, "--output", output, "--method", "gmm"]
     return [sys.executable, __file__, "--_child", mode, scores, output]
 
@@ -172,9 +173,11 @@ def _sample_tree(root: int, cpu: dict[int, float]) -> int:
     return total
 
 
-def measure(mode: str, scores: str, output: str) -> dict:
+def measure(mode: str, scores: str, output: str, before_code: str | None = None) -> dict:
     """Run one mode as a child process; sample the RSS and CPU time of its whole process tree."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    if mode == "ray_before":  # the same command on an earlier version of the package
+        env["PYTHONPATH"] = before_code
     started = time.time()
     child = subprocess.Popen(command(mode, scores, output), stdout=subprocess.DEVNULL, env=env)
     peak, cpu = 0, {}
@@ -198,10 +201,10 @@ def f1_dropped(output: str, noisy_path: str) -> float:
     return float(detection_metrics(kept, noisy)["f1"])
 
 
-MODES = ("lean", "pandas", "ray")
+MODES = ("lean", "pandas", "ray", "ray_before")
 
 
-def bench_rows(rows: int, workdir: str, epochs: int, baseline_max_rows: int, modes=MODES) -> dict:
+def bench_rows(rows: int, workdir: str, epochs: int, baseline_max_rows: int, modes=MODES, before_code: str | None = None) -> dict:
     base = f"{workdir}/rows_{rows}_e{epochs}"
     scores = f"{base}/scores"
     if not os.path.isdir(scores):
@@ -210,20 +213,21 @@ def bench_rows(rows: int, workdir: str, epochs: int, baseline_max_rows: int, mod
         print(f"generated {rows:,d} rows in {time.time() - started:.0f}s", flush=True)
     entry = {"rows": rows, "epochs": epochs}
     for mode in modes:
-        if mode != "ray" and rows > baseline_max_rows:
+        if mode in ("lean", "pandas") and rows > baseline_max_rows:
             entry[mode] = {"skipped": f"the single-process pass holds the whole table in memory; not run above {baseline_max_rows:,d} rows"}
             continue
         out = f"{base}/out_{mode}"
         shutil.rmtree(out, ignore_errors=True)
-        r = measure(mode, scores, out)
+        r = measure(mode, scores, out, before_code)
         r["rows_per_s"] = rows / r["seconds"]
         r["cpu_us_per_row"] = 1e6 * r["cpu_seconds"] / rows
         r["f1_dropped"] = f1_dropped(out, f"{base}/noisy.npy")
         entry[mode] = r
-    if "seconds" in entry.get("lean", {}) and "seconds" in entry.get("ray", {}):
-        ray, lean = entry["ray"], entry["lean"]
-        entry["ray_over_lean"] = {"time": ray["seconds"] / lean["seconds"], "cpu": ray["cpu_seconds"] / lean["cpu_seconds"],
-                                  "memory": ray["peak_rss_mb"] / lean["peak_rss_mb"]}
+    for ray in ("ray", "ray_before"):
+        if "seconds" in entry.get("lean", {}) and "seconds" in entry.get(ray, {}):
+            r, lean = entry[ray], entry["lean"]
+            entry[f"{ray}_over_lean"] = {"time": r["seconds"] / lean["seconds"], "cpu": r["cpu_seconds"] / lean["cpu_seconds"],
+                                         "memory": r["peak_rss_mb"] / lean["peak_rss_mb"]}
     return entry
 
 
@@ -235,9 +239,9 @@ def line(entry: dict) -> str:
         return (f"{name} {r['seconds']:6.1f}s {r['cpu_us_per_row']:5.2f} cpu-us/row {r['peak_rss_mb']:6.0f} MB "
                 f"F1 {r['f1_dropped']:.3f}")
 
-    ratio = entry.get("ray_over_lean")
-    ratios = f" | ray/lean time x{ratio['time']:.2f} cpu x{ratio['cpu']:.2f} mem x{ratio['memory']:.2f}" if ratio else ""
-    return f"{entry['rows']:>11,d} rows | " + " | ".join(mode(m) for m in MODES) + ratios
+    ratios = "".join(f" | {ray}/lean time x{r['time']:.2f} cpu x{r['cpu']:.2f} mem x{r['memory']:.2f}"
+                     for ray in ("ray", "ray_before") if (r := entry.get(f"{ray}_over_lean")))
+    return f"{entry['rows']:>11,d} rows | " + " | ".join(mode(m) for m in MODES if m in entry) + ratios
 
 
 def main() -> None:
@@ -251,13 +255,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs over the uids (uids = rows / epochs)")
     parser.add_argument("--baseline-max-rows", type=int, default=10_000_000,
                         help="skip the single-process baseline above this many rows (it holds the whole table in memory)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which passes to run (default: all)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["lean", "pandas", "ray"],
+                        help="which passes to run (default: lean pandas ray; ray_before needs --before-code)")
+    parser.add_argument("--before-code", help="ray_before: a folder holding an earlier raymimic package (e.g. from git archive), run by "
+                                              "the same command for a before/after comparison in one invocation")
     parser.add_argument("--json", help="write the results as JSON here")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="stage2_bench_")
     results = []
     for rows in args.rows:
-        entry = bench_rows(rows, workdir, args.epochs, args.baseline_max_rows, args.modes)
+        entry = bench_rows(rows, workdir, args.epochs, args.baseline_max_rows, args.modes, args.before_code)
         results.append(entry)
         print(line(entry), flush=True)
     if args.json:

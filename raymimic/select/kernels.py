@@ -101,10 +101,13 @@ def lift_z(stats: StepStats, steps: np.ndarray, values: np.ndarray) -> np.ndarra
     return out
 
 
-def row_values(batch: pd.DataFrame, finite: np.ndarray, binarizers: dict, stats: StepStats | None, score_feature: str,
+def row_values(batch: pd.DataFrame, finite: np.ndarray | None, binarizers: dict, stats: StepStats | None, score_feature: str,
                score_column: str = "score", lift_stats: dict | None = None) -> dict[str, np.ndarray]:
-    """Round 2 on one block: the ``finite`` rows' step, aggregated-score feature, B*w, raw score, keep votes and lift z-scores."""
-    original, batch = batch, with_score(batch, score_column)[finite]
+    """Round 2 on one block: the ``finite`` rows' (None: every row's) step, aggregated-score feature, B*w, raw score, keep
+    votes and lift z-scores."""
+    original, batch = batch, with_score(batch, score_column)
+    if finite is not None:
+        batch = batch[finite]
     steps = batch["step"].to_numpy(np.int64)
     out = {"step": steps, "mimic_score": compute_feature(batch, score_feature, stats),
            "norm_weight": batch["weight"].to_numpy(np.float64) * batch["batch_size"].to_numpy(np.float64),
@@ -112,7 +115,8 @@ def row_values(batch: pd.DataFrame, finite: np.ndarray, binarizers: dict, stats:
     for name, binarizer in binarizers.items():
         out[f"votes_{name}"] = binarizer.keep(batch).astype(np.int64)
     for column, column_stats in (lift_stats or {}).items():
-        out[lift_value_column(column)] = lift_z(column_stats, steps, original[column].to_numpy(np.float64)[finite])
+        values = original[column].to_numpy(np.float64)
+        out[lift_value_column(column)] = lift_z(column_stats, steps, values if finite is None else values[finite])
     return out
 
 

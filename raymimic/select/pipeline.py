@@ -10,7 +10,8 @@ import fsspec
 
 from raymimic.select.binarize import FEATURES
 from raymimic.select.ensemble import check_rule
-from raymimic.select.executors.parts import DecisionParts, write_part_outputs
+from raymimic.select.executors.parts import DecisionParts
+from raymimic.select.executors.tasks import write_part_outputs
 from raymimic.select.mimic_filter import MIMIC_METHODS, MimicFilter, check_feature_choice, check_truth, resolve_score_column
 from raymimic.select.output import TEMPORARY_PREFIX, write_outputs, write_summary
 from raymimic.select.stages import keep_where

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymimic.data.uids import SUBSET_DTYPE, arrow_uid_pairs, pairs_to_array
-from raymimic.select.output import TEMPORARY_PREFIX, DecisionSink, commit, open_output
+from raymimic.data.uids import SUBSET_DTYPE
+from raymimic.select.output import TEMPORARY_PREFIX, commit
 
 
 class DecisionParts:
@@ -22,8 +22,9 @@ class DecisionParts:
     there directly saves starting a Ray Data execution for it.
     """
 
-    def __init__(self, fs, paths: list[str], columns: list[str] | None = None, renames: dict | None = None):
+    def __init__(self, fs, paths: list[str], columns: list[str] | None = None, renames: dict | None = None, in_process: bool = True):
         self.fs, self.paths, self.columns, self.renames = fs, list(paths), columns, dict(renames or {})
+        self.in_process = in_process  # whether tasks over the parts run in this process (a small table) or on Ray
 
     def _source_names(self) -> list[str]:
         with self.fs.open(self.paths[0], "rb") as f:
@@ -44,10 +45,10 @@ class DecisionParts:
     def rename_columns(self, renames: dict) -> DecisionParts:
         if self.columns is not None:
             raise ValueError("rename before selecting columns")
-        return DecisionParts(self.fs, self.paths, None, {**self.renames, **renames})
+        return DecisionParts(self.fs, self.paths, None, {**self.renames, **renames}, self.in_process)
 
     def select_columns(self, columns: list[str]) -> DecisionParts:
-        return DecisionParts(self.fs, self.paths, list(columns), self.renames)
+        return DecisionParts(self.fs, self.paths, list(columns), self.renames, self.in_process)
 
     def iter_batches(self, batch_format: str = "pyarrow", batch_size: int = 65_536):
         if batch_format != "pyarrow":
@@ -115,41 +116,7 @@ def read_committed(fs, path: str) -> bytes | None:
         return None
 
 
-def write_part_outputs(decisions: DecisionParts, output: str, keep_column: str = "keep", quality_column: str = "mean_raw_score",
-                       columns=None, summary: dict | None = None, write: bool = True) -> dict:
-    """:func:`raymimic.select.output.write_outputs` for decision parts: the same files and summary, flat driver memory.
-
-    ``keep.npy`` is written part by part: each part's kept uids are sorted on their own, and
-    the parts cover increasing ranges of ``hi``, so their concatenation is the sorted subset
-    file. The driver holds one part's kept uids, never the whole subset.
-    """
-    fs, root, chosen = open_output(decisions, output, keep_column, columns)
-    sink, kept_parts = DecisionSink(quality_column), []
-    with fs.open(f"{root}/{TEMPORARY_PREFIX}decisions.parquet", "wb") as stream:
-        for i, path in enumerate(decisions.paths):
-            his, los = [], []
-            for batch in DecisionParts(decisions.fs, [path], None, decisions.renames).select_columns(chosen).iter_batches():
-                keep = sink.append(stream, batch, keep_column)
-                hi, lo = arrow_uid_pairs(batch["uid"].filter(pa.array(keep)))
-                his.append(hi)
-                los.append(lo)
-            kept_parts.append(_save_kept(fs, f"{root}/{TEMPORARY_PREFIX}keep-{i:05d}.bin", his, los))
-        sink.close()
-    commit(fs, f"{root}/{TEMPORARY_PREFIX}decisions.parquet", f"{root}/decisions.parquet")
-    n_kept = _concatenate_subset(fs, f"{root}/{TEMPORARY_PREFIX}keep.npy", kept_parts)
-    commit(fs, f"{root}/{TEMPORARY_PREFIX}keep.npy", f"{root}/keep.npy")
-    return sink.summary(fs, root, output, summary, n_kept, write)
-
-
-def _save_kept(fs, path: str, his: list[np.ndarray], los: list[np.ndarray]) -> tuple[str, int]:
-    """One part's kept uids, sorted, as raw ``u8,u8`` records in a temporary file; (path, count)."""
-    array = pairs_to_array(np.concatenate(his), np.concatenate(los))
-    with fs.open(path, "wb") as f:
-        f.write(array.tobytes())
-    return path, len(array)
-
-
-def _concatenate_subset(fs, path: str, parts: list[tuple[str, int]]) -> int:
+def concatenate_subset(fs, path: str, parts: list[tuple[str, int]]) -> int:
     """``keep.npy``: the npy header for the total count, then every part's records in order; the temporary files go."""
     n = sum(count for _, count in parts)
     header = {"descr": np.lib.format.dtype_to_descr(SUBSET_DTYPE), "fortran_order": False, "shape": (n,)}

@@ -1,29 +1,32 @@
 """The mimic filter over a score-table URI: plain Ray tasks over its files, uids kept as two uint64 words.
 
-Three rounds of tasks, each task reading its own files (no Ray Data plan, no hash shuffle):
+Two rounds of tasks, each task reading its own files once (no Ray Data plan, no hash shuffle):
 
-1. *summary*: each task reads a contiguous group of files and returns, per file, the
-   :func:`~raymimic.select.kernels.block_summary`. The row count and the union schema come from
-   the parquet footers, read on the driver before any task starts.
-2. *partials*: each task reads its files again, computes every row's
-   :func:`~raymimic.select.kernels.row_values`, turns the uid into two uint64 words straight from
-   the arrow buffers and writes one raw file to the spill folder, holding its compact rows split
-   by uid partition (the task returns where each partition's columns lie). A uid's partition is
-   known in advance: uids are uniform, so the top 32 bits of ``hi`` split evenly
-   (``partition = (hi >> 32) * P >> 32``), no sampling and no shuffle plan.
-3. *merge*: one task per partition reads its byte ranges of every spill file, reduces them per
-   uid (:func:`~raymimic.select.kernels.per_uid_words`), applies the vote rule and writes
+1. *map*: each task reads a contiguous group of files (only the columns the filter uses) and
+   computes, per file, the :func:`~raymimic.select.kernels.block_summary`; it turns the uids of
+   the usable rows into two uint64 words straight from the arrow buffers and spills those rows'
+   input columns (step, the score columns, weight, batch size: as read, nothing derived) to one
+   raw file, split by uid partition. A uid's partition is known in advance: uids are uniform, so
+   the top 32 bits of ``hi`` split evenly (``partition = (hi >> 32) * P >> 32``), no sampling and
+   no shuffle plan. The row count and the union schema come from the parquet footers, read on
+   the driver before any task starts; the driver combines the summaries and fits the binarizers.
+2. *merge*: one task per partition reads its byte ranges of every spill file, computes the rows'
+   :func:`~raymimic.select.kernels.row_values` (votes, features), reduces them per uid
+   (:func:`~raymimic.select.kernels.per_uid_words`), applies the vote rule and writes
    ``decisions/part-<p>.parquet``. Partitions follow the order of ``hi``; within a part, uids
    come in the order first seen.
 
-Memory is flat in rows: a task holds its own files' compact rows (about 60 bytes a row), a merge
+Every task commits: its file is written under a temporary name and renamed, then a marker
+(``<file>.json``) names what it holds; a rerun on the same folder skips the tasks whose markers
+and files are whole (:func:`run`).
+
+Memory is flat in rows: a task holds its own files' compact rows (about 36 bytes a row), a merge
 task one partition (``rows / P`` rows; ``P`` grows with rows), and the driver only summaries and
 totals. Disk holds the compact rows once (one file per map task) and the decisions.
 """
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import math
@@ -38,12 +41,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymimic.data.uids import arrow_uid_pairs, pairs_to_hex
+from raymimic.data.uids import arrow_uid_pairs, pairs_to_array, pairs_to_hex
 from raymimic.score_table import COLUMNS, ScoreTableError, check_schema, control_column, control_names, table_files
 from raymimic.select import kernels
 from raymimic.select.executors import Outcome
-from raymimic.select.executors.parts import DecisionParts, SpillFolder, commit_bytes, commit_json, read_committed, temporary_name
-from raymimic.select.output import commit
+from raymimic.select.executors.parts import (
+    DecisionParts,
+    SpillFolder,
+    commit_bytes,
+    commit_json,
+    concatenate_subset,
+    read_committed,
+    temporary_name,
+)
+from raymimic.select.output import TEMPORARY_PREFIX, DecisionSink, commit, open_output
+from raymimic.select.quality import QualityAccumulator
 from raymimic.select.quantile import block_histogram, block_range
 
 LOCAL_ROWS = 2_000_000
@@ -145,24 +157,6 @@ def read_frame(fs, path: str, names: list[str]) -> tuple[pd.DataFrame, pa.Chunke
     return frame, table["uid"]
 
 
-def summarize_files(fs, paths: list[str], names: list[str], kwargs: dict, out_path: str) -> bytes:
-    """Round 1 task: the block summary of every file (uids as arrow-backed strings: no Python objects but the sample's).
-
-    The pickled list is committed to ``out_path`` and returned.
-    """
-    out = []
-    for path in paths:
-        frame, uids = read_frame(fs, path, names)
-        frame.insert(0, "uid", pd.Series(pd.arrays.ArrowStringArray(uids.combine_chunks().cast(pa.string()))))
-        with _naming(path):
-            summary = kernels.block_summary(frame, **kwargs)
-        summary["sample"] = summary["sample"].astype({"uid": object})
-        out.append(summary)
-    blob = pickle.dumps(out)
-    commit_bytes(fs, out_path, blob)
-    return blob
-
-
 @contextlib.contextmanager
 def _naming(path: str):
     """A ``ValueError`` about a file's rows (a malformed uid, a bad batch size) names the file."""
@@ -189,7 +183,6 @@ def _save(fs, path: str, parts: dict[int, dict[str, np.ndarray]]) -> dict:
                 offset += values.nbytes
     commit(fs, temporary, path)
     marker = {"path": path, "layout": layout, "nbytes": offset}
-    commit_json(fs, f"{path}.json", marker)
     return marker
 
 
@@ -203,23 +196,32 @@ def _split(values: dict[str, np.ndarray], n_partitions: int, parts: list[list[di
         parts[p].append({k: v[rows] for k, v in values.items()})
 
 
-def partial_files(fs, paths: list[str], names: list[str], kwargs: dict, out_path: str, n_partitions: int) -> dict:
-    """Round 2 task: compact rows (hi, lo, step, features, votes) of the task's files in one spill file, split by partition.
+def map_files(fs, paths: list[str], names: list[str], summary_kwargs: dict, spill_columns: list[str], out_path: str,
+              n_partitions: int) -> tuple[dict, list[dict]]:
+    """Round 1 task: every file's block summary, and the usable rows' compact input columns spilled by uid partition.
 
-    One file per task (not per task and partition): the spill folder holds as many files as
-    there are map tasks, and a merge task reads only its byte ranges of each (the returned layout).
+    The spill file holds, per partition, the uid words and the columns the votes need, as read
+    (one file per task; a merge task reads only its byte ranges); it is committed, then the
+    summaries, then the marker. Returns the marker and the summaries.
     """
-    parts: list[list[dict]] = [[] for _ in range(n_partitions)]
+    summaries, parts = [], [[] for _ in range(n_partitions)]
     for path in paths:
         frame, uids = read_frame(fs, path, names)
-        finite = kernels.finite_rows(kernels.with_score(frame, kwargs["score_column"]))
-        values = kernels.row_values(frame, finite, **kwargs)
+        frame.insert(0, "uid", pd.Series(pd.arrays.ArrowStringArray(uids.combine_chunks().cast(pa.string()))))
         with _naming(path):
+            summary = kernels.block_summary(frame, **summary_kwargs)
+            finite = kernels.finite_rows(kernels.with_score(frame, summary_kwargs["score_column"]))
+            values = {c: frame[c].to_numpy()[finite] for c in spill_columns}
             values["hi"], values["lo"] = arrow_uid_pairs(uids.filter(pa.array(finite)))
-        del frame
+        summary["sample"] = summary["sample"].astype({"uid": object})
+        summaries.append(summary)
+        del frame, uids
         _split(values, n_partitions, parts)
     merged = {p: {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} for p, chunks in enumerate(parts) if chunks}
-    return _save(fs, out_path, merged)
+    marker = _save(fs, out_path, merged)
+    commit_bytes(fs, _summaries_path(out_path), pickle.dumps(summaries))
+    commit_json(fs, f"{out_path}.json", marker)
+    return marker, summaries
 
 
 def _load(fs, pieces: list[tuple[str, list[tuple]]]) -> dict[str, np.ndarray]:
@@ -247,8 +249,9 @@ def _write_part(fs, path: str, frame: pd.DataFrame, uids: pa.Array, marker: dict
     return marker
 
 
-def merge_partition(fs, pieces: list[tuple[str, list[tuple]]], methods: list[str], vote: dict | None, out_path: str) -> dict:
-    """Round 3 task: one partition's per-uid decisions to ``out_path``; its totals.
+def merge_partition(fs, pieces: list[tuple[str, list[tuple]]], vote_kwargs: dict, methods: list[str], vote: dict | None,
+                    out_path: str) -> dict:
+    """Round 2 task: one partition's row votes, reduced per uid, to ``out_path``; its totals.
 
     ``vote`` (rule and threshold) applies the vote rule here; None (top-fraction) leaves it to
     :func:`vote_part` once the threshold is known, and returns the range of ``mimic_score``.
@@ -257,7 +260,11 @@ def merge_partition(fs, pieces: list[tuple[str, list[tuple]]], methods: list[str
         out = {"n_uids": 0, "n_obs": 0, "n_steps": 0, "path": None}
         commit_json(fs, f"{out_path}.json", out)
         return out
-    frame, hi, lo = kernels.per_uid_words(_load(fs, pieces), methods)
+    rows = _load(fs, pieces)
+    values = kernels.row_values(pd.DataFrame({k: v for k, v in rows.items() if k not in ("hi", "lo")}), None, **vote_kwargs)
+    values["hi"], values["lo"] = rows["hi"], rows["lo"]
+    del rows
+    frame, hi, lo = kernels.per_uid_words(values, methods)
     out = kernels.totals(frame)
     if vote is None:
         out["range"] = {k: float(v[0]) for k, v in block_range(frame, "mimic_score").items()}
@@ -267,14 +274,14 @@ def merge_partition(fs, pieces: list[tuple[str, list[tuple]]], methods: list[str
 
 
 def histogram_part(fs, path: str, edges: np.ndarray) -> np.ndarray:
-    """Top-fraction, round 4 task: the part's histogram of ``mimic_score`` over the global ``edges``."""
+    """Top-fraction, round 3 task: the part's histogram of ``mimic_score`` over the global ``edges``."""
     with fs.open(path, "rb") as f:
         values = pq.read_table(f, columns=["mimic_score"])["mimic_score"].to_numpy()
     return block_histogram({"mimic_score": values}, "mimic_score", edges)["counts"][0]
 
 
 def vote_part(fs, path: str, methods: list[str], rule, threshold: float, out_path: str) -> dict:
-    """Top-fraction, round 5 task: apply the vote rule at the global threshold to a part; the voted part goes to ``out_path``."""
+    """Top-fraction, round 4 task: apply the vote rule at the global threshold to a part; the voted part goes to ``out_path``."""
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
     frame = kernels.apply_vote(table.drop_columns(["uid"]).to_pandas(), methods, rule, threshold)
@@ -299,7 +306,6 @@ def releasing(fn, *args):
     try:
         return fn(*args)
     finally:
-        gc.collect()
         pa.default_memory_pool().release_unused()
 
 
@@ -356,23 +362,21 @@ def _plan(spill: SpillFolder, digest: str, groups: list[list[str]], n_partitions
     return plan
 
 
-def _committed_summary(fs, path: str) -> list | None:
-    blob = read_committed(fs, path)
-    try:
-        return None if blob is None else pickle.loads(blob)
-    except (pickle.UnpicklingError, EOFError, ValueError):  # a truncated file: redone
-        return None
+def _summaries_path(spill_path: str) -> str:
+    """Where a map task's summaries are committed: beside the work's other summaries, kept once its rows are merged."""
+    return spill_path.replace("/rows/", "/summaries/") + ".pkl"
 
 
-def _committed_rows(fs, path: str) -> dict | None:
-    """A map task's marker when its spill file is whole (the size the marker gives); None otherwise."""
+def _committed_map(fs, path: str) -> tuple[dict, list[dict]] | None:
+    """A map task's marker and summaries when its spill file is whole (the size the marker gives); None otherwise."""
     marker = read_committed(fs, f"{path}.json")
-    if marker is None:
+    blob = read_committed(fs, _summaries_path(path))
+    if marker is None or blob is None:
         return None
     marker = json.loads(marker)
     try:
-        return marker if fs.size(path) == marker["nbytes"] else None
-    except FileNotFoundError:
+        return (marker, pickle.loads(blob)) if fs.size(path) == marker["nbytes"] else None
+    except (FileNotFoundError, pickle.UnpicklingError, EOFError, ValueError):  # a missing or truncated file: redone
         return None
 
 
@@ -419,29 +423,30 @@ def run(mimic, files: ScoreFiles) -> Outcome:
                  mimic.num_partitions or partition_count(files.n_rows, n_cpus), local)
     groups, n_partitions, local, fs, counts = plan["groups"], plan["n_partitions"], plan["local"], spill.fs, {}
 
-    kwargs = mimic.summary_kwargs(files.n_rows)
-    summaries = _resume({f"{spill.path}/summaries/g{i:05d}.pkl": (fs, group, names, kwargs, f"{spill.path}/summaries/g{i:05d}.pkl")
-                         for i, group in enumerate(groups)}, lambda path: _committed_summary(fs, path),
-                        summarize_files, local, counts, "summary")
-    mimic.absorb([s for blob in summaries.values() for s in (blob if isinstance(blob, list) else pickle.loads(blob))], files.n_rows)
+    summary_kwargs = mimic.summary_kwargs(files.n_rows)
+    spill_columns = ["step", "weight", "batch_size", *dict.fromkeys([mimic.score_column, *mimic.lift_columns])]
+    part_paths = [f"{spill.path}/decisions/part-{p:05d}.parquet" for p in range(n_partitions)]
+    merged = {path: _committed_part(fs, path) for path in part_paths}
+    map_paths = [f"{spill.path}/rows/t{i:05d}.bin" for i in range(len(groups))]
+    if all(m is not None for m in merged.values()):  # every partition merged (the compact rows may be gone): the summaries suffice
+        maps = {p: (None, pickle.loads(read_committed(fs, _summaries_path(p)))) for p in map_paths}
+        counts["map"] = {"tasks": len(groups), "run": 0, "committed_before": len(groups)}
+    else:
+        maps = _resume({p: (fs, group, names, summary_kwargs, spill_columns, p, n_partitions) for p, group in zip(map_paths, groups)},
+                       lambda path: _committed_map(fs, path), map_files, local, counts, "map")
+    mimic.absorb([s for _, summaries in maps.values() for s in summaries], files.n_rows)
     mimic.fit_binarizers()
 
     # top-fraction ranks after every partition is reduced: its vote waits for the threshold
     vote = None if mimic.method == "top-fraction" else {"rule": mimic.rule, "threshold": None}
-    part_paths = [f"{spill.path}/decisions/part-{p:05d}.parquet" for p in range(n_partitions)]
-    merged = {path: _committed_part(fs, path) for path in part_paths}
-    if any(m is None for m in merged.values()):  # the compact rows are needed
-        rows = _resume({f"{spill.path}/rows/t{i:05d}.bin": (fs, group, names, mimic.vote_kwargs(), f"{spill.path}/rows/t{i:05d}.bin",
-                                                             n_partitions) for i, group in enumerate(groups)},
-                       lambda path: _committed_rows(fs, path), partial_files, local, counts, "partials")
+    if any(m is None for m in merged.values()):
         by_partition: list[list[tuple]] = [[] for _ in range(n_partitions)]
-        for marker in rows.values():
+        for marker, _ in maps.values():
             for p, columns in marker["layout"].items():
                 by_partition[int(p)].append((marker["path"], columns))
-        merged = _resume({path: (fs, by_partition[p], mimic.methods, vote, path) for p, path in enumerate(part_paths)},
+        merged = _resume({path: (fs, by_partition[p], mimic.vote_kwargs(), mimic.methods, vote, path) for p, path in enumerate(part_paths)},
                          lambda path: _committed_part(fs, path), merge_partition, local, counts, "merge")
     else:
-        counts["partials"] = {"tasks": len(groups), "run": 0, "committed_before": None}
         counts["merge"] = {"tasks": n_partitions, "run": 0, "committed_before": n_partitions}
     spill.remove_rows()
     merged = [m for m in merged.values() if m["path"]]
@@ -458,4 +463,57 @@ def run(mimic, files: ScoreFiles) -> Outcome:
         paths = list(voted)
     stats = {"stage2_tasks": {"in_process": local, "map_tasks": len(groups), "partitions": n_partitions, "rounds": counts}}
     stats["fingerprint"] = plan["fingerprint"]
-    return Outcome(None, threshold, stats, DecisionParts(fs, paths), spill)
+    return Outcome(None, threshold, stats, DecisionParts(fs, paths, in_process=local), spill)
+
+
+def publish_part(fs, path: str, renames: dict, columns: list[str], keep_column: str, quality_column: str, out_fs, out_part: str,
+                 keep_path: str) -> dict:
+    """Output task: one decision part with the output's columns to ``out_part``, its kept uids sorted to ``keep_path``
+    (raw ``u8,u8`` records); its counts and the quality sums of its rows."""
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    table = table.rename_columns([renames.get(n, n) for n in table.column_names]).select(columns)
+    with out_fs.open(out_part, "wb") as f:
+        pq.write_table(table, f)
+    keep = table[keep_column].to_numpy(zero_copy_only=False).astype(bool)
+    kept = pairs_to_array(*arrow_uid_pairs(table["uid"].filter(pa.array(keep))))
+    with out_fs.open(keep_path, "wb") as f:
+        f.write(kept.tobytes())
+    quality = QualityAccumulator()
+    if quality_column in table.column_names:
+        values = table[quality_column].to_numpy(zero_copy_only=False).astype(np.float64)
+        scored = ~np.isnan(values)  # uids without any score row have no score to average
+        quality.update(keep[scored], values[scored])
+    return {"n_rows": len(table), "n_kept": len(kept), "quality": [quality.n, quality.n_kept, quality.total, quality.total_kept]}
+
+
+def write_part_outputs(decisions: DecisionParts, output: str, keep_column: str = "keep", quality_column: str = "mean_raw_score",
+                       columns=None, summary: dict | None = None, write: bool = True) -> dict:
+    """:func:`raymimic.select.output.write_outputs` for decision parts, written by one task per part; the driver holds no row.
+
+    ``decisions.parquet`` is a folder of parts (a parquet dataset: every reader of the file reads
+    it), one per decision part in uid order. ``keep.npy`` stays one sorted file (DataComp's
+    resharder reads one): each task sorts its part's kept uids, the parts cover increasing ranges
+    of ``hi``, so the driver concatenates them. Both are written under temporary names and renamed.
+    """
+    fs, root, chosen = open_output(decisions, output, keep_column, columns)
+    folder = f"{root}/{TEMPORARY_PREFIX}decisions.parquet"
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+    fs.makedirs(folder, exist_ok=True)
+    calls = [(decisions.fs, path, decisions.renames, chosen, keep_column, quality_column, fs, f"{folder}/part-{i:05d}.parquet",
+              f"{root}/{TEMPORARY_PREFIX}keep-{i:05d}.bin") for i, path in enumerate(decisions.paths)]
+    published = run_tasks(publish_part, calls, decisions.in_process)
+    sink = DecisionSink(quality_column)
+    sink.n_rows = sum(p["n_rows"] for p in published)
+    if not sink.n_rows:
+        raise ValueError("the filter produced no decision at all (no uid): nothing to write")
+    quality = np.array([p["quality"] for p in published], dtype=np.float64).sum(axis=0)
+    sink.quality.n, sink.quality.n_kept = int(quality[0]), int(quality[1])
+    sink.quality.total, sink.quality.total_kept = float(quality[2]), float(quality[3])
+    if fs.exists(f"{root}/decisions.parquet"):
+        fs.rm(f"{root}/decisions.parquet", recursive=True)
+    fs.mv(folder, f"{root}/decisions.parquet", recursive=True)
+    n_kept = concatenate_subset(fs, f"{root}/{TEMPORARY_PREFIX}keep.npy", [(call[-1], p["n_kept"]) for call, p in zip(calls, published)])
+    commit(fs, f"{root}/{TEMPORARY_PREFIX}keep.npy", f"{root}/keep.npy")
+    return sink.summary(fs, root, output, summary, n_kept, write)
