@@ -176,10 +176,11 @@ def _sample_tree(root: int, cpu: dict[int, float]) -> int:
 def measure(mode: str, scores: str, output: str, before_code: str | None = None) -> dict:
     """Run one mode as a child process; sample the RSS and CPU time of its whole process tree."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    if mode == "ray_before":  # the same command on an earlier version of the package
-        env["PYTHONPATH"] = before_code
+    cwd = None
+    if mode == "ray_before":  # the same command on an earlier version of the package (python -m imports from the working folder)
+        env["PYTHONPATH"] = cwd = before_code
     started = time.time()
-    child = subprocess.Popen(command(mode, scores, output), stdout=subprocess.DEVNULL, env=env)
+    child = subprocess.Popen(command(mode, scores, output), stdout=subprocess.DEVNULL, env=env, cwd=cwd)
     peak, cpu = 0, {}
     while child.poll() is None:
         peak = max(peak, _sample_tree(child.pid, cpu))

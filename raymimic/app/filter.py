@@ -6,7 +6,10 @@ import argparse
 EPILOG = """
 outputs (in --output, any fsspec URI):
   keep.npy           sorted numpy array of dtype "u8,u8": DataComp's resharder.py -s keep.npy
-  decisions.parquet  one row per uid: aggregated mimic score, votes and keep per method, keep
+  decisions.parquet  one row per uid: aggregated mimic score, votes and keep per method, keep (a folder of parquet
+                     parts when the scores are a score-table folder; every parquet reader reads it as one table)
+  _stage2_tmp/       an unfinished run's committed work: rerun the same command to resume it (removed when done);
+                     summary.json is written last, so a folder with summary.json is complete
   summary.json       counts, fraction kept, quality estimate, method and fitted parameters (features chosen), and
                      "lift": per score column (score, score_<name>) Spearman with score_zero and with the filter's
                      column, overlap of the kept sets; with --ground-truth also ROC-AUC, F1 and the reference lift
@@ -40,8 +43,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("filter", help="Stage 2: turn mimic score tables into a DataComp keep list",
                               description="Fit a binarizer (GMM, k-means, threshold) on a random sample of the Stage 1 score tables, "
-                                          "apply it to every row with Ray Data, vote per uid across epochs and methods, and write a "
-                                          "DataComp subset.",
+                                          "apply it to every row with Ray tasks (in process for a small table), vote per uid across "
+                                          "epochs and methods, and write a DataComp subset; a killed run resumes when rerun.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scores", required=True,
                    help="score tables: RUN/scores, a directory of parquet files (local path or s3://, gs://, ...)")
