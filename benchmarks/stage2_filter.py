@@ -1,28 +1,36 @@
-"""Stage 2 benchmark: the Ray mimic filter (``run_filter``) vs a hand-written single-process pass.
+"""Stage 2 benchmark: ``raymimic filter`` as a whole process vs single-process passes over the same table.
 
-    python benchmarks/stage2_filter.py --rows 1000000 2000000 --json out.json
+    python benchmarks/stage2_filter.py --rows 1000000 6000000 --epochs 3 --json out.json
 
 For each row count it generates a bimodal score table (parquet files of 250,000 rows, 2 epochs
 or ``--epochs``, global batch 1024, 30% low-value samples, drifting scale, heavy-tailed weights),
-then times in separate processes (so that peak memory is clean):
+then runs each mode as its own process, one after the other (so that time, CPU and memory are
+each process tree's own):
 
-- ``ray``: ``raymimic.select.pipeline.run_filter`` (GMM, default parameters) on a local Ray
-  instance, writing keep.npy / decisions.parquet / summary.json (the time starts after ``ray.init``);
-- ``baseline``: pyarrow reads every file into memory, numpy computes per-step z-scores,
-  scikit-learn fits the same GMM on the same sample size, pandas groups per uid, and
-  ``raymimic.data.uids.write_subset`` writes keep.npy. It holds the whole table in memory, so it
-  is skipped above ``--baseline-max-rows``.
+- ``ray``: ``python -m raymimic.app.cli filter --method gmm`` (default parameters), Ray's start
+  included, writing keep.npy / decisions.parquet / summary.json;
+- ``lean``: the baseline. pyarrow reads ``uid, step, score``; per-step z-scores with
+  ``np.bincount``; a 2-component scikit-learn GMM fitted on a 100k-row sample; ``pd.factorize``
+  on the uids and a ``bincount`` majority vote; a sorted ``u8,u8`` keep.npy;
+- ``ray_before`` (with ``--before-code``): the same command on an earlier version of the package;
+- ``pandas``: the same pass grouping per uid with a pandas ``groupby`` on the uid strings and
+  writing a decisions table too (slower and larger: kept as a second row).
 
-Peak memory is the largest summed RSS of the process tree (driver, raylet, workers) sampled
-every 0.1 s; shared object-store pages can be counted in several processes, so the Ray
-figure is an upper bound. It reports rows/s, the Ray/baseline ratios, F1 of the dropped set
-against the generated truth, and how time and memory grow with rows.
+The single-process passes hold the whole table in memory, so they are skipped above
+``--baseline-max-rows``. Wall time is the child process's, from its start to its exit; CPU time is
+the user + system time of its whole process tree (driver, raylet, workers), read from /proc every
+0.1 s (a process's last 0.1 s can be missed); peak memory is the largest summed RSS of the tree
+sampled at the same times (shared object-store pages can be counted in several processes, so the
+Ray figure is an upper bound). It reports the ratios of ``ray`` over ``lean`` (time, CPU seconds
+per row, memory) and F1 of the dropped set (every generated uid not in keep.npy) against the
+generated truth.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,27 +79,41 @@ def generate(rows: int, directory: str, epochs: int = 2, rows_per_file: int = 25
     np.save(f"{directory}/../noisy.npy", noisy)
 
 
-def run_ray(scores: str, output: str) -> dict:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    from raymimic.select.pipeline import FilterConfig, run_filter
-
-    started = time.time()
-    summary = run_filter(FilterConfig(scores, output, method="gmm"))
-    return {"seconds": time.time() - started, "n_kept": summary["n_kept"]}
-
-
-def run_baseline(scores: str, output: str, fit_sample: int = 100_000) -> dict:
+def run_lean(scores: str, output: str, fit_sample: int = 100_000) -> None:
+    """The lean single pass: per-step z-scores, a GMM on a sample, factorized uids, a bincount vote, a sorted keep list."""
     import pandas as pd
     import pyarrow.parquet as pq
     from sklearn.mixture import GaussianMixture
 
     from raymimic.data.uids import write_subset
 
-    started = time.time()
+    table = pq.read_table(scores, columns=["uid", "step", "score"])
+    step = table["step"].to_numpy()
+    step = step - step.min()
+    score = table["score"].to_numpy().astype(np.float64)
+    count = np.bincount(step)
+    mean = np.bincount(step, score) / np.maximum(count, 1)
+    std = np.sqrt(np.bincount(step, (score - mean[step]) ** 2) / np.maximum(count, 1))
+    z = (score - mean[step]) / std[step]
+    del score
+    sample = z[np.random.default_rng(0).choice(len(z), size=min(fit_sample, len(z)), replace=False)]
+    gmm = GaussianMixture(2, n_init=2, random_state=0).fit(sample.reshape(-1, 1))
+    vote = gmm.predict_proba(z.reshape(-1, 1))[:, int(np.argmax(gmm.means_.ravel()))] > 0.5
+    codes, uids = pd.factorize(table["uid"].to_numpy(zero_copy_only=False))
+    del table
+    keep = 2 * np.bincount(codes, vote) > np.bincount(codes)
+    os.makedirs(output, exist_ok=True)
+    write_subset(f"{output}/keep.npy", uids[keep])
+
+
+def run_pandas(scores: str, output: str, fit_sample: int = 100_000) -> None:
+    """The pass with a pandas groupby on the uid strings (and a decisions table)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from sklearn.mixture import GaussianMixture
+
+    from raymimic.data.uids import write_subset
+
     table = pq.read_table(scores, columns=["uid", "step", "score"])
     step = table["step"].to_numpy()
     score = table["score"].to_numpy().astype(np.float64)
@@ -110,11 +132,15 @@ def run_baseline(scores: str, output: str, fit_sample: int = 100_000) -> dict:
     os.makedirs(output, exist_ok=True)
     per_uid.assign(keep=keep).reset_index().to_parquet(f"{output}/decisions.parquet")
     write_subset(f"{output}/keep.npy", per_uid.index[keep])
-    return {"seconds": time.time() - started, "n_kept": int(keep.sum())}
 
 
-def _tree_rss_bytes(root: int) -> int:
-    """Summed RSS of ``root`` and all its descendants, read from /proc (Linux)."""
+def command(mode: str, scores: str, output: str) -> list[str]:
+    if mode in ("ray", "ray_before"):
+        return [sys.executable, "-m", "raymimic.app.cli", "filter", "--scores", scores, "--output", output, "--method", "gmm"]
+    return [sys.executable, __file__, "--_child", mode, scores, output]
+
+
+def _tree(root: int) -> set[int]:
     parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -129,45 +155,57 @@ def _tree_rss_bytes(root: int) -> int:
         children = [c for c, p in parents.items() if p == pid and c not in tree]
         tree.update(children)
         frontier.extend(children)
-    total = 0
-    for pid in tree:
+    return tree
+
+
+def _sample_tree(root: int, cpu: dict[int, float]) -> int:
+    """Summed RSS of ``root``'s process tree; records each process's user + system seconds in ``cpu``."""
+    total, tick, page = 0, os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    for pid in _tree(root):
         try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
             with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                total += int(f.read().split()[1]) * page
         except (OSError, IndexError, ValueError):
             continue
+        cpu[pid] = max(cpu.get(pid, 0.0), (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
     return total
 
 
-def measure(mode: str, scores: str, output: str) -> dict:
-    """Run one mode in a child process; sample the RSS of its whole process tree."""
-    child = subprocess.Popen([sys.executable, __file__, "--_child", mode, scores, output], stdout=subprocess.PIPE, text=True)
-    peak = 0
+def measure(mode: str, scores: str, output: str, before_code: str | None = None) -> dict:
+    """Run one mode as a child process; sample the RSS and CPU time of its whole process tree."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    cwd = None
+    if mode == "ray_before":  # the same command on an earlier version of the package (python -m imports from the working folder)
+        env["PYTHONPATH"] = cwd = before_code
+    started = time.time()
+    child = subprocess.Popen(command(mode, scores, output), stdout=subprocess.DEVNULL, env=env, cwd=cwd)
+    peak, cpu = 0, {}
     while child.poll() is None:
-        peak = max(peak, _tree_rss_bytes(child.pid))
+        peak = max(peak, _sample_tree(child.pid, cpu))
         time.sleep(0.1)
-    out, _ = child.communicate()
+    seconds = time.time() - started
     if child.returncode:
         raise RuntimeError(f"{mode} run failed with exit code {child.returncode}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_mb"] = peak / 2**20
-    return result
+    return {"seconds": seconds, "cpu_seconds": sum(cpu.values()), "peak_rss_mb": peak / 2**20}
 
 
 def f1_dropped(output: str, noisy_path: str) -> float:
-    """F1 of the dropped set against the generated truth, matched on the uid's low word (its index)."""
-    import pyarrow.parquet as pq
-
-    from raymimic.data.uids import arrow_uid_pairs
+    """F1 of the dropped set (every generated uid not in keep.npy) against the generated truth; a uid's low word is its index."""
+    from raymimic.data.uids import read_subset
     from raymimic.select.quality import detection_metrics
 
-    decisions = pq.read_table(f"{output}/decisions.parquet", columns=["uid", "keep"])
-    _, index = arrow_uid_pairs(decisions["uid"])
-    truth = np.load(noisy_path)[index.astype(np.int64)]
-    return float(detection_metrics(decisions["keep"].to_numpy().astype(bool), truth)["f1"])
+    noisy = np.load(noisy_path)
+    kept = np.zeros(len(noisy), bool)
+    kept[read_subset(f"{output}/keep.npy")["f1"].astype(np.int64)] = True
+    return float(detection_metrics(kept, noisy)["f1"])
 
 
-def bench_rows(rows: int, workdir: str, epochs: int, baseline_max_rows: int) -> dict:
+MODES = ("lean", "pandas", "ray", "ray_before")
+
+
+def bench_rows(rows: int, workdir: str, epochs: int, baseline_max_rows: int, modes=MODES, before_code: str | None = None) -> dict:
     base = f"{workdir}/rows_{rows}_e{epochs}"
     scores = f"{base}/scores"
     if not os.path.isdir(scores):
@@ -175,38 +213,42 @@ def bench_rows(rows: int, workdir: str, epochs: int, baseline_max_rows: int) -> 
         generate(rows, scores, epochs)
         print(f"generated {rows:,d} rows in {time.time() - started:.0f}s", flush=True)
     entry = {"rows": rows, "epochs": epochs}
-    for mode in ("baseline", "ray"):
-        if mode == "baseline" and rows > baseline_max_rows:
-            entry[mode] = {"skipped": f"the single-process pass holds the whole table in memory; not run above {baseline_max_rows:,d} rows "
-                                      "(see its peak memory per row at the sizes it ran)"}
+    for mode in modes:
+        if mode in ("lean", "pandas") and rows > baseline_max_rows:
+            entry[mode] = {"skipped": f"the single-process pass holds the whole table in memory; not run above {baseline_max_rows:,d} rows"}
             continue
-        r = measure(mode, scores, f"{base}/out_{mode}")
+        out = f"{base}/out_{mode}"
+        shutil.rmtree(out, ignore_errors=True)
+        r = measure(mode, scores, out, before_code)
         r["rows_per_s"] = rows / r["seconds"]
-        r["f1_dropped"] = f1_dropped(f"{base}/out_{mode}", f"{base}/noisy.npy")
+        r["cpu_us_per_row"] = 1e6 * r["cpu_seconds"] / rows
+        r["f1_dropped"] = f1_dropped(out, f"{base}/noisy.npy")
         entry[mode] = r
-    if "seconds" in entry["baseline"]:
-        entry["time_ratio_ray_over_baseline"] = entry["ray"]["seconds"] / entry["baseline"]["seconds"]
-        entry["memory_ratio_ray_over_baseline"] = entry["ray"]["peak_rss_mb"] / entry["baseline"]["peak_rss_mb"]
+    for ray in ("ray", "ray_before"):
+        if "seconds" in entry.get("lean", {}) and "seconds" in entry.get(ray, {}):
+            r, lean = entry[ray], entry["lean"]
+            entry[f"{ray}_over_lean"] = {"time": r["seconds"] / lean["seconds"], "cpu": r["cpu_seconds"] / lean["cpu_seconds"],
+                                         "memory": r["peak_rss_mb"] / lean["peak_rss_mb"]}
     return entry
 
 
 def line(entry: dict) -> str:
     def mode(name: str) -> str:
-        r = entry[name]
-        if "seconds" not in r:
+        r = entry.get(name)
+        if r is None or "seconds" not in r:
             return f"{name} skipped"
-        return f"{name} {r['seconds']:7.1f}s {r['rows_per_s']:>10,.0f} rows/s {r['peak_rss_mb']:7.0f} MB F1 {r['f1_dropped']:.3f}"
+        return (f"{name} {r['seconds']:6.1f}s {r['cpu_us_per_row']:5.2f} cpu-us/row {r['peak_rss_mb']:6.0f} MB "
+                f"F1 {r['f1_dropped']:.3f}")
 
-    ratios = (f" | time x{entry['time_ratio_ray_over_baseline']:.2f} mem x{entry['memory_ratio_ray_over_baseline']:.2f}"
-              if "time_ratio_ray_over_baseline" in entry else "")
-    return f"{entry['rows']:>11,d} rows | {mode('baseline')} | {mode('ray')}{ratios}"
+    ratios = "".join(f" | {ray}/lean time x{r['time']:.2f} cpu x{r['cpu']:.2f} mem x{r['memory']:.2f}"
+                     for ray in ("ray", "ray_before") if (r := entry.get(f"{ray}_over_lean")))
+    return f"{entry['rows']:>11,d} rows | " + " | ".join(mode(m) for m in MODES if m in entry) + ratios
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
         mode, scores, output = sys.argv[2:5]
-        result = (run_ray if mode == "ray" else run_baseline)(scores, output)
-        print(json.dumps(result))
+        (run_lean if mode == "lean" else run_pandas)(scores, output)
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000], help="score-table rows to benchmark (e.g. 1000000 10000000)")
@@ -214,21 +256,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs over the uids (uids = rows / epochs)")
     parser.add_argument("--baseline-max-rows", type=int, default=10_000_000,
                         help="skip the single-process baseline above this many rows (it holds the whole table in memory)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["lean", "pandas", "ray"],
+                        help="which passes to run (default: lean pandas ray; ray_before needs --before-code)")
+    parser.add_argument("--before-code", help="ray_before: a folder holding an earlier raymimic package (e.g. from git archive), run by "
+                                              "the same command for a before/after comparison in one invocation")
     parser.add_argument("--json", help="write the results as JSON here")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="stage2_bench_")
     results = []
     for rows in args.rows:
-        entry = bench_rows(rows, workdir, args.epochs, args.baseline_max_rows)
+        entry = bench_rows(rows, workdir, args.epochs, args.baseline_max_rows, args.modes, args.before_code)
         results.append(entry)
         print(line(entry), flush=True)
-    if len(results) > 1:
-        first, last = results[0], results[-1]
-        growth = {mode: {"time": last[mode]["seconds"] / first[mode]["seconds"],
-                         "memory": last[mode]["peak_rss_mb"] / first[mode]["peak_rss_mb"]}
-                  for mode in ("baseline", "ray") if "seconds" in first[mode] and "seconds" in last[mode]}
-        print(f"rows x{last['rows'] / first['rows']:.0f}: time growth {json.dumps(growth)}")
-        results.append({"growth_first_to_last": growth})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -54,7 +54,7 @@ class QuickstartConfig:
     lr: float = 2e-3
     tau: float = DEFAULT_TAU  # Grad-Mimic softmax temperature
     workers: int = 2  # Ray Train workers
-    method: str = "ensemble"  # Stage-2 binarizer of the best mode, one of raymimic.select.mimic.MIMIC_METHODS
+    method: str = "ensemble"  # Stage-2 binarizer of the best mode, one of raymimic.select.mimic_filter.MIMIC_METHODS
     # The best mode: how Stage 1 weights the batch while it records the scores (a name of
     # raymimic.mimic.weighting.WEIGHTINGS) and which score column Stage 2 filters on; chosen from
     # the measured tables in docs/findings.md
@@ -309,7 +309,7 @@ def reference_lift(output: str, results: dict) -> dict | None:
     """
     import pandas as pd
 
-    from raymimic.select.mimic import check_truth
+    from raymimic.select.mimic_filter import check_truth
     from raymimic.select.quality import LIFT_VALUE_PREFIX, lift_metrics
 
     if results.get("lift") is not None:

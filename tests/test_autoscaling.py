@@ -437,7 +437,7 @@ def _ledger_nodes(pool: str) -> dict:
 
 
 def _stage2(job: dict) -> dict:
-    from raymimic.select.mimic import MimicFilter
+    from raymimic.select.mimic_filter import MimicFilter
 
     ledgers = _ledger_nodes(job["pool"])  # first: the trainer nodes of the Stage 1 run idle out after minutes
     mimic = MimicFilter(job["scores"], method="gmm").fit()

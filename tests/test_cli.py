@@ -186,7 +186,7 @@ def test_help_lists_registries_and_dataclass_defaults(capsys, monkeypatch):
     from raymimic.clip.layers import ALIASES
     from raymimic.mimic.weighting import WEIGHTINGS
     from raymimic.select.binarize import FEATURES
-    from raymimic.select.mimic import MIMIC_METHODS
+    from raymimic.select.mimic_filter import MIMIC_METHODS
     from raymimic.train.config import DEFAULT_MIMIC_LAYER, DEFAULT_TAU, PRESETS
 
     monkeypatch.setenv("COLUMNS", "2000")  # no wrapping: names stay whole

@@ -215,7 +215,7 @@ def _score_table(n=120, batch=20, epochs=2, seed=0):
 
 @pytest.mark.parametrize("method", ["ensemble", "top-fraction"])
 def test_local_mimic_filter_and_report_are_quiet(tmp_path, method):
-    from raymimic.select.mimic import MimicFilter
+    from raymimic.select.mimic_filter import MimicFilter
     from raymimic.select.pipeline import _write_fit_sample
     from raymimic.select.report import write_report
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from conftest import synthetic_scores
 
-from raymimic.select import StepStats, compute_feature, ensemble_by_uid, make_binarizer, quality_estimate, vote, vote_from_counts
+from raymimic.select import MimicFilter, StepStats, compute_feature, make_binarizer, quality_estimate, vote, vote_from_counts
 
 
 def f1_drop(table, keep, noisy_by_uid):
@@ -184,15 +184,14 @@ def test_vote_rules():
         vote_from_counts(np.array([1]), np.array([1, 2]))
 
 
-def test_ensemble_by_uid_and_quality(drifting):
+def test_local_ensemble_filter_and_quality(drifting):
     table, noisy = drifting
-    binarizers = {m: make_binarizer(m).fit(table) for m in ("gmm", "kmeans", "threshold")}
-    per_uid = ensemble_by_uid(table, binarizers, rule="majority")
+    per_uid = MimicFilter(table, method="ensemble", rule="majority", fit_sample=10**6).fit().decisions
     assert len(per_uid) == table["uid"].nunique() and (per_uid["n_obs"] == 2).all()
     truth = per_uid["uid"].map(noisy).to_numpy()
-    dropped = ~per_uid["keep"].to_numpy()
+    dropped = ~per_uid["mimic_keep"].to_numpy()
     assert 2 * (dropped & truth).sum() / (dropped.sum() + truth.sum()) > 0.95
-    q = quality_estimate(per_uid["keep"].to_numpy(), per_uid["mean_norm_weight"].to_numpy())
+    q = quality_estimate(per_uid["mimic_keep"].to_numpy(), per_uid["mean_norm_weight"].to_numpy())
     assert q["fraction_kept"] == pytest.approx(1 - truth.mean(), abs=0.05)
     assert q["mean_score_kept"] > q["mean_score"] > q["mean_score_dropped"]
 

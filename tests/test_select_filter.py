@@ -76,7 +76,7 @@ def test_cli_ensemble_filter_finds_noisy_samples_and_writes_contract(ray_session
 
 
 def test_bad_score_tables(ray_session, run_dir, tmp_path):
-    from raymimic.select.mimic import MimicFilter
+    from raymimic.select.mimic_filter import MimicFilter
 
     table, noisy, _, _ = run_dir
     table = table[table["uid"] < f"{200:032x}"]
@@ -147,7 +147,7 @@ def test_cli_reference_lift_and_score_column_on_ray(ray_session, tmp_path):
     from conftest import lift_table
 
     from raymimic.app.cli import main
-    from raymimic.select.mimic import MimicFilter
+    from raymimic.select.mimic_filter import MimicFilter
 
     table, truth = lift_table(n_samples=300, batch=30)
     scores = write_scores(table, tmp_path / "scores")

@@ -9,7 +9,7 @@ import pytest
 from conftest import lift_table
 
 from raymimic.score_table import column_kind
-from raymimic.select.mimic import MimicFilter
+from raymimic.select.mimic_filter import MimicFilter
 from raymimic.select.quality import drop_auc, lift_metrics, spearman, top_k
 from raymimic.select.report import NO_CONTROLS, lift_lines
 

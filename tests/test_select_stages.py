@@ -109,7 +109,7 @@ def test_mimic_filter_on_a_pandas_table_decides_as_on_ray(ray_session):
     """The local path (a pandas table, no Ray: what the simulation uses) and the Ray path share the decision logic."""
     from conftest import synthetic_scores
 
-    from raymimic.select.mimic import MimicFilter
+    from raymimic.select.mimic_filter import MimicFilter
 
     table, _ = synthetic_scores(n_samples=300, batch=30, epochs=2)
     local = MimicFilter(table, method="ensemble").fit()
@@ -129,7 +129,7 @@ def test_mimic_filter_on_a_pandas_table_decides_as_on_ray(ray_session):
 def test_mimic_filter_leaves_out_a_binarizer_that_cannot_fit():
     from conftest import synthetic_scores
 
-    from raymimic.select.mimic import MimicFilter
+    from raymimic.select.mimic_filter import MimicFilter
 
     table, _ = synthetic_scores(n_samples=60, batch=30, epochs=2)
     table["weight"] = np.float32(0.5 / 30)  # constant weights: one distinct norm_weight value, nothing for k-means/GMM to split

@@ -10,8 +10,8 @@ import pytest
 from conftest import lift_table, synthetic_scores
 
 from raymimic.data.uids import arrow_uid_pairs, pair_to_uid, pairs_to_hex, read_subset, uid_pairs, uids_to_array
-from raymimic.select.mimic import MimicFilter
-from raymimic.select.stream import partition_of
+from raymimic.select.executors.tasks import partition_of
+from raymimic.select.mimic_filter import MimicFilter
 
 EXACT = ["uid", "n_obs", "n_steps"]
 MEANS = ["mimic_score", "mean_norm_weight", "mean_raw_score"]
@@ -57,9 +57,9 @@ def assert_same_decisions(got: pd.DataFrame, expected: pd.DataFrame, methods: li
 @pytest.fixture(params=["tasks", "in_process"])
 def mode(request, monkeypatch):
     """Every streaming test runs with Ray tasks and in the driver's process (the small-table path)."""
-    from raymimic.select import stream
+    from raymimic.select.executors import tasks
 
-    monkeypatch.setattr(stream, "LOCAL_ROWS", 0 if request.param == "tasks" else 10**9)
+    monkeypatch.setattr(tasks, "LOCAL_ROWS", 0 if request.param == "tasks" else 10**9)
     return request.param
 
 
@@ -83,7 +83,7 @@ def test_stream_matches_local_path(ray_session, tmp_path, messy_table, method, m
     got = streamed.decisions.to_pandas()
     assert_same_decisions(got, local.decisions, local.methods)
     assert {1, 3} <= set(got["n_steps"]) and got["n_obs"].max() == 4  # the lone uid, the duplicated ones
-    assert len(os.listdir(tmp_path / "spill")) == 1  # this filter's folder, until closed
+    assert (tmp_path / "spill" / "plan.json").exists()  # this filter's work, until closed
     streamed.close()
     assert not (tmp_path / "spill").exists()
 
@@ -175,9 +175,9 @@ def test_partitions_are_uniform_and_follow_uid_order():
     assert partition_of(np.array([2**64 - 1], np.uint64), 1000)[0] == 999
 
 
-def test_reduce_by_hash_equals_reduce_by_sort_and_falls_back_on_a_collision():
+def test_per_uid_reduce_by_words_and_by_strings_agree_with_pandas_and_survive_a_hash_collision():
     from raymimic.data.uids import GOLDEN_GAMMA as _MIX
-    from raymimic.select.stream import _reduce, _reduce_sorted, _uid_groups
+    from raymimic.select.kernels import per_uid, per_uid_words, uid_groups
 
     rng = np.random.default_rng(0)
     n = 5000
@@ -190,9 +190,19 @@ def test_reduce_by_hash_equals_reduce_by_sort_and_falls_back_on_a_collision():
                 votes_gmm=rng.integers(0, 2, n + 1), step_z_score=np.where(rng.random(n + 1) < 0.3, np.nan, rng.standard_normal(n + 1)))
     rows["mimic_score"][:3] = np.nan
     plain = {k: v[:n] for k, v in rows.items()}
-    assert _uid_groups(plain["hi"], plain["lo"]) is not None and _uid_groups(rows["hi"], rows["lo"]) is None
     for table in (plain, rows):
-        frame, fhi, flo = _reduce(table, ["gmm"])
-        expected, ehi, elo = _reduce_sorted(table, ["gmm"])
-        got = frame.assign(hi=fhi, lo=flo).sort_values(["hi", "lo"], ignore_index=True)
-        pd.testing.assert_frame_equal(got, expected.assign(hi=ehi, lo=elo), check_exact=False, rtol=1e-12)
+        codes, first = uid_groups(table["hi"], table["lo"])
+        assert (table["hi"][first][codes] == table["hi"]).all() and (table["lo"][first][codes] == table["lo"]).all()
+        frame, fhi, flo = per_uid_words(table, ["gmm"])
+        uids = pd.Series([f"{h:016x}{lo_:016x}" for h, lo_ in zip(table["hi"], table["lo"])])
+        rows_frame = pd.DataFrame({"uid": uids, **{k: v for k, v in table.items() if k not in ("hi", "lo")}})
+        by_string = per_uid(rows_frame, ["gmm"])
+        np.testing.assert_array_equal(by_string["uid"].to_numpy(), pairs_to_hex(fhi, flo).astype(str))
+        pd.testing.assert_frame_equal(by_string.drop(columns="uid"), frame)
+        grouped = rows_frame.groupby("uid", sort=False)
+        expected = pd.DataFrame({"n_obs": grouped.size().to_numpy(), "n_steps": grouped["step"].nunique().to_numpy(),
+                                 "mimic_score": grouped["mimic_score"].mean().to_numpy(),
+                                 "votes_gmm": grouped["votes_gmm"].sum().to_numpy(),
+                                 "step_z_score": grouped["step_z_score"].mean().to_numpy()})
+        pd.testing.assert_frame_equal(frame[list(expected.columns)], expected, check_exact=False, rtol=1e-12, check_dtype=False)
+    assert len(per_uid_words(rows, ["gmm"])[0]) == len(per_uid_words(plain, ["gmm"])[0]) + 1  # the colliding uid stays apart

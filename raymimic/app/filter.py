@@ -6,7 +6,10 @@ import argparse
 EPILOG = """
 outputs (in --output, any fsspec URI):
   keep.npy           sorted numpy array of dtype "u8,u8": DataComp's resharder.py -s keep.npy
-  decisions.parquet  one row per uid: aggregated mimic score, votes and keep per method, keep
+  decisions.parquet  one row per uid: aggregated mimic score, votes and keep per method, keep (a folder of parquet
+                     parts when the scores are a score-table folder; every parquet reader reads it as one table)
+  _stage2_tmp/       an unfinished run's committed work: rerun the same command to resume it (removed when done);
+                     summary.json is written last, so a folder with summary.json is complete
   gallery.html       with --gallery: sampled dropped, borderline and kept samples as pictures (gallery_files/ beside it)
   summary.json       counts, fraction kept, quality estimate, method and fitted parameters (features chosen), and
                      "lift": per score column (score, score_<name>) Spearman with score_zero and with the filter's
@@ -27,7 +30,7 @@ examples:
 _NAMES = "raymimic.select.names"  # the names of the choices
 OPTIONS = ("scores", "output", "pool", "method", "feature", "rule", "fraction", "fit_sample", "seed", "nan", "duplicates", "missing",
            "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report", "score_column", "paper_rule", "ground_truth",
-           "gallery")
+           "gallery", "overwrite")
 
 
 def _default(name: str):
@@ -42,8 +45,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("filter", help="Stage 2: turn mimic score tables into a DataComp keep list",
                               description="Fit a binarizer (GMM, k-means, threshold) on a random sample of the Stage 1 score tables, "
-                                          "apply it to every row with Ray Data, vote per uid across epochs and methods, and write a "
-                                          "DataComp subset.",
+                                          "apply it to every row with Ray tasks (in process for a small table), vote per uid across "
+                                          "epochs and methods, and write a DataComp subset; a killed run resumes when rerun.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scores", required=True,
                    help="score tables: RUN/scores, a directory of parquet files (local path or s3://, gs://, ...)")
@@ -97,6 +100,9 @@ def register(subparsers) -> None:
     p.add_argument("--gallery", action="store_true", default=None,
                    help="with --pool: also write gallery.html, thumbnails of dropped, borderline and kept samples read from the shards "
                         "that hold them, and the same uids under every score column (with --ground-truth: the kind of noise)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="start afresh when --output holds an unfinished run of other inputs or settings (by default a rerun with the "
+                        "same inputs and settings resumes it, skipping the work it committed, and one with others is refused)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
     add_print_config(p)
     p.set_defaults(func=run, parser=p)
@@ -106,19 +112,39 @@ def run(args) -> int:
     import json
     import os
 
-    from raymimic.app.options import build, given, print_config
-    from raymimic.select.pipeline import FilterConfig, run_filter
+    from raymimic.app.options import build, fail, given, print_config
+    from raymimic.select.pipeline import FilterConfig, check_inputs, run_filter
 
     cfg = build(args.parser, FilterConfig, **given(args, OPTIONS))
     if args.print_config:
         return print_config(cfg)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+    try:
+        n_rows = check_inputs(cfg)
+        if cfg.pool is not None or n_rows > _local_rows() or args.ray_address:  # a small table is filtered without Ray
+            import ray
 
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
-    summary = run_filter(cfg)
+            if not ray.is_initialized():
+                ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
+        summary = run_filter(cfg)
+    except (ValueError, OSError) as err:  # bad input, an unwritable or full disk: one line naming the file, column or option
+        fail(args.parser, _one_line(err, cfg.output))
     print(json.dumps({k: summary[k] for k in ("n_decisions", "n_kept", "fraction_kept")}, indent=None))
     for name, path in summary["files"].items():
         print(f"wrote {name}: {path}")
     return 0
+
+
+def _local_rows() -> int:
+    from raymimic.select.executors.tasks import LOCAL_ROWS
+
+    return LOCAL_ROWS
+
+
+def _one_line(err: Exception, output: str) -> str:
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return (f"no space left to write under --output {output!r} ({err.strerror}); its committed work stays in "
+                "_stage2_tmp: free space and rerun the same command to resume")
+    return " ".join(str(err).split())

@@ -34,7 +34,7 @@ Uniform weights. A table recorded under uniform weights (``--weighting sgd``) ha
 ``norm_weight`` would drop every sample). Whether the weights are informative is decided
 at fit time (:func:`informative_weights`: some row has ``|B * w_i - 1| >`` :data:`UNIFORM_TOLERANCE`),
 from the whole table's statistics when the caller passes them (``fit(weights_informative=...)``,
-as :class:`~raymimic.select.mimic.MimicFilter` does) or else from the fit table. Without
+as :class:`~raymimic.select.mimic_filter.MimicFilter` does) or else from the fit table. Without
 informative weights a binarizer built without a feature uses :data:`UNIFORM_DEFAULT_FEATURE`
 (``step_z`` for every method; ``threshold`` then cuts at 0, above the step's mean score),
 and one asked explicitly for a weight feature raises ``ValueError``.
@@ -75,12 +75,6 @@ UNIFORM_TOLERANCE = 1e-5
 """``|B * w_i - 1|`` at or below this counts as uniform (float32 rounding of ``1/B`` is below 1e-6)."""
 # Cut of `threshold` for each feature: "above uniform weight" / "above the step's mean".
 DEFAULT_CUT = {"norm_weight": 1.0, "log_norm_weight": 0.0, "step_z": 0.0}
-_FEATURE_COLUMNS = {
-    "step_z": ("step", "score"),
-    "log_norm_weight": ("weight", "batch_size"),
-    "norm_weight": ("weight", "batch_size"),
-    "score": ("score",),
-}
 
 
 def _column(table: Any, name: str) -> np.ndarray:

@@ -40,10 +40,11 @@ class FilterConfig:
     paper_rule: bool = False  # the paper's Stage-2 rule: every binarizer on w_i (threshold B*w > 1, GMM/k-means on B*w)
     ground_truth: str | None = None  # parquet with uid and boolean is_noisy: ROC-AUC, F1 and the reference lift in summary.json
     gallery: bool = False  # also write gallery.html: thumbnails of dropped, borderline and kept samples from the pool
+    overwrite: bool = False  # start afresh even when --output holds an unfinished run of other inputs or settings
 
     def __post_init__(self):
         from raymimic.select.ensemble import check_rule
-        from raymimic.select.mimic import check_feature_choice, resolve_score_column
+        from raymimic.select.mimic_filter import check_feature_choice, resolve_score_column
 
         for name in ("scores", "output"):
             if not getattr(self, name):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raymimic.select.binarize import Binarizer, _column
+from raymimic.select.binarize import Binarizer
 from raymimic.select.names import RULES
 
 
@@ -92,28 +92,3 @@ def decide(table: Any, binarizers: Mapping[str, Binarizer]) -> pd.DataFrame:
         raise ValueError("no binarizer given: pass at least one, e.g. {'gmm': make_binarizer('gmm').fit(sample)}")
     return pd.DataFrame({f"keep_{name}": b.keep(table) for name, b in binarizers.items()})
 
-
-def ensemble_by_uid(table: Any, binarizers: Mapping[str, Binarizer], rule: str | float = "majority") -> pd.DataFrame:
-    """Local (single-process) ensemble filter over a score table.
-
-    Returns one row per uid: ``uid, n_obs, votes_<name>`` (keep votes of each method over
-    the uid's epochs), ``mean_norm_weight`` (mean of B*w, 1.0 = uniform; NaN when the table
-    has no weights), ``mean_score`` (raw score) and ``keep``.
-    """
-    decisions = decide(table, binarizers)
-    frame = pd.DataFrame({"uid": _column(table, "uid"), "score": _column(table, "score").astype(np.float64)})
-    try:
-        frame["norm_weight"] = _column(table, "weight").astype(np.float64) * _column(table, "batch_size")
-    except ValueError:
-        frame["norm_weight"] = np.nan
-    frame = pd.concat([frame, decisions.astype(np.int64)], axis=1)
-    vote_columns = list(decisions.columns)
-    grouped = frame.groupby("uid", sort=True)
-    out = grouped[vote_columns].sum()
-    out.columns = [c.replace("keep_", "votes_", 1) for c in vote_columns]
-    out.insert(0, "n_obs", grouped.size())
-    out["mean_norm_weight"] = grouped["norm_weight"].mean()
-    out["mean_score"] = grouped["score"].mean()
-    keep_votes = out[[c.replace("keep_", "votes_", 1) for c in vote_columns]].sum(axis=1).to_numpy()
-    out["keep"] = vote_from_counts(keep_votes, out["n_obs"].to_numpy() * len(vote_columns), rule)
-    return out.reset_index()

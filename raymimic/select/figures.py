@@ -104,7 +104,7 @@ def _truth(path: str | None) -> pd.DataFrame | None:
 
 def lift_figure_lines(root: str, summary: dict) -> list[str]:
     """Markdown (and PNGs written in ``root``) for the lift section: the gallery link, the ROC curves or the heatmap."""
-    from raymimic.select.mimic import lift_value_column
+    from raymimic.select.kernels import lift_value_column
 
     root = root.rstrip("/")
     lines = []

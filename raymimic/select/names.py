@@ -1,6 +1,6 @@
 """The names of Stage 2's choices, as plain data (no imports).
 
-The registries of :mod:`raymimic.select.mimic` (methods), :mod:`raymimic.select.binarize`
+The registries of :mod:`raymimic.select.mimic_filter` (methods), :mod:`raymimic.select.binarize`
 (features) and :mod:`raymimic.select.ensemble` (vote rules) import them from here, and so do
 :class:`raymimic.select.config.FilterConfig` and the command line's help.
 """

@@ -38,19 +38,24 @@ def open_output(decisions, output: str, keep_column: str, columns: Sequence[str]
 
 
 def write_outputs(decisions, output: str, keep_column: str = "keep", quality_column: str = "mean_raw_score",
-                  columns: Sequence[str] | None = None, summary: dict | None = None) -> dict:
-    """Stream ``decisions`` (Dataset with ``uid`` and ``keep_column``) to ``output``; return the summary."""
+                  columns: Sequence[str] | None = None, summary: dict | None = None, write: bool = True) -> dict:
+    """Stream ``decisions`` (Dataset with ``uid`` and ``keep_column``) to ``output``; return the summary (``write``: also as summary.json).
+
+    Every file is written under a temporary name and renamed once complete, summary.json last.
+    """
     fs, root, chosen = open_output(decisions, output, keep_column, columns)
     his, los, sink = [], [], DecisionSink(quality_column)
-    with fs.open(f"{root}/decisions.parquet", "wb") as stream:
+    with fs.open(f"{root}/{TEMPORARY_PREFIX}decisions.parquet", "wb") as stream:
         for batch in decisions.select_columns(chosen).iter_batches(batch_format="pyarrow", batch_size=65_536):
             keep = sink.append(stream, batch, keep_column)
             hi, lo = uid_pairs(batch["uid"].to_numpy(zero_copy_only=False)[keep])
             his.append(hi)
             los.append(lo)
         sink.close()
-    subset = write_subset_pairs(f"{output.rstrip('/')}/keep.npy", np.concatenate(his), np.concatenate(los))
-    return sink.write_summary(fs, root, output, summary, int(len(subset)))
+    commit(fs, f"{root}/{TEMPORARY_PREFIX}decisions.parquet", f"{root}/decisions.parquet")
+    subset = write_subset_pairs(f"{output.rstrip('/')}/{TEMPORARY_PREFIX}keep.npy", np.concatenate(his), np.concatenate(los))
+    commit(fs, f"{root}/{TEMPORARY_PREFIX}keep.npy", f"{root}/keep.npy")
+    return sink.summary(fs, root, output, summary, int(len(subset)), write)
 
 
 class DecisionSink:
@@ -78,17 +83,34 @@ class DecisionSink:
             raise ValueError("the filter produced no decision at all (no uid): nothing to write")
         self.writer.close()
 
-    def write_summary(self, fs, root: str, output: str, summary: dict | None, n_kept: int) -> dict:
+    def summary(self, fs, root: str, output: str, summary: dict | None, n_kept: int, write: bool = True) -> dict:
+        """``summary`` with the counts and the quality estimate; ``write``: committed as summary.json."""
         result = dict(summary or {})
         result["quality"] = {**self.quality.result(), "score_column": self.quality_column} if self.quality.n else None
         result.update(n_decisions=self.n_rows, n_kept=n_kept, fraction_kept=n_kept / self.n_rows)
         result["files"] = {name: f"{output.rstrip('/')}/{name}" for name in ("keep.npy", "decisions.parquet", "summary.json")}
-        with fs.open(f"{root}/summary.json", "w") as f:
-            json.dump(result, f, indent=2, default=_json_default)
+        if write:
+            write_summary(fs, root, result)
         return result
 
 
-def _json_default(value):
+TEMPORARY_PREFIX = ".tmp-"
+"""Outputs are written under this prefix and renamed once complete: a reader never sees a half-written file."""
+
+
+def commit(fs, temporary: str, final: str) -> None:
+    """Rename a complete file into place (atomic on a local disk; on object stores the copy appears whole)."""
+    fs.mv(temporary, final)
+
+
+def write_summary(fs, root: str, summary: dict) -> None:
+    """``summary.json``, written last: its presence marks the output folder complete."""
+    with fs.open(f"{root}/{TEMPORARY_PREFIX}summary.json", "w") as f:
+        json.dump(summary, f, indent=2, default=json_default)
+    commit(fs, f"{root}/{TEMPORARY_PREFIX}summary.json", f"{root}/summary.json")
+
+
+def json_default(value):
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

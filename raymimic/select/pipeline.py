@@ -1,14 +1,18 @@
 """The Stage 2 pipeline behind ``raymimic filter``: mimic filter, optional pool stages, outputs."""
 from __future__ import annotations
 
-import json
 import time
 
+import fsspec
+
 from raymimic.select.config import FilterConfig
-from raymimic.select.mimic import MimicFilter, check_truth
-from raymimic.select.output import write_outputs
+from raymimic.select.executors.parts import DecisionParts
+from raymimic.select.executors.tasks import write_part_outputs
+from raymimic.select.mimic_filter import MimicFilter, check_truth
+from raymimic.select.output import TEMPORARY_PREFIX, write_outputs, write_summary
 from raymimic.select.stages import keep_where
-from raymimic.select.stream import DecisionParts, write_part_outputs
+
+__all__ = ["FilterConfig", "run_filter", "check_inputs", "prepare_output", "read_ground_truth"]
 
 _POOL_COLUMNS = ["uid", "text", "original_width", "original_height", "clip_b32_similarity_score", "clip_l14_similarity_score"]
 
@@ -18,10 +22,11 @@ def run_filter(cfg: FilterConfig) -> dict:
     started = time.time()
     scores, output, pool, method = cfg.scores, cfg.output, cfg.pool, cfg.method
     truth = read_ground_truth(cfg.ground_truth) if cfg.ground_truth else None  # read first: a bad file fails before any work
+    work = prepare_output(output, cfg.overwrite)
     mimic = MimicFilter(scores, method=method, fraction=cfg.fraction, feature=cfg.feature, rule=cfg.rule, fit_sample=cfg.fit_sample,
                         seed=cfg.seed, nan=cfg.nan, duplicates=cfg.duplicates, missing=cfg.missing, drop=False,
                         score_column=cfg.score_column, paper_rule=cfg.paper_rule, lift=True if truth is not None else None,
-                        spill_dir=f"{output.rstrip('/')}/_stage2_tmp").fit()
+                        spill_dir=work).fit()
     lift = mimic.reference_lift(truth)
     if lift is not None and cfg.ground_truth:
         lift["ground_truth_path"] = cfg.ground_truth
@@ -41,8 +46,7 @@ def run_filter(cfg: FilterConfig) -> dict:
         "scores": scores, "pool": pool, **extra, "lift": lift,
     }
     writer = write_part_outputs if isinstance(decisions, DecisionParts) else write_outputs  # parts: keep.npy streamed per part
-    summary = writer(decisions, output, keep_column="keep", quality_column="mean_raw_score", columns=columns, summary=summary)
-    summary["seconds"] = round(time.time() - started, 2)
+    summary = writer(decisions, output, keep_column="keep", quality_column="mean_raw_score", columns=columns, summary=summary, write=False)
     summary["files"]["fit_sample.parquet"] = _write_fit_sample(mimic, output)
     if cfg.gallery:
         from raymimic.select.gallery import write_filter_gallery
@@ -54,9 +58,55 @@ def run_filter(cfg: FilterConfig) -> dict:
         from raymimic.select.report import write_report
 
         summary["files"]["report.md"] = write_report(output, summary=summary)
-    _rewrite_summary(output, summary)
+    summary["seconds"] = round(time.time() - started, 2)
+    fs, root = fsspec.core.url_to_fs(output)
+    write_summary(fs, root, summary)  # last: its presence marks the output complete
     mimic.close()  # the decision parts were read into the outputs
     return summary
+
+
+WORK_FOLDER = "_stage2_tmp"
+"""The folder in ``--output`` where an unfinished run keeps its committed work (removed once the outputs are written)."""
+
+
+def check_inputs(cfg: FilterConfig) -> int:
+    """Fail fast, before any work: ``--output`` can be written, the score files are parquet with the contract's columns and
+    agreeing types; their row count. ``ValueError`` or ``FileNotFoundError`` naming the file or option."""
+    from raymimic.score_table import STAGE2_COLUMNS
+    from raymimic.select.executors.tasks import ScoreFiles
+
+    _check_writable(cfg.output)
+    files = ScoreFiles(cfg.scores, STAGE2_COLUMNS)
+    if files.n_rows == 0:
+        raise ValueError(f"the score table {cfg.scores!r} is empty ({len(files.paths)} files, 0 rows): nothing to filter")
+    return files.n_rows
+
+
+def _check_writable(output: str) -> None:
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    try:
+        fs.makedirs(root, exist_ok=True)
+        probe = f"{root}/{TEMPORARY_PREFIX}probe"
+        with fs.open(probe, "wb") as f:
+            f.write(b"")
+        fs.rm(probe)
+    except OSError as err:
+        raise ValueError(f"--output {output!r} cannot be written ({err.strerror or err}); give a folder this user can create and "
+                         "write") from None
+
+
+def prepare_output(output: str, overwrite: bool) -> str:
+    """The work folder of a run into ``output``; a previous run's ``summary.json`` is removed first, so the folder never
+    looks complete while its files are being replaced. ``overwrite`` also drops a previous run's unfinished work."""
+    _check_writable(output)
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/summary.json"):
+        fs.rm(f"{root}/summary.json")
+    if overwrite and fs.exists(f"{root}/{WORK_FOLDER}"):
+        fs.rm(f"{root}/{WORK_FOLDER}", recursive=True)
+    return f"{output.rstrip('/')}/{WORK_FOLDER}"
 
 
 def read_ground_truth(path: str):
@@ -121,11 +171,3 @@ def _write_fit_sample(mimic: MimicFilter, output: str) -> str:
     return path
 
 
-def _rewrite_summary(output: str, summary: dict) -> None:
-
-    import fsspec
-
-    from raymimic.select.output import _json_default
-
-    with fsspec.open(f"{output.rstrip('/')}/summary.json", "w") as f:
-        json.dump(summary, f, indent=2, default=_json_default)

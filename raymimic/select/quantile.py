@@ -18,7 +18,7 @@ def _finite(batch, column: str) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
-def _block_range(batch, column: str) -> dict:
+def block_range(batch, column: str) -> dict:
     values = _finite(batch, column)
     lo, hi = (values.min(), values.max()) if len(values) else (np.inf, -np.inf)
     return {
@@ -26,7 +26,7 @@ def _block_range(batch, column: str) -> dict:
     }
 
 
-def _block_histogram(batch, column: str, edges: np.ndarray) -> dict:
+def block_histogram(batch, column: str, edges: np.ndarray) -> dict:
     counts, _ = np.histogram(_finite(batch, column), bins=edges)
     return {"counts": counts[None, :]}
 
@@ -36,7 +36,7 @@ def approximate_quantiles(ds, column: str, quantiles: Sequence[float], bins: int
     quantiles = np.asarray(quantiles, dtype=np.float64)
     if ((quantiles < 0) | (quantiles > 1)).any():
         raise ValueError(f"quantiles must lie in [0, 1], got {quantiles.tolist()}")
-    ranges = ds.map_batches(_block_range, fn_kwargs={"column": column}, batch_format="numpy", batch_size=None).to_pandas()
+    ranges = ds.map_batches(block_range, fn_kwargs={"column": column}, batch_format="numpy", batch_size=None).to_pandas()
     n = int(ranges["n"].sum())
     if n == 0:
         raise ValueError(f"column {column!r} has no finite value ({int(ranges['n_nan'].sum())} NaN): cannot rank")
@@ -44,7 +44,7 @@ def approximate_quantiles(ds, column: str, quantiles: Sequence[float], bins: int
     if lo == hi:
         return np.full(len(quantiles), lo)
     edges = np.linspace(lo, hi, bins + 1)
-    parts = ds.map_batches(_block_histogram, fn_kwargs={"column": column, "edges": edges}, batch_format="numpy", batch_size=None)
+    parts = ds.map_batches(block_histogram, fn_kwargs={"column": column, "edges": edges}, batch_format="numpy", batch_size=None)
     counts = np.zeros(bins, dtype=np.int64)
     for batch in parts.iter_batches(batch_format="numpy", batch_size=None):
         counts += np.asarray(batch["counts"]).sum(axis=0)

@@ -1,7 +1,7 @@
 """How well the Stage-2 filter finds the mislabeled samples of a simulation run.
 
 A sample counts as *flagged noisy* when the filter drops it. The Stage-2 mimic filter
-(:class:`~raymimic.select.mimic.MimicFilter`, the ensemble of every binarizer) runs unchanged
+(:class:`~raymimic.select.mimic_filter.MimicFilter`, the ensemble of every binarizer) runs unchanged
 on the run's score rows, in this process (a pandas table: the same fit, votes and rule as
 on Ray, without starting Ray); each binarizer's per-uid decision combines its votes over
 epochs, and the ensemble combines every binarizer over every epoch. Precision, recall and
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from raymimic.select.mimic import MimicFilter
+from raymimic.select.mimic_filter import MimicFilter
 from raymimic.select.quality import detection_metrics, quality_estimate
 
 BINARIZERS = ("threshold", "kmeans", "gmm")

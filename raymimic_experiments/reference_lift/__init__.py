@@ -11,7 +11,7 @@ random and systematic noise:
 - :mod:`raymimic_experiments.reference_lift.score` scores saved checkpoints on any mimic layer and direction,
   optionally against an aligned reference (:mod:`raymimic.clip.align`), in score-table rows;
 - :mod:`raymimic_experiments.reference_lift.metrics` turns score rows into per-uid detection metrics with the
-  Stage-2 filter (:class:`raymimic.select.mimic.MimicFilter`, local path) and the gate checks
+  Stage-2 filter (:class:`raymimic.select.mimic_filter.MimicFilter`, local path) and the gate checks
   of a pool that needs a reference.
 
 ``benchmarks/reference_lift.py`` runs the grid and writes the tables of ``docs/findings.md``.

@@ -94,7 +94,7 @@ def format_gates(gates: dict) -> str:
 def filter_detection(rows: pd.DataFrame, truth: pd.DataFrame, score_column: str = "score", method: str = "ensemble",
                      paper_rule: bool = False) -> dict:
     """Run the Stage-2 filter (local path) on ``rows``; precision/recall/F1 of its dropped set and the kept uids."""
-    from raymimic.select.mimic import MimicFilter
+    from raymimic.select.mimic_filter import MimicFilter
     from raymimic.select.quality import detection_metrics
 
     mimic = MimicFilter(rows, method=method, score_column=score_column, paper_rule=paper_rule, unfit="skip", lift=False).fit()

@@ -1,21 +1,10 @@
-"""The mimic-score filter on Ray: score tables in, per-uid keep decisions out.
+"""The mimic-score filter: score tables in, per-uid keep decisions out.
 
-A score-table URI (what ``raymimic filter`` passes) runs the streaming path of
-:mod:`raymimic.select.stream`: plain Ray tasks over the files, uids as two uint64 words, a
-partition per uid prefix, memory flat in rows (docs/scaling.md). A Dataset of score rows takes
-the Ray Data path below; a pandas DataFrame runs in this process.
-
-Passes of the Ray Data path (all streaming, no full column on the driver):
-
-1. one ``map_batches`` pass returns, per block, the per-step partial statistics
-   (count, mean, M2 of the raw score), the count of NaN rows and a Bernoulli sample of
-   rows (``fit_sample`` rows expected in total);
-2. the binarizers are fitted on that sample on the driver (the per-step statistics come
-   from the whole table);
-3. a second ``map_batches`` pass computes every row's feature and keep votes; a hash
-   repartition on ``uid`` puts all rows of a uid in one block, where pandas sums the votes
-   (plus the mean score and the number of distinct steps); a last ``map_batches`` applies
-   the vote rule.
+:class:`MimicFilter` holds the settings, combines the blocks' summaries, fits the binarizers
+and counts; the rounds themselves are the kernels of :mod:`raymimic.select.kernels`, moved by
+an executor of :mod:`raymimic.select.executors` chosen by what ``scores`` is: a score-table URI
+(what ``raymimic filter`` passes) runs Ray tasks over its files (memory flat in rows,
+docs/scaling.md), a Dataset of score rows runs on Ray Data, a pandas DataFrame in this process.
 
 Every row of the score table is one observation of a sample in one epoch (Stage 1 writes
 one row per (uid, step); a uid is seen once per epoch unless the pool repeats it), and each
@@ -36,43 +25,36 @@ score's role (``step_z``, the score features, ``mean_raw_score``): ``score`` or 
 any other column.
 
 Reference lift. When the table has ``score_<name>`` columns (or with ``lift=True``), the same
-passes also standardise every score column within its step (per-step statistics of the whole
+rounds also standardise every score column within its step (per-step statistics of the whole
 table, each column's own) and average it per uid: decisions gain one ``step_z_<column>`` per
 score column, and :meth:`MimicFilter.reference_lift` turns a seeded sample of them (at most
 :data:`LIFT_MAX_UIDS` uids) into the metrics of :func:`raymimic.select.quality.lift_metrics`.
-The per-uid aggregation is one pandas function (``_per_uid``) for the Ray path (per hash
-partition) and the local path (the whole table).
 """
 from __future__ import annotations
 
 import logging
-import pickle
-import weakref
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
-from raymimic.data.uids import arrow_uid_pairs, keyed_uniform
-from raymimic.score_table import COLUMNS as SCORE_COLUMNS
-from raymimic.score_table import STAGE2_COLUMNS, check_schema, control_column, control_name, control_names, read_score_dataset
+from raymimic.score_table import STAGE2_COLUMNS, check_schema, control_column, control_name, control_names
+from raymimic.select import kernels
 from raymimic.select.binarize import (
     PAPER_FEATURE,
     WEIGHT_FEATURES,
     Binarizer,
     StepStats,
     combine_weight_ranges,
-    compute_feature,
     informative_weights,
     make_binarizer,
     uniform_weight_error,
-    weight_range,
 )
-from raymimic.select.ensemble import check_rule, vote_from_counts
+from raymimic.select.ensemble import check_rule
+from raymimic.select.executors import Outcome, dataset, local, tasks
+from raymimic.select.kernels import lift_value_column
 from raymimic.select.names import MIMIC_METHODS
-from raymimic.select.quality import LIFT_VALUE_PREFIX, lift_metrics
-from raymimic.select.quantile import approximate_quantiles
+from raymimic.select.quality import lift_metrics
 from raymimic.select.stages import FilterStage, drop_unkept
 
 log = logging.getLogger(__name__)
@@ -80,6 +62,9 @@ log = logging.getLogger(__name__)
 ENSEMBLE_METHODS = ("gmm", "kmeans", "threshold")
 LIFT_MAX_UIDS = 1_000_000
 """The reference-lift metrics are computed on the driver over a seeded sample of at most this many uids."""
+
+__all__ = ["ENSEMBLE_METHODS", "LIFT_MAX_UIDS", "MIMIC_METHODS", "MimicFilter", "check_feature_choice", "check_truth",
+           "lift_value_column", "resolve_score_column", "score_columns"]
 
 
 def resolve_score_column(name: str) -> str:
@@ -97,164 +82,6 @@ def score_columns(names) -> list[str]:
     """The score columns of a schema or column list: ``score`` (when present), then every ``score_<name>`` column."""
     names = list(names)
     return (["score"] if "score" in names else []) + [control_column(c) for c in control_names(names)]
-
-
-def lift_value_column(column: str) -> str:
-    """The per-uid column holding ``column``'s mean step_z (``score_zero`` -> ``step_z_score_zero``)."""
-    return LIFT_VALUE_PREFIX + column
-
-
-def _with_score(batch: pd.DataFrame, score_column: str) -> pd.DataFrame:
-    """``batch`` with ``score_column`` in the role of the raw score (the ``score`` column every feature reads)."""
-    if score_column == "score":
-        return batch
-    return batch.assign(score=batch[score_column].to_numpy(np.float64))
-
-
-def _finite_rows(batch: pd.DataFrame) -> np.ndarray:
-    return np.isfinite(batch["score"].to_numpy(np.float64)) & np.isfinite(batch["weight"].to_numpy(np.float64))
-
-
-def _lift_partials(batch: pd.DataFrame, finite: np.ndarray, columns) -> dict:
-    """Per-step partials of each score column over the usable rows (``finite``) where that column has a value."""
-    out = {}
-    steps = batch["step"].to_numpy(np.int64)[finite]
-    for column in columns:
-        values = batch[column].to_numpy(np.float64)[finite]
-        ok = np.isfinite(values)
-        if ok.any():
-            out[column] = StepStats.partials(pd.DataFrame({"step": steps[ok], "score": values[ok]}))
-    return out
-
-
-def _fit_sample_rows(rows: pd.DataFrame, sample_prob: float, seed: int) -> np.ndarray:
-    """The rows of the binarizers' fit sample: a Bernoulli draw keyed by each row's (uid, step) and the seed.
-
-    Keyed by the row, not drawn per block, so that the sample (and so every decision) is the same
-    whichever files, Ray Data blocks or tasks the rows arrive in.
-    """
-    if sample_prob >= 1 or not len(rows):
-        return np.full(len(rows), sample_prob >= 1)
-    hi, lo = arrow_uid_pairs(pa.array(rows["uid"].array, pa.string()))
-    return keyed_uniform(seed, hi, lo, rows["step"].to_numpy(np.int64)) < sample_prob
-
-
-def _block_summary(batch: pd.DataFrame, sample_prob: float, seed: int, score_column: str = "score", lift_columns=()) -> dict:
-    """Pass 1 (per block): per-step partials, NaN count, the range of B*w and a reproducible Bernoulli sample."""
-    original, batch = batch, _with_score(batch, score_column)
-    finite = _finite_rows(batch)
-    good = batch[finite]
-    sample = good[_fit_sample_rows(good, sample_prob, seed)]
-    first_bad = batch["uid"][~finite].iloc[0] if (~finite).any() else None
-    return {"partials": StepStats.partials(good) if len(good) else None, "n": len(batch), "n_nan": int((~finite).sum()),
-            "first_nan_uid": first_bad, "sample": sample[[c for c in batch.columns if c in SCORE_COLUMNS]],
-            "weights": weight_range(good) if len(good) else None,
-            "lift_partials": _lift_partials(original, finite, lift_columns) if lift_columns else {}}
-
-
-def _summarize_block(batch: pd.DataFrame, sample_prob: float, seed: int, score_column: str = "score", lift_columns=()) -> dict:
-    """:func:`_block_summary` of one Ray Data block, pickled into one row."""
-    summary = _block_summary(batch, sample_prob, seed, score_column, lift_columns)
-    return {"blob": np.array([pickle.dumps(summary)], dtype=object)}
-
-
-def _lift_z(stats: StepStats, steps: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Per-step standardised ``values``; NaN where a value is missing or its step has no statistics for this column."""
-    out = np.full(len(values), np.nan)
-    index = np.clip(np.searchsorted(stats.steps, steps), 0, len(stats.steps) - 1)
-    ok = np.isfinite(values) & (stats.steps[index] == steps)
-    out[ok] = (values[ok] - stats.mean[index[ok]]) / stats.std[index[ok]]
-    return out
-
-
-def _row_votes(batch: pd.DataFrame, binarizers: dict, stats: StepStats | None, score_feature: str, score_column: str = "score",
-               lift_stats: dict | None = None) -> pd.DataFrame:
-    """Pass 3 (per block): every finite row's aggregated-score feature, keep votes and (for the lift) each score column's step_z."""
-    finite = _finite_rows(_with_score(batch, score_column))
-    out = pd.DataFrame({"uid": batch["uid"].to_numpy()[finite]})
-    for name, values in _row_values(batch, finite, binarizers, stats, score_feature, score_column, lift_stats).items():
-        out[name] = values
-    return out
-
-
-def _row_values(batch: pd.DataFrame, finite: np.ndarray, binarizers: dict, stats: StepStats | None, score_feature: str,
-                score_column: str = "score", lift_stats: dict | None = None) -> dict[str, np.ndarray]:
-    """:func:`_row_votes` without the uid, as numpy columns of the ``finite`` rows (the streaming path keeps uids as integers)."""
-    original, batch = batch, _with_score(batch, score_column)[finite]
-    steps = batch["step"].to_numpy(np.int64)
-    out = {"step": steps, "mimic_score": compute_feature(batch, score_feature, stats),
-           "norm_weight": batch["weight"].to_numpy(np.float64) * batch["batch_size"].to_numpy(np.float64),
-           "raw_score": batch["score"].to_numpy(np.float64)}
-    for name, binarizer in binarizers.items():
-        out[f"votes_{name}"] = binarizer.keep(batch).astype(np.int64)
-    for column, column_stats in (lift_stats or {}).items():
-        out[lift_value_column(column)] = _lift_z(column_stats, steps, original[column].to_numpy(np.float64)[finite])
-    return out
-
-
-def _per_uid(block: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
-    """Per-uid sums of one hash partition (all rows of a uid are in the same block), or of a whole local table.
-
-    ``step_z_<column>`` columns (the reference lift's) are averaged over the uid's rows that have a value.
-    """
-    named = {"n_obs": ("step", "size"), "n_steps": ("step", "nunique"), "mimic_score": ("mimic_score", "mean"),
-             "mean_norm_weight": ("norm_weight", "mean"), "mean_raw_score": ("raw_score", "mean")}
-    named.update({f"votes_{m}": (f"votes_{m}", "sum") for m in methods})
-    named.update({c: (c, "mean") for c in block.columns if c.startswith(LIFT_VALUE_PREFIX)})
-    return block.groupby("uid", sort=False).agg(**named).reset_index()
-
-
-def _run_tasks(fn, calls: list[tuple], local: bool) -> list:
-    """``fn`` over every argument tuple of ``calls``: in this process (``local``) or as one Ray task each, results in order."""
-    from raymimic.select.stream import releasing
-
-    if local:
-        return [releasing(fn, *args) for args in calls]
-    import ray
-
-    task = ray.remote(num_cpus=1)(releasing).options(name=fn.__name__)
-    return ray.get([task.remote(fn, *args) for args in calls])
-
-
-def _read_parts(fs, paths: list[str]):
-    """The merge tasks' decision parts as a Ray Dataset, read lazily (each consumer streams them from the spill folder)."""
-    import pyarrow.fs
-    import ray
-
-    local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
-    filesystem = None if local else pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-    return ray.data.read_parquet(paths, filesystem=filesystem)
-
-
-def _sampled(uids: pd.Series, fraction: float, seed: int) -> np.ndarray:
-    """A reproducible Bernoulli sample of uids (by a keyed hash of the uid: the same whatever the blocks)."""
-    if fraction >= 1:
-        return np.ones(len(uids), dtype=bool)
-    hashed = pd.util.hash_pandas_object(uids.astype(str), index=False, hash_key=f"{seed % 10**16:016d}").to_numpy(np.uint64)
-    return (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
-
-
-def _lift_rows(batch: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
-    return batch[_sampled(batch["uid"], fraction, seed)]
-
-
-def _block_totals(block: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({"n_uids": [len(block)], "n_obs": [int(block["n_obs"].sum())], "n_steps": [int(block["n_steps"].sum())]})
-
-
-def _apply_vote(batch: pd.DataFrame, methods: list[str], rule, threshold: float | None) -> pd.DataFrame:
-    """The vote rule on per-uid counts: ``keep_<method>`` per method and ``mimic_keep`` (all methods, or the rank cut)."""
-    n_obs = batch["n_obs"].to_numpy(np.int64)
-    total = np.zeros(len(batch), dtype=np.int64)
-    for name in methods:
-        votes = batch[f"votes_{name}"].to_numpy(np.int64)
-        batch[f"keep_{name}"] = vote_from_counts(votes, n_obs, rule)
-        total += votes
-    if threshold is not None:  # top-fraction: rank the aggregated score
-        batch["mimic_keep"] = batch["mimic_score"].to_numpy(np.float64) > threshold
-    else:
-        batch["mimic_keep"] = vote_from_counts(total, n_obs * len(methods), rule)
-    return batch
 
 
 class MimicFilter(FilterStage):
@@ -281,9 +108,11 @@ class MimicFilter(FilterStage):
     ``unfit``: a binarizer that cannot be fitted (e.g. fewer than 2 distinct values) raises
     (``"error"``, default) or is left out of the vote with its message in ``stats["unfit"]``
     (``"skip"``; ``methods`` then lists the binarizers that voted).
-    ``spill_dir``: where the streaming path (a URI) keeps its compact rows and decision parts;
-    default a local temporary folder; on a multi-node cluster a folder every node can reach.
-    :meth:`close` removes it once the decisions are consumed.
+    ``spill_dir``: where the task executor (a URI) commits its work (summaries, compact rows,
+    decision parts, each with a completion marker); default a local temporary folder; on a
+    multi-node cluster a folder every node can reach. A given folder survives a killed run: a
+    rerun with the same table and settings skips every task that committed, and one with other
+    inputs or settings is refused. :meth:`close` removes it once the decisions are consumed.
     """
 
     name = "mimic"
@@ -316,7 +145,6 @@ class MimicFilter(FilterStage):
         self.fit_sample, self.seed, self.nan, self.duplicates, self.missing = fit_sample, seed, nan, duplicates, missing
         self.num_partitions, self.unfit, self.spill_dir = num_partitions, unfit, spill_dir
         self._spill = None
-        self._n_partitions = None
         self.decision_parts = None  # streaming path: the decisions' parquet parts, readable on the driver without Ray Data
         if method == "ensemble":
             self.methods = list(methods or ENSEMBLE_METHODS)
@@ -331,39 +159,73 @@ class MimicFilter(FilterStage):
         self.step_stats: StepStats | None = None
         self.sample: pd.DataFrame | None = None
         self.threshold: float | None = None
-        self.decisions = None
+        self._decisions = None
         self.stats: dict[str, Any] = {}
 
+    def settings(self) -> dict:
+        """What the decisions depend on besides the score table (a resumed run must have the same)."""
+        return {"method": self.method, "methods": self.methods, "fraction": self.fraction, "feature": self.feature,
+                "score_feature": self.score_feature, "rule": self.rule, "fit_sample": self.fit_sample, "seed": self.seed,
+                "nan": self.nan, "duplicates": self.duplicates, "num_partitions": self.num_partitions, "unfit": self.unfit,
+                "score_column": self.score_column, "paper_rule": self.paper_rule, "lift": self.lift}
+
+    @property
+    def decisions(self):
+        """The per-uid decisions: a DataFrame (fitted in this process) or a Dataset (read from the decision parts on first use)."""
+        if self._decisions is None and self.decision_parts is not None:
+            self._decisions = tasks.read_parts(self.decision_parts)
+        return self._decisions
+
     # ----------------------------------------------------------------- fitting
-    def _score_dataset(self):
-        if isinstance(self.scores, str):  # checks every file's columns, naming the file
-            return read_score_dataset(self.scores, required=STAGE2_COLUMNS)
-        check_schema(self.scores.schema(), "score dataset", required=STAGE2_COLUMNS)
-        return self.scores
+    def fit(self, ds=None) -> MimicFilter:
+        """Fit on the score table (``ds``, the dataset to filter later, is not needed here)."""
+        self.close()
+        if isinstance(self.scores, pd.DataFrame):
+            check_schema(list(self.scores.columns), "score table", required=STAGE2_COLUMNS)
+            self._check_columns(self.scores.columns, len(self.scores))
+            outcome = local.run(self, self.scores)
+        elif isinstance(self.scores, str):
+            files = tasks.ScoreFiles(self.scores, STAGE2_COLUMNS)  # checks every file's columns, naming the file
+            self._check_columns(files.names, files.n_rows)
+            outcome = tasks.run(self, files)
+        else:
+            check_schema(self.scores.schema(), "score dataset", required=STAGE2_COLUMNS)
+            self._check_columns(self.scores.schema().names, n_rows := self.scores.count())
+            outcome = dataset.run(self, self.scores, n_rows)
+        self._take(outcome)
+        return self
 
-    def _sample_prob(self, n_rows: int) -> float:
-        return min(1.0, self.fit_sample / max(n_rows, 1))
+    def _take(self, outcome: Outcome) -> None:
+        self._decisions, self.threshold = outcome.decisions, outcome.threshold
+        self.decision_parts, self._spill = outcome.parts, outcome.spill
+        self.stats.update(outcome.stats)
+        self.fitted = True
 
-    def _check_columns(self, names) -> None:
-        """The table must have the filter's score column; choose the columns the lift aggregates."""
+    def _check_columns(self, names, n_rows: int) -> None:
+        """The table must have rows and the filter's score column; choose the columns the lift aggregates."""
         have = score_columns(names)
         if self.score_column not in have:
             raise ValueError(f"score column {self.score_column!r} is not in the score table; its score columns are {have} "
                              "(give one of them, or a bare control name such as 'zero' for score_zero)")
+        if n_rows == 0:
+            raise ValueError("the score table is empty: nothing to filter")
         controls = [c for c in have if c != "score"]
         wanted = self.lift if self.lift is not None else bool(controls)
         self.lift_columns = have if wanted else []
         self.stats["score_column"] = self.score_column
         self.stats["score_columns"] = have
 
-    def _summarize(self, ds, n_rows: int) -> None:
-        fn_kwargs = {"sample_prob": self._sample_prob(n_rows), "seed": self.seed, "score_column": self.score_column,
-                     "lift_columns": self.lift_columns}
-        blobs = ds.map_batches(_summarize_block, fn_kwargs=fn_kwargs, batch_format="pandas", batch_size=None)
-        summaries = [pickle.loads(blob) for batch in blobs.iter_batches(batch_format="numpy", batch_size=None) for blob in batch["blob"]]
-        self._absorb(summaries, n_rows)
+    def summary_kwargs(self, n_rows: int) -> dict:
+        """Round 1's settings (:func:`raymimic.select.kernels.block_summary`) for a table of ``n_rows`` rows."""
+        return {"sample_prob": min(1.0, self.fit_sample / max(n_rows, 1)), "seed": self.seed, "score_column": self.score_column,
+                "lift_columns": self.lift_columns}
 
-    def _absorb(self, summaries: list[dict], n_rows: int) -> None:
+    def vote_kwargs(self) -> dict:
+        """Round 2's settings (:func:`raymimic.select.kernels.row_values`), once the binarizers are fitted."""
+        return {"binarizers": self.binarizers, "stats": self.step_stats, "score_feature": self.score_feature,
+                "score_column": self.score_column, "lift_stats": self.lift_stats}
+
+    def absorb(self, summaries: list[dict], n_rows: int) -> None:
         """Combine the blocks' summaries: NaN rows, per-step statistics of the whole table, the fit sample."""
         partials = [s["partials"] for s in summaries if s["partials"] is not None]
         n_nan = sum(s["n_nan"] for s in summaries)
@@ -413,7 +275,8 @@ class MimicFilter(FilterStage):
             raise uniform_weight_error(self.score_feature, " (score_feature)")
         return requested
 
-    def _fit_binarizers(self) -> None:
+    def fit_binarizers(self) -> None:
+        """Fit every method's binarizer on the fit sample (after :meth:`absorb`)."""
         if len(self.sample) < 2:
             raise ValueError(f"the fit sample has {len(self.sample)} row(s); raise fit_sample")
         fitted = {}
@@ -434,130 +297,13 @@ class MimicFilter(FilterStage):
         self.binarizers, self.methods = fitted, list(fitted)
         self.stats["features"] = {m: b.feature for m, b in fitted.items()}
 
-    def fit(self, ds=None) -> MimicFilter:
-        """Fit on the score table (``ds``, the dataset to filter later, is not needed here)."""
-        if isinstance(self.scores, pd.DataFrame):
-            return self._fit_local(self.scores)
-        if isinstance(self.scores, str):
-            return self._fit_files(self.scores)
-        scores = self._score_dataset()
-        self._check_columns(scores.schema().names)
-        n_rows = scores.count()
-        if n_rows == 0:
-            raise ValueError("the score table is empty: nothing to filter")
-        self._summarize(scores, n_rows)
-        self._fit_binarizers()
-        self.decisions = self._decide(scores, n_rows)
-        self.fitted = True
-        return self
-
-    def _fit_local(self, table: pd.DataFrame) -> MimicFilter:
-        """:meth:`fit` on an in-memory table: the same block functions, run once on the whole table."""
-        check_schema(list(table.columns), "score table", required=STAGE2_COLUMNS)
-        self._check_columns(table.columns)
-        if len(table) == 0:
-            raise ValueError("the score table is empty: nothing to filter")
-        summary = _block_summary(table, self._sample_prob(len(table)), self.seed, self.score_column, self.lift_columns)
-        self._absorb([summary], len(table))
-        self._fit_binarizers()
-        rows = _row_votes(table, self.binarizers, self.step_stats, self.score_feature, self.score_column, self.lift_stats)
-        per_uid = _per_uid(rows, self.methods)
-        self._count(len(per_uid), int(per_uid["n_obs"].sum()), int(per_uid["n_steps"].sum()))
-        if self.method == "top-fraction":
-            self.threshold = float(np.quantile(per_uid["mimic_score"].to_numpy(np.float64), 1 - self.fraction))
-        self.decisions = _apply_vote(per_uid, self.methods, self.rule, self.threshold).sort_values("uid", ignore_index=True)
-        self.fitted = True
-        return self
-
-    def _fit_files(self, uri: str) -> MimicFilter:
-        """:meth:`fit` on a score-table URI with plain Ray tasks over its files (:mod:`raymimic.select.stream`).
-
-        A table of at most :data:`raymimic.select.stream.LOCAL_ROWS` rows runs the same rounds in
-        this process: starting workers and importing into them would cost more than the work.
-        """
-        from raymimic.select import stream
-
-        files = stream.ScoreFiles(uri, STAGE2_COLUMNS)
-        self._check_columns(files.names)
-        if files.n_rows == 0:
-            raise ValueError("the score table is empty: nothing to filter")
-        names = [c for c in files.names if c in SCORE_COLUMNS or c in self.stats["score_columns"]]
-        local = files.n_rows <= stream.LOCAL_ROWS
-        n_cpus = 1 if local else stream.cpu_count()
-        groups = files.groups(n_cpus)
-        self._absorb(self._stream_summaries(stream, files, groups, names, local), files.n_rows)
-        self._fit_binarizers()
-        self.decisions = self._stream_decide(stream, files, groups, names, n_cpus, local)
-        self.stats["stage2_tasks"] = {"in_process": local, "map_tasks": len(groups), "partitions": self._n_partitions}
-        self.fitted = True
-        return self
-
-    def _stream_summaries(self, stream, files, groups: list[list[str]], names: list[str], local: bool) -> list[dict]:
-        kwargs = {"sample_prob": self._sample_prob(files.n_rows), "seed": self.seed, "score_column": self.score_column,
-                  "lift_columns": self.lift_columns}
-        blobs = _run_tasks(stream.summarize_files, [(files.fs, group, names, kwargs) for group in groups], local)
-        return [pickle.loads(blob) for group in blobs for blob in group]
-
-    def _stream_decide(self, stream, files, groups: list[list[str]], names: list[str], n_cpus: int, local: bool):
-        self.close()
-        self._spill = spill = stream.SpillFolder(self.spill_dir)
-        weakref.finalize(self, spill.remove)
-        self._n_partitions = n_partitions = self.num_partitions or stream.partition_count(files.n_rows, n_cpus)
-        kwargs = {"binarizers": self.binarizers, "stats": self.step_stats, "score_feature": self.score_feature,
-                  "score_column": self.score_column, "lift_stats": self.lift_stats}
-        written = _run_tasks(stream.partial_files, [(spill.fs, group, names, kwargs, spill.path, i, n_partitions)
-                                                    for i, group in enumerate(groups)], local)
-        by_partition: list[list[tuple]] = [[] for _ in range(n_partitions)]
-        for path, layout in written:
-            for p, columns in layout.items():
-                by_partition[p].append((path, columns))
-        # top-fraction ranks after every partition is reduced: its vote waits for the threshold
-        vote = None if self.method == "top-fraction" else {"rule": self.rule, "threshold": None}
-        totals = _run_tasks(stream.merge_partition, [(spill.fs, pieces, self.methods, vote, f"{spill.path}/decisions/part-{p:05d}.parquet")
-                                                     for p, pieces in enumerate(by_partition)], local)
-        spill.remove_rows()
-        totals = [t for t in totals if t["path"]]
-        self._count(sum(t["n_uids"] for t in totals), sum(t["n_obs"] for t in totals), sum(t["n_steps"] for t in totals))
-        paths = [t["path"] for t in totals]
-        if self.method == "top-fraction":
-            self._stream_top_fraction(stream, spill.fs, paths, [t["range"] for t in totals], local)
-        self.decision_parts = stream.DecisionParts(spill.fs, paths)
-        return _read_parts(spill.fs, paths)
-
-    def _stream_top_fraction(self, stream, fs, paths: list[str], ranges: list[dict], local: bool) -> None:
-        """The rank cut of the streaming path: global histogram of the parts' mimic_score, then the vote on every part."""
-
-        def histogram(edges: np.ndarray) -> np.ndarray:
-            return np.sum(_run_tasks(stream.histogram_part, [(fs, p, edges) for p in paths], local), axis=0)
-
-        self.threshold = stream.histogram_quantile(ranges, histogram, 1 - self.fraction)
-        _run_tasks(stream.vote_part, [(fs, p, self.methods, self.rule, self.threshold) for p in paths], local)
-
     def close(self) -> None:
-        """Remove the streaming path's spill folder (its decision parts back :attr:`decisions`: read them first)."""
+        """Remove the task executor's spill folder (its decision parts back :attr:`decisions`: read them first)."""
         if self._spill is not None:
             self._spill.remove()
-            self._spill, self.decision_parts = None, None
+            self._spill, self.decision_parts, self._decisions = None, None, None
 
-    def _decide(self, scores, n_rows: int):
-        fn_kwargs = {"binarizers": self.binarizers, "stats": self.step_stats, "score_feature": self.score_feature,
-                     "score_column": self.score_column, "lift_stats": self.lift_stats}
-        rows = scores.map_batches(_row_votes, fn_kwargs=fn_kwargs, batch_format="pandas")
-        # hash-partition on uid (every row of a uid lands in one block), then aggregate each
-        # block with pandas: much faster than generic per-row aggregators, and exact
-        partitions = self.num_partitions or int(np.clip(n_rows // 125_000, 2, 256))
-        per_uid = rows.repartition(partitions, keys=["uid"]).map_batches(
-            _per_uid, fn_kwargs={"methods": self.methods}, batch_format="pandas", batch_size=None).materialize()
-        # block totals summed on the driver: a tiny map, cheaper than a global aggregate
-        totals = per_uid.map_batches(_block_totals, batch_format="pandas", batch_size=None).to_pandas().sum()
-        self._count(int(totals["n_uids"]), int(totals["n_obs"]), int(totals["n_steps"]))
-        if self.method == "top-fraction":
-            self.threshold = float(approximate_quantiles(per_uid, "mimic_score", [1 - self.fraction])[0])
-        out = per_uid.map_batches(_apply_vote, fn_kwargs={"methods": self.methods, "rule": self.rule, "threshold": self.threshold},
-                                  batch_format="pandas")
-        return out.materialize()
-
-    def _count(self, n_uids: int, n_obs: int, n_steps: int) -> None:
+    def count(self, n_uids: int, n_obs: int, n_steps: int) -> None:
         """Record the uid count; duplicate (uid, step) rows raise or are counted (``duplicates``)."""
         self.stats["n_uids"] = n_uids
         self.stats["n_duplicate_rows"] = n_obs - n_steps
@@ -628,13 +374,14 @@ class MimicFilter(FilterStage):
         fraction = min(1.0, max_uids / max(int(self.stats.get("n_uids", 0)), 1))
         if isinstance(self.decisions, pd.DataFrame):
             frame = self.decisions[columns]
-            return frame[_sampled(frame["uid"], fraction, self.seed)].reset_index(drop=True)
+            return frame[kernels.sampled(frame["uid"], fraction, self.seed)].reset_index(drop=True)
         if self.decision_parts is not None:  # streamed on the driver: no Ray Data execution for a sample
-            batches = [_lift_rows(b.to_pandas(), fraction, self.seed) for b in self.decision_parts.select_columns(columns).iter_batches()]
+            parts = self.decision_parts.select_columns(columns)
+            batches = [kernels.sampled_rows(b.to_pandas(), fraction, self.seed) for b in parts.iter_batches()]
             return pd.concat(batches, ignore_index=True).sort_values("uid", ignore_index=True)
         ds = self.decisions.select_columns(columns)
         if fraction < 1:
-            ds = ds.map_batches(_lift_rows, fn_kwargs={"fraction": fraction, "seed": self.seed}, batch_format="pandas")
+            ds = ds.map_batches(kernels.sampled_rows, fn_kwargs={"fraction": fraction, "seed": self.seed}, batch_format="pandas")
         return ds.to_pandas().sort_values("uid", ignore_index=True)
 
     def reference_lift(self, truth: pd.DataFrame | None = None, max_uids: int = LIFT_MAX_UIDS) -> dict | None:
