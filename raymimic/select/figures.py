@@ -22,18 +22,16 @@ ROC_PNG, HEATMAP_PNG = "lift_roc.png", "lift_rank_correlation.png"
 def sampled_lift_values(decisions_path: str, columns: list[str], max_uids: int = FIGURE_MAX_UIDS, seed: int = 0) -> pd.DataFrame:
     """``uid`` and those of the ``step_z_<column>`` value ``columns`` the file has, for a seeded sample (by uid key) of at
     most ~``max_uids`` decisions."""
-    import pyarrow.parquet as pq
-
     from raymimic.select.gallery import uid_keys
+    from raymimic.select.output import read_decisions
 
-    with fsspec.open(decisions_path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        columns = [c for c in columns if c in parquet.schema_arrow.names]  # outputs of older runs may lack some
-        fraction = min(1.0, max_uids / max(parquet.metadata.num_rows, 1))
-        parts = []
-        for batch in parquet.iter_batches(columns=["uid", *columns], batch_size=65_536):
-            frame = batch.to_pandas()
-            parts.append(frame[uid_keys(frame["uid"].to_numpy(), seed) < fraction] if fraction < 1 else frame)
+    decisions = read_decisions(decisions_path)
+    columns = [c for c in columns if c in decisions.schema.names]  # outputs of older runs may lack some
+    fraction = min(1.0, max_uids / max(decisions.count_rows(), 1))
+    parts = []
+    for batch in decisions.to_batches(columns=["uid", *columns], batch_size=65_536):
+        frame = batch.to_pandas()
+        parts.append(frame[uid_keys(frame["uid"].to_numpy(), seed) < fraction] if fraction < 1 else frame)
     return pd.concat(parts, ignore_index=True)
 
 

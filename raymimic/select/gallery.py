@@ -286,15 +286,13 @@ def sample_decisions(decisions, columns: Sequence[str], keep_column: str, sample
     """
     wanted = list(dict.fromkeys(["uid", keep_column, *columns]))
     if isinstance(decisions, str):
-        import fsspec
-        import pyarrow.parquet as pq
+        from raymimic.select.output import read_decisions
 
-        with fsspec.open(decisions, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            _check_columns(wanted, parquet.schema_arrow.names, decisions)
-            below = _oversampled(sample_size, parquet.metadata.num_rows)
-            sketch = pd.concat([sketch_block(batch.to_pandas(), list(columns), keep_column, below, seed)
-                                for batch in parquet.iter_batches(columns=wanted, batch_size=65_536)], ignore_index=True)
+        table = read_decisions(decisions)
+        _check_columns(wanted, table.schema.names, decisions)
+        below = _oversampled(sample_size, table.count_rows())
+        sketch = pd.concat([sketch_block(batch.to_pandas(), list(columns), keep_column, below, seed)
+                            for batch in table.to_batches(columns=wanted, batch_size=65_536)], ignore_index=True)
     elif isinstance(decisions, pd.DataFrame):
         _check_columns(wanted, list(decisions.columns), "the decisions")
         sketch = sketch_block(decisions, list(columns), keep_column, _oversampled(sample_size, len(decisions)), seed)
@@ -413,17 +411,16 @@ def write_filter_gallery(output: str, pool: str, ground_truth: str | None = None
     pool stage wrote one, ``clip_score``; written beside the report. ``ground_truth``: the parquet given to the
     filter (its ``kind`` column names the noise on the tiles). ``options`` go to :func:`write_gallery`."""
     import fsspec
-    import pyarrow.parquet as pq
     import ray
 
+    from raymimic.select.output import read_decisions
     from raymimic.select.quality import LIFT_VALUE_PREFIX
 
     root = output.rstrip("/")
     path = f"{root}/decisions.parquet"
-    with fsspec.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        names, n_rows = parquet.schema_arrow.names, parquet.metadata.num_rows
-    # the driver wrote the file in one stream: it reads a small one back faster than Ray Data starts tasks
+    table = read_decisions(path)
+    names, n_rows = table.schema.names, table.count_rows()
+    # the decisions are read back in this process when small: faster than Ray Data starts tasks
     decisions = path if n_rows <= LOCAL_SAMPLE_ROWS else ray.data.read_parquet(path)
     compare = [c for c in names if c.startswith(LIFT_VALUE_PREFIX)] + [c for c in ("clip_score",) if c in names]
     truth = None

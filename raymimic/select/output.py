@@ -116,3 +116,15 @@ def json_default(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_decisions(path: str):
+    """A filter's ``decisions.parquet`` (one file, or a folder of parts written by the tasks) as a ``pyarrow.dataset``:
+    ``.schema``, ``.count_rows()`` and ``.to_batches(columns=...)`` read either shape, local or on object storage."""
+    import pyarrow.dataset as pads
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.isdir(root):
+        files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+        return pads.dataset(files, filesystem=fs, format="parquet")
+    return pads.dataset(root, filesystem=fs, format="parquet")
