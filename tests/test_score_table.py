@@ -32,9 +32,9 @@ def test_schema_constants_and_controls():
             st.control_column(bad)
     assert st.control_name("score_zero") == "zero" and st.control_name("score") is None and st.control_name("score_X") is None
     assert st.control_names(schema) == ["zero", "init", "ref_vit_b_32"]
-    # the binarizers and the mimic filter use the owner's names, not copies
-    from raymimic.select import binarize, mimic
-    assert binarize.SCORE_COLUMNS is st.COLUMNS and mimic.SCORE_COLUMNS is st.COLUMNS
+    # the binarizers and the mimic filter's kernels use the owner's names, not copies
+    from raymimic.select import binarize, kernels
+    assert binarize.SCORE_COLUMNS is st.COLUMNS and kernels.SCORE_COLUMNS is st.COLUMNS
 
 
 def test_check_schema_names_what_is_missing_and_the_contract():
