@@ -145,8 +145,8 @@ def _image_rows(n=4, size=16):
 
 def test_preprocess_udf_on_read_only_arrays_is_quiet():
     """The map_batches function itself, in this process: Ray hands it read-only arrays."""
-    from raymimic.clip.models import register_model_configs
-    from raymimic.data.preprocess import BatchTransform, _preprocess_batch, transforms_for_model
+    from raymimic.clip.models import register_model_configs, transforms_for_model
+    from raymimic.data.preprocess import BatchTransform, _preprocess_batch
 
     register_model_configs()
     transform, tokenizer = transforms_for_model("raymimic-tiny")
@@ -164,7 +164,7 @@ def test_ray_data_stages_we_build_are_quiet(ray_session):
     """preprocess_for_clip, evaluate's embedder and the teacher CLIPScore stage: built and (preprocessing) run."""
     import ray
 
-    from raymimic.clip.models import register_model_configs
+    from raymimic.clip.models import register_model_configs, transforms_for_model
     from raymimic.data.preprocess import preprocess_for_clip
     from raymimic.evaluate import embed
     from raymimic.select.filters import CLIPScoreFilter
@@ -173,7 +173,7 @@ def test_ray_data_stages_we_build_are_quiet(ray_session):
     ray.data.range(1)  # Ray Data configures its loggers on first use: add our handler after that
     with quiet(), no_ray_data_deprecations():
         source = ray.data.from_items(_image_rows())
-        rows = preprocess_for_clip(source, model_name="raymimic-tiny", batch_size=2, concurrency=1).take_all()
+        rows = preprocess_for_clip(source, *transforms_for_model("raymimic-tiny"), batch_size=2, concurrency=1).take_all()
         embed(source, "raymimic-tiny", concurrency=1)  # lazy: the stage's arguments are checked when it is added
         CLIPScoreFilter(min_score=0.0, model="raymimic-tiny").scored(source)
     assert len(rows) == 4 and np.asarray(rows[0]["image"]).dtype == np.float32

@@ -193,7 +193,8 @@ def _ddp_worker(rank, world, init_file, model, reference, images, texts, out, in
     try:
         step, name = build_mimic_step(model, MODEL, reference=reference, tau=0.05, reweight_all=True, wrap=DistributedDataParallel,
                                       controls=["zero", "init", "random", "fixed", "aligned"],
-                                      baselines=["loss", "ref_loss", "rho", "ref_clipscore"], initial_weight=initial, seed=7)
+                                      baselines=["loss", "ref_loss", "rho", "ref_clipscore"], initial_weight=initial, seed=7,
+                                      align_every=1000)
         local = len(images) // world
         mine = slice(rank * local, (rank + 1) * local)
         for i in range(2):  # a second step: DDP's reducer must be ready again after the two-pass backward

@@ -20,30 +20,6 @@ import numpy as np
 DECODE_REASON = "undecodable_image"
 
 
-def transforms_for_model(model_name: str):
-    """The eval-time image transform and the tokenizer open_clip uses for ``model_name``.
-
-    Built from the model's config alone, without creating the model or loading weights.
-    """
-    import open_clip
-
-    from raymimic.clip.models import register_model_configs
-
-    register_model_configs()  # raymimic-tiny / raymimic-small are ours: open_clip knows them only once registered
-    config = open_clip.get_model_config(model_name)
-    if config is None:
-        raise ValueError(f"unknown open_clip model {model_name!r}; open_clip.list_models() gives the valid names")
-    image_size = config["vision_cfg"].get("image_size", 224)
-    preprocess_cfg = config.get("preprocess_cfg", {})
-    transform = open_clip.image_transform(
-        image_size,
-        is_train=False,
-        mean=preprocess_cfg.get("mean"),
-        std=preprocess_cfg.get("std"),
-    )
-    return transform, open_clip.get_tokenizer(model_name)
-
-
 def decode_image(value):
     """An RGB PIL image from encoded bytes (JPEG, PNG, ...) or an H x W (x 3) uint8 pixel array.
 
@@ -182,10 +158,9 @@ def _preprocess_batch(batch: dict, *, transform: BatchTransform, tokenizer, ledg
 
 def preprocess_for_clip(
     ds,
-    transform: Callable | None = None,
-    tokenizer: Callable | None = None,
+    transform: Callable,
+    tokenizer: Callable,
     *,
-    model_name: str | None = None,
     batch_size: int = 256,
     rejects=None,
     keep_columns: Sequence[str] = (),
@@ -194,19 +169,13 @@ def preprocess_for_clip(
 ):
     """Decode + transform images and tokenize captions as a ``map_batches`` stage.
 
-    ``transform``: PIL image -> C x H x W tensor/array (e.g. the ``preprocess`` from
+    ``transform``: PIL image -> C x H x W tensor/array (the model's eval transform, e.g.
+    :func:`raymimic.clip.models.transforms_for_model` or the ``preprocess`` of
     ``open_clip.create_model_and_transforms``); ``tokenizer``: list of str -> int token
-    array (``open_clip.get_tokenizer(name)``). Either can be omitted when ``model_name``
-    is given, and is then built from that open_clip model's config.
+    array (``open_clip.get_tokenizer(name)``).
     ``rejects``: the :class:`~raymimic.data.pool.PoolRejects` given to ``read_pool``.
     ``keep_columns``: other input columns to carry through (e.g. ``"key"``, ``"shard"``).
     """
-    if transform is None or tokenizer is None:
-        if model_name is None:
-            raise ValueError("preprocess_for_clip needs transform and tokenizer, or model_name to build them from open_clip")
-        default_transform, default_tokenizer = transforms_for_model(model_name)
-        transform = transform or default_transform
-        tokenizer = tokenizer or default_tokenizer
     ledger = rejects.actor if rejects is not None else None
     extra = {} if num_cpus is None else {"num_cpus": num_cpus}
     from ray.data import TaskPoolStrategy
@@ -221,11 +190,12 @@ def preprocess_for_clip(
     )
 
 
-def clip_training_dataset(pool: str, model_name: str, rejects=None):
-    """A DataComp pool as (uid, image float32 CxHxW, text int64 tokens): what training and scoring read."""
-    from raymimic.clip.models import register_model_configs
+def clip_training_dataset(pool: str, transform: Callable, tokenizer: Callable, rejects=None):
+    """A DataComp pool as (uid, image float32 CxHxW, text int64 tokens): what training and scoring read.
+
+    ``transform`` and ``tokenizer``: the model's (:func:`raymimic.clip.models.transforms_for_model`).
+    """
     from raymimic.data.pool import read_pool
 
-    register_model_configs()
     ds = read_pool(pool, columns=["uid", "text", "image"], rejects=rejects)
-    return preprocess_for_clip(ds, model_name=model_name, rejects=rejects)
+    return preprocess_for_clip(ds, transform, tokenizer, rejects=rejects)

@@ -50,7 +50,7 @@ class _TeacherEmbedder:
     def __init__(self, model: str, pretrained: str | None, image_column: str, text_column: str, device: str):
         from raymimic.clip.embed import ClipEmbedder
 
-        self.embedder = ClipEmbedder(model, pretrained, device)
+        self.embedder = ClipEmbedder.load(model, pretrained, device)
         self.image_column, self.text_column = image_column, text_column
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -14,13 +14,14 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from raymimic.score_table import ScoreTableWriter, discard_from_step
 from raymimic.train.checkpoint import TrainState, load_train_checkpoint, save_train_checkpoint
-from raymimic.train.config import TrainConfig
+from raymimic.train.config import TrainConfig, parse_control
 
 
 # no weight decay on gains, biases and the temperature (open_clip's training recipe)
@@ -52,13 +53,28 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
-def _maybe_crash(cfg: TrainConfig, step: int, rank: int) -> None:
-    """Fault injection for tests: ``crash_rank`` dies at ``crash_at_step`` on the first attempt only."""
-    if cfg.crash_at_step is None or step != cfg.crash_at_step or rank != cfg.crash_rank:
+@dataclass(frozen=True)
+class InjectedCrash:
+    """A fault for tests: worker ``rank`` exits (``os._exit``) at ``step``, on the run's first attempt only."""
+
+    step: int
+    rank: int = 1
+
+    def marker(self, output: str) -> str:
+        """The file the crash leaves in the run's output, so a resumed attempt does not crash again."""
+        return f"{output.rstrip('/')}/.crash-injected-step-{self.step}"
+
+
+# set by tests on the driver (never by a run's settings); raymimic.train.trainer.build_trainer hands it to the workers
+injected_crash: InjectedCrash | None = None
+
+
+def _maybe_crash(crash: InjectedCrash | None, output: str, step: int, rank: int) -> None:
+    if crash is None or step != crash.step or rank != crash.rank:
         return
     import fsspec
 
-    marker = f"{cfg.output.rstrip('/')}/.crash-injected-step-{step}"
+    marker = crash.marker(output)
     fs, path = fsspec.core.url_to_fs(marker)
     if fs.exists(path):
         return
@@ -101,8 +117,8 @@ class _Worker:
         self.step_fn, _ = build_mimic_step(
             model, cfg.model, mimic_layer=cfg.mimic_layer, reference=cfg.reference, weighting=cfg.weighting, tau=cfg.tau,
             score_kind=cfg.score_kind, reweight_all=cfg.reweight_all, device=self.device, autocast=autocast_for(cfg, self.device),
-            wrap=ray.train.torch.prepare_model, direction=cfg.direction, controls=cfg.controls, baselines=cfg.baselines,
-            initial_weight=initial, seed=cfg.seed, align_every=cfg.align_every,
+            wrap=ray.train.torch.prepare_model, direction=cfg.direction, controls=[parse_control(c) for c in cfg.controls],
+            baselines=cfg.baselines, initial_weight=initial, seed=cfg.seed, align_every=cfg.align_every,
         )
         self.unwrapped = model
         self.step_fn.previous_mean_grad = previous_grad
@@ -189,7 +205,8 @@ def _metrics(worker: _Worker, results: list, elapsed: float, data_wait: float = 
     }
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: dict, crash: InjectedCrash | None = None) -> None:
+    """One worker's Stage 1 for the :class:`TrainConfig` as a dict (``crash``: a fault a test injects)."""
     import ray.train
 
     cfg = TrainConfig.from_dict(config)
@@ -216,7 +233,7 @@ def train_loop_per_worker(config: dict) -> None:
                 waiting_since = time.perf_counter()
                 continue
             data_wait += time.perf_counter() - waiting_since
-            _maybe_crash(cfg, state.step, worker.rank)
+            _maybe_crash(crash, cfg.output, state.step, worker.rank)
             interval_results.append(worker.train_step(batch)["result"])
             since_flush += 1
             if progress is not None:

@@ -46,7 +46,7 @@ class MimicScorer:
         import torch
 
         from raymimic.clip import create_model
-        from raymimic.train.config import resolve_baselines, resolve_controls
+        from raymimic.train.config import parse_control, resolve_baselines, resolve_controls
         from raymimic.train.step import build_mimic_step
 
         controls = resolve_controls(list(controls), reference=True, score_only=True)
@@ -56,7 +56,7 @@ class MimicScorer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         self.step_fn, _ = build_mimic_step(self.model, model, mimic_layer=mimic_layer, reference=reference, weighting="grad-mimic",
                                            tau=tau, score_kind=score_kind, device=self.device, autocast=autocast,
-                                           controls=controls, baselines=baselines, seed=seed)
+                                           controls=[parse_control(c) for c in controls], baselines=baselines, seed=seed)
         local = checkpoint if checkpoint and "://" not in checkpoint else None
         found_step, self.epoch = checkpoint_position(local)
         self.step = found_step if step is None else step
@@ -141,13 +141,13 @@ def run_score_only(cfg) -> str:
     and writes ``<cfg.output>/scores/`` (:func:`write_scores`). A checkpoint given as a path or URI is
     copied to local disk first; a pretrained tag is passed on as is. Needs a running (or startable) Ray.
     """
-    from raymimic.clip.models import local_copy
+    from raymimic.clip.models import local_copy, transforms_for_model
     from raymimic.data.preprocess import clip_training_dataset
 
     checkpoint = cfg.checkpoint
     if checkpoint and ("://" in checkpoint or "/" in checkpoint):
         checkpoint = local_copy(checkpoint)
-    scored = score_dataset(clip_training_dataset(cfg.pool, cfg.model), cfg.model, checkpoint, cfg.reference,
+    scored = score_dataset(clip_training_dataset(cfg.pool, *transforms_for_model(cfg.model)), cfg.model, checkpoint, cfg.reference,
                            mimic_layer=cfg.mimic_layer, score_kind=cfg.score_kind, tau=cfg.tau, batch_size=cfg.batch_size,
                            actors=cfg.actors, use_gpu=cfg.use_gpu, step=cfg.step, controls=cfg.controls, baselines=cfg.baselines)
     return write_scores(scored, cfg.output)
