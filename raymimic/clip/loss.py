@@ -36,14 +36,14 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     dist.all_gather(sizes, torch.tensor([features.shape[0]], device=features.device))
     if len({int(s) for s in sizes}) != 1:
         raise ValueError(f"every worker needs the same local batch size; got {[int(s) for s in sizes]} (use drop_last batches)")
-    return _AllGatherCat.apply(features)
+    return AllGatherCat.apply(features)
 
 
 # backends whose reduce-scatter the gather's backward uses; elsewhere an all-reduce and a slice (same sum, twice the traffic)
 REDUCE_SCATTER_BACKENDS = ("nccl", "xccl")
 
 
-class _AllGatherCat(torch.autograd.Function):
+class AllGatherCat(torch.autograd.Function):
     """``cat(all_gather(x))`` with autograd, on public ``torch.distributed`` collectives only.
 
     Replaces ``torch.distributed.nn.functional.all_gather``, deprecated in recent torch (a FutureWarning at every call).
