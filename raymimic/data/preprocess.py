@@ -85,21 +85,30 @@ class BatchTransform:
     transform ends in ToTensor (+ Normalize), the steps before them run image by image and the
     tail once on the batch's uint8 pixels (:func:`split_tensor_tail`); otherwise the whole
     transform runs image by image. Either way the output equals the per-image transform exactly.
+
+    With ``pixels=True`` the tail is left to the consumer: the batch comes out as N x 3 x H x W
+    uint8 pixels (a quarter of float32's bytes), for :class:`raymimic.train.feed.DeviceFeed` to
+    normalise on the training device by the same operations; the transform must then end in
+    ToTensor (+ Normalize).
     """
 
     CHUNK = 8  # images per pass of the tail: a chunk of float32 images stays in the CPU's cache between its passes
 
-    def __init__(self, transform):
+    def __init__(self, transform, pixels: bool = False):
         import torch
 
         split = split_tensor_tail(transform)
+        if pixels and split is None:
+            raise ValueError("pixels=True needs an image transform that ends in ToTensor (+ Normalize), as open_clip's does; "
+                             "this one does not, so give pixels=False (float32 images)")
+        self.pixels = pixels
         self.per_image, self.tail = (transform, None) if split is None else split[:2]
         mean, std = (None, None) if split is None else split[2:]
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def __call__(self, images) -> tuple[np.ndarray | None, list[int], list[str]]:
-        """The decodable images as one float32 array (in order), their indices, and the others' errors."""
+        """The decodable images as one array (float32, or uint8 pixels), in order, their indices, and the others' errors."""
         outputs, ok, errors = [], [], []
         for i, data in enumerate(images):
             try:
@@ -109,6 +118,10 @@ class BatchTransform:
                 errors.append(f"{type(error).__name__}: {error}")
         if not ok:
             return None, ok, errors
+        if self.pixels:
+            pixels = [np.asarray(image, dtype=np.uint8) for image in outputs]  # H x W (x C): what ToTensor would read
+            pixels = np.stack([p[:, :, None] if p.ndim == 2 else p for p in pixels])
+            return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), ok, errors
         if self.tail is not None:
             pixels = _rgb_pixels(outputs)
             if pixels is not None:
@@ -166,6 +179,7 @@ def preprocess_for_clip(
     keep_columns: Sequence[str] = (),
     concurrency: int | None = None,
     num_cpus: float | None = None,
+    pixels: bool = False,
 ):
     """Decode + transform images and tokenize captions as a ``map_batches`` stage.
 
@@ -175,6 +189,8 @@ def preprocess_for_clip(
     array (``open_clip.get_tokenizer(name)``).
     ``rejects``: the :class:`~raymimic.data.pool.PoolRejects` given to ``read_pool``.
     ``keep_columns``: other input columns to carry through (e.g. ``"key"``, ``"shard"``).
+    ``pixels``: images as uint8 C x H x W pixels, normalised later on the training device
+    (:class:`BatchTransform`), instead of float32.
     """
     ledger = rejects.actor if rejects is not None else None
     extra = {} if num_cpus is None else {"num_cpus": num_cpus}
@@ -185,17 +201,19 @@ def preprocess_for_clip(
         batch_size=batch_size,
         batch_format="numpy",
         compute=TaskPoolStrategy(size=concurrency),  # map_batches(concurrency=) is deprecated
-        fn_kwargs={"transform": BatchTransform(transform), "tokenizer": tokenizer, "ledger": ledger, "keep_columns": tuple(keep_columns)},
+        fn_kwargs={"transform": BatchTransform(transform, pixels), "tokenizer": tokenizer, "ledger": ledger,
+                   "keep_columns": tuple(keep_columns)},
         **extra,
     )
 
 
-def clip_training_dataset(pool: str, transform: Callable, tokenizer: Callable, rejects=None):
-    """A DataComp pool as (uid, image float32 CxHxW, text int64 tokens): what training and scoring read.
+def clip_training_dataset(pool: str, transform: Callable, tokenizer: Callable, rejects=None, pixels: bool = False):
+    """A DataComp pool as (uid, image C x H x W, text int64 tokens): what training and scoring read.
 
-    ``transform`` and ``tokenizer``: the model's (:func:`raymimic.clip.models.transforms_for_model`).
+    ``transform`` and ``tokenizer``: the model's (:func:`raymimic.clip.models.transforms_for_model`);
+    images float32, or with ``pixels`` uint8 pixels that the training device normalises.
     """
     from raymimic.data.pool import read_pool
 
     ds = read_pool(pool, columns=["uid", "text", "image"], rejects=rejects)
-    return preprocess_for_clip(ds, transform, tokenizer, rejects=rejects)
+    return preprocess_for_clip(ds, transform, tokenizer, rejects=rejects, pixels=pixels)

@@ -238,17 +238,21 @@ class MimicStep:
 
     # -- pieces ------------------------------------------------------------------------
     def _realign(self, images: torch.Tensor, texts: torch.Tensor) -> None:
-        """Fit the ``aligned`` control's weight on this batch (rank 0's fit on every rank)."""
+        """Fit the ``aligned`` control's weight on rank 0's batch (a Hungarian assignment, rank 0 only) and broadcast it."""
         from raymimic.clip.align import align_reference
         from raymimic.mimic.params import unwrap
 
-        fit = align_reference(unwrap(self.model), self.reference_model, self.mimic_name, images, texts, batch_dim=self.batch_dim,
-                              autocast=self.autocast)
-        weight = fit.weight.to(self.parameter.device, torch.float32).contiguous()
-        if world()[1] > 1:
+        rank, size = world()
+        if rank == 0:
+            fit = align_reference(unwrap(self.model), self.reference_model, self.mimic_name, images, texts,
+                                  batch_dim=self.batch_dim, autocast=self.autocast)
+            weight = fit.weight.to(self.parameter.device, torch.float32).contiguous()
+            self.alignment = fit.report()
+        else:
+            weight = torch.empty(self.parameter.shape, device=self.parameter.device, dtype=torch.float32)
+        if size > 1:
             dist.broadcast(weight, src=0)
         self.controls[ALIGNED] = make_control(ALIGNED, other=weight)
-        self.alignment = fit.report()
 
     def direction(self) -> torch.Tensor:
         """The primary ``V`` (float32): ``W_ref - W_t`` recomputed every step (one subtraction), or ``W_ref - W_0``."""

@@ -109,7 +109,8 @@ def run_training(cfg: TrainConfig, *, validate: bool = True) -> RunSummary:
 
     if not cfg.pool:
         raise ValueError("TrainConfig.pool is not set: give the DataComp pool to train on (or call fit() with a dataset)")
-    return fit(cfg, clip_training_dataset(cfg.pool, *transforms_for_model(cfg.model)), validate=validate)
+    # uint8 pixels through the object store; the workers normalise them on their device (raymimic.train.feed)
+    return fit(cfg, clip_training_dataset(cfg.pool, *transforms_for_model(cfg.model), pixels=True), validate=validate)
 
 
 # Ray's own scheduling failing under us, not the training code: Ray Train's controller gives up on
