@@ -94,8 +94,9 @@ def environment(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
             "device": str(device), "cuda": torch.version.cuda}
     if device.type == "cuda":
+        nccl = torch.cuda.nccl.version()
         info.update(gpu=torch.cuda.get_device_name(device), bf16_supported=torch.cuda.is_bf16_supported(),
-                    nccl=".".join(map(str, torch.cuda.nccl.version())))
+                    nccl=".".join(map(str, nccl)) if isinstance(nccl, (tuple, list)) else str(nccl))
     return info
 
 
@@ -397,7 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_check: --device cuda but torch.cuda.is_available() is False (use --device cpu --small for a dry run)")
+        print("gpu_check: --device cuda but torch.cuda.is_available() is False (use --device cpu --small for a dry run)",
+              file=sys.stderr)
+        return 2
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # DDP's device_ids need the index
     big = "raymimic-tiny" if args.small else "ViT-B-32"
     speed_batch = 16 if args.small else 256
     steps = args.steps or (2 if args.small else 10)

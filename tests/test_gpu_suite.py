@@ -120,7 +120,7 @@ def test_mimic_overhead_runs_on_cpu_at_a_tiny_size(tmp_path, precision):
     assert load("mimic_overhead").main(argv) == 0
     (result,) = json.loads(path.read_text())["results"]
     assert result["device"] == "cpu" and result["precision"] == precision and result["batch"] == 2
-    assert result["plain_s"] > 0 and result["mimic_s"] > 0
+    assert result["plain_s"] > 0 and result["mimic_s"] > 0 and result["training_step_s"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
