@@ -113,11 +113,11 @@ def time_controls_alone(probe, controls: dict, batch: int, repeats: int, device:
     return times
 
 
-def training_step(optimizer, images, texts, step, score_copy, **_):
+def training_step(optimizer, images, texts, mimic_step_fn, score_copy, **_):
     """What a Stage-1 worker runs: :class:`raymimic.train.step.MimicStep` (the probe, the gathers, the control columns, the
     loss baseline) and the deferred copy of the step's scores to the host, then the update."""
     optimizer.zero_grad(set_to_none=True)
-    result = step(images, texts)
+    result = mimic_step_fn(images, texts)
     optimizer.step()
     score_copy.push(None, {"score": result.local_scores, "weight": result.local_weights, **result.local_extra})
 
@@ -194,7 +194,7 @@ def bench(model_name: str, batch: int, repeats: int, layer: str, skip_torch_func
                      autocast=autocast, initial_weight=initial, controls=list(built.values()), baselines=["loss"])
     kwargs = dict(model=model, optimizer=optimizer, images=images, texts=texts, probe=probe, device=device,
                   reference_weight=reference_weight, weighting=GradMimic(tau=0.05), name=name, autocast=autocast, controls=built,
-                  step=step, score_copy=DeferredCopy(lambda context, arrays: None))
+                  mimic_step_fn=step, score_copy=DeferredCopy(lambda context, arrays: None))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # interleave the modes so drift in machine load hits all of them alike
