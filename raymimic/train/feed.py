@@ -62,16 +62,16 @@ class DeviceFeed:
             yield self._finish(*pending)
 
     def _host(self, column: str, values) -> torch.Tensor:
-        """The column as a CPU tensor; on CUDA copied into this turn's pinned buffer."""
+        """The column as a CPU tensor; on CUDA copied (once) into this turn's pinned buffer."""
         array = np.asarray(values)
-        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())  # Ray hands out read-only arrays
         if not self.cuda:
-            return tensor
+            return torch.from_numpy(array if array.flags.writeable else array.copy())  # Ray hands out read-only arrays
         buffers = self._pinned.setdefault(column, [None, None])
         buffer = buffers[self._turn]
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = buffers[self._turn] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        buffer.copy_(tensor)
+        if buffer is None or tuple(buffer.shape) != array.shape or buffer.numpy().dtype != array.dtype:
+            dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
+            buffer = buffers[self._turn] = torch.empty(array.shape, dtype=dtype, pin_memory=True)
+        np.copyto(buffer.numpy(), array)
         return buffer
 
     def _start(self, batch: Mapping):
