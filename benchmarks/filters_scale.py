@@ -151,7 +151,7 @@ def part_negclip_bank(a) -> dict:
 def part_negclip_task(a) -> dict:
     import torch
 
-    from raymimic.select.filters import _negclip_score_frame
+    from raymimic.select.filters import negclip_score_frame
 
     torch.set_num_threads(a.threads)
     base = _rss_now_mb()
@@ -166,7 +166,7 @@ def part_negclip_task(a) -> dict:
     start = time.time()
     for r0 in range(0, a.score_rows, 4096):  # the stage's calls: 4,096 rows each (rows_per_call)
         part = block.iloc[r0:min(a.score_rows, r0 + 4096)].copy()
-        _negclip_score_frame(part, bank, "negclip_score", "l14_img", "l14_txt", "uid", 0.01, 512, 8192, 1 if a.device == "cuda" else 0)
+        negclip_score_frame(part, bank, "negclip_score", "l14_img", "l14_txt", "uid", 0.01, 512, 8192, 1 if a.device == "cuda" else 0)
     seconds = time.time() - start
     return {"part": "negclip task", "rows": a.score_rows, "seconds": seconds, "peak_mb": _peak_mb(), "imports_mb": base,
             "ms_per_row": 1000 * seconds / a.score_rows, "block_rows": a.block_rows,
@@ -245,7 +245,7 @@ def part_normsim(a) -> dict:
     import pandas as pd
     import torch
 
-    from raymimic.select.filters import NormSimFilter, _normsim_score_frame
+    from raymimic.select.filters import NormSimFilter, normsim_score_frame
 
     torch.set_num_threads(a.threads)
     p = np.inf if a.p == "inf" else 2
@@ -260,7 +260,7 @@ def part_normsim(a) -> dict:
     block = pd.DataFrame({"l14_img": list(img[:n_rows])})
     start = time.time()
     gpus = 1 if a.device == "cuda" else 0
-    scores = np.concatenate([_normsim_score_frame(block.iloc[s:s + 4096].copy(), stage.state, "s", "l14_img", stage.chunk_rows,
+    scores = np.concatenate([normsim_score_frame(block.iloc[s:s + 4096].copy(), stage.state, "s", "l14_img", stage.chunk_rows,
                                                   stage.chunk_targets, gpus)["s"].to_numpy() for s in range(0, n_rows, 4096)])
     seconds = time.time() - start
     peak = _peak_mb()

@@ -10,13 +10,14 @@
 #    (plain and with Grad-Mimic), one worker per GPU, 256 per GPU, bf16 -> OUTPUT_DIR/train_throughput.json
 #
 # Also writes nvidia-smi.txt and environment.json. Environment overrides: PYTHON (interpreter,
-# default python), MODEL (ViT-B-32), BATCH (per-GPU batch, 256), WORKERS (GPUs used by the
+# default python, else python3), MODEL (ViT-B-32), BATCH (per-GPU batch, 256), WORKERS (GPUs used by the
 # throughput run, default all visible), STEPS/WARMUP_STEPS (20/10), REPEATS (10).
-# Exits non-zero with a message when no usable NVIDIA GPU is present.
+# Exits non-zero with a message when no usable NVIDIA GPU is present. Needs Ray (the throughput run);
+# on one bare GPU machine without Ray, run benchmarks/gpu_check.py instead (docs/cluster.md).
 set -euo pipefail
 
 OUT="${1:-runs/gpu_suite}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 MODEL="${MODEL:-ViT-B-32}"
 BATCH="${BATCH:-256}"
 STEPS="${STEPS:-20}"

@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results to this path")
     args = parser.parse_args(argv)
 
+    from raymimic.clip.models import transforms_for_model
     from raymimic.data.pool import shard_files
-    from raymimic.data.preprocess import transforms_for_model
     from raymimic_experiments.toy_pool import make_toy_pool
 
     workdir = None

@@ -2,6 +2,10 @@
 step vs a step that gets the same scores from torch.func per-sample gradients (what the
 paper's code does), same model, batch and optimizer, measured in one process.
 
+A fourth mode, the *training step*, times what a Stage-1 worker runs: the whole
+:class:`raymimic.train.step.MimicStep` (the gathers, the control columns and a loss baseline
+included) and the deferred copy of its scores to the host (``training_step_over_plain``).
+
 Also the cost of the control directions every Stage-1 run records (``--controls``, default
 zero,fixed,init,random): a mimic step that also scores every control (as
 :class:`raymimic.train.step.MimicStep` does), and, timed alone after a backward pass, each
@@ -37,6 +41,8 @@ from raymimic.mimic import (
     mimic_scores,
     reweighted_grad,
 )
+from raymimic.train.feed import DeferredCopy
+from raymimic.train.step import MimicStep
 
 
 def make_batch(model_name: str, model, batch: int, device: str | torch.device = "cpu"):
@@ -107,6 +113,15 @@ def time_controls_alone(probe, controls: dict, batch: int, repeats: int, device:
     return times
 
 
+def training_step(optimizer, images, texts, mimic_step_fn, score_copy, **_):
+    """What a Stage-1 worker runs: :class:`raymimic.train.step.MimicStep` (the probe, the gathers, the control columns, the
+    loss baseline) and the deferred copy of the step's scores to the host, then the update."""
+    optimizer.zero_grad(set_to_none=True)
+    result = mimic_step_fn(images, texts)
+    optimizer.step()
+    score_copy.push(None, {"score": result.local_scores, "weight": result.local_weights, **result.local_extra})
+
+
 def torch_func_step(model, optimizer, images, texts, probe, reference_weight, weighting, name, autocast=None, **_):
     """Per-sample gradients of the mimic layer materialised with torch.func, then the same update."""
     autocast = autocast or contextlib.nullcontext()
@@ -175,16 +190,20 @@ def bench(model_name: str, batch: int, repeats: int, layer: str, skip_torch_func
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.2, betas=(0.9, 0.98))
     images, texts = make_batch(model_name, model, batch, device)
     autocast = autocast_for(device, precision)
+    step = MimicStep(model, name, "grad-mimic", tau=0.05, reference_weight=reference_weight, batch_dim=sample_dim(model, name),
+                     autocast=autocast, initial_weight=initial, controls=list(built.values()), baselines=["loss"])
     kwargs = dict(model=model, optimizer=optimizer, images=images, texts=texts, probe=probe, device=device,
-                  reference_weight=reference_weight, weighting=GradMimic(tau=0.05), name=name, autocast=autocast, controls=built)
+                  reference_weight=reference_weight, weighting=GradMimic(tau=0.05), name=name, autocast=autocast, controls=built,
+                  mimic_step_fn=step, score_copy=DeferredCopy(lambda context, arrays: None))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # interleave the modes so drift in machine load hits all of them alike
-    plain, mimic, with_controls, func = [], [], [], []
+    plain, mimic, with_controls, func, training = [], [], [], [], []
     func_error = None
     for _ in range(repeats):
         plain.append(time_step(plain_step, 1, **kwargs))
         mimic.append(time_step(mimic_step, 1, **kwargs))
+        training.append(time_step(training_step, 1, **kwargs))
         if built:
             with_controls.append(time_step(mimic_controls_step, 1, **kwargs))
         if not skip_torch_func and func_error is None:
@@ -201,7 +220,8 @@ def bench(model_name: str, batch: int, repeats: int, layer: str, skip_torch_func
     result = {"model": model_name, "batch": batch, "layer": name, "plain_s": plain_s, "mimic_s": mimic_s,
               "torch_func_s": func_s, "mimic_over_plain": mimic_s / plain_s, "torch_func_over_plain": func_s / plain_s,
               "threads": torch.get_num_threads(), "device": device, "precision": "bf16" if bf16 else "fp32",
-              "plain_samples_per_s": batch / plain_s, "mimic_samples_per_s": batch / mimic_s}
+              "plain_samples_per_s": batch / plain_s, "mimic_samples_per_s": batch / mimic_s,
+              "training_step_s": statistics.median(training), "training_step_over_plain": statistics.median(training) / plain_s}
     if built:
         controls_s = statistics.median(with_controls)
         alone = time_controls_alone(probe, built, batch, 50, device)  # cheap; the probe holds the last step's pass
@@ -243,10 +263,11 @@ def main(argv=None) -> int:
     batches = args.batch * len(args.models) if len(args.batch) == 1 else args.batch
     results = [bench(m, b, args.repeats, args.layer, args.skip_torch_func, device, args.precision, controls)
                for m, b in zip(args.models, batches)]
-    print(f"{'model':<16}{'batch':>6}{'plain s':>10}{'mimic s':>10}{'func s':>10}{'mimic/plain':>13}{'func/plain':>12}")
+    print(f"{'model':<16}{'batch':>6}{'plain s':>10}{'mimic s':>10}{'func s':>10}{'mimic/plain':>13}{'func/plain':>12}"
+          f"{'training step/plain':>21}")
     for r in results:
         print(f"{r['model']:<16}{r['batch']:>6}{r['plain_s']:>10.4f}{r['mimic_s']:>10.4f}{r['torch_func_s']:>10.4f}"
-              f"{r['mimic_over_plain']:>13.3f}{r['torch_func_over_plain']:>12.2f}")
+              f"{r['mimic_over_plain']:>13.3f}{r['torch_func_over_plain']:>12.2f}{r['training_step_over_plain']:>21.3f}")
     if controls:
         print(f"\n{'model':<16}{'batch':>6}{'+controls s':>12}{'(+controls)/mimic':>19}{'min/min':>9}  each control alone / mimic "
               "step, median (min/min)")

@@ -25,7 +25,7 @@ class _Embedder:
                  templates: Sequence[str], label_column: str, device: str):
         from raymimic.clip.embed import ClipEmbedder
 
-        self.embedder = ClipEmbedder(model_name, checkpoint, device)
+        self.embedder = ClipEmbedder.load(model_name, checkpoint, device)
         self.label_column = label_column
         self.class_embeddings = self.embedder.embed_classes(classnames, templates) if classnames else None
 

@@ -194,6 +194,7 @@ def run(cfg: QuickstartConfig) -> dict:
     import pandas as pd
     import ray
 
+    from raymimic.clip.models import transforms_for_model
     from raymimic.data.preprocess import clip_training_dataset
     from raymimic.data.uids import read_subset_uids, write_subset
     from raymimic.evaluate import evaluate
@@ -214,11 +215,12 @@ def run(cfg: QuickstartConfig) -> dict:
                   relabel=cfg.relabel, relabel_pairs=cfg.relabel_pairs, images=cfg.images)
     make_toy_pool(ref_pool, samples=cfg.reference_samples, noise=0.0, seed=cfg.seed + 100, shard_size=2000, eval_samples=0,
                   images=cfg.images)
-    full = clip_training_dataset(pool, cfg.model).materialize()
+    transforms = transforms_for_model(cfg.model)
+    full = clip_training_dataset(pool, *transforms).materialize()
     results: dict = {"config": cfg.to_dict(), "modes": {}}
 
     _log(f"training the reference model on the clean pool ({cfg.reference_init} initialisation)")
-    reference = _train(cfg, "reference", clip_training_dataset(ref_pool, cfg.model).materialize(), cfg.reference_samples,
+    reference = _train(cfg, "reference", clip_training_dataset(ref_pool, *transforms).materialize(), cfg.reference_samples,
                        cfg.reference_epochs, None, "sgd", seed=cfg.reference_seed)
     truth = pd.read_parquet(truth_path)
     stage1: dict[str, str] = {}

@@ -2,7 +2,7 @@
 
 The head (1 CPU, no ``trainer_slot``) cannot host a training worker. The autoscaler adds
 ``trainer_node``s (2 CPUs and 1 ``trainer_slot``, standing in for a GPU; 0 to 2 of them) when
-Stage 1 asks for its workers with ``cfg.extra["resources_per_worker"] = {"trainer_slot": 1}``.
+Stage 1 asks for its workers with ``TrainConfig(resources_per_worker={"trainer_slot": 1})``.
 One module-scoped cluster serves two drivers, each running this file in a subprocess: a Stage 1
 run on autoscaled nodes during which one trainer node's raylet is killed (it resumes on a
 replacement node from its last checkpoint, and must end with exactly one score row per
@@ -374,6 +374,7 @@ def _stage1(job: dict) -> dict:
     import ray
     from ray._private.state import state
 
+    from raymimic.clip.models import transforms_for_model
     from raymimic.data.pool import PoolRejects
     from raymimic.data.preprocess import clip_training_dataset
     from raymimic.train import preflight
@@ -387,11 +388,11 @@ def _stage1(job: dict) -> dict:
         output=job["output"], model=MODEL, reference=job["reference"], weighting="grad-mimic", tau=0.5, samples_seen=job["samples_seen"],
         global_batch=BATCH, lr=1e-3, warmup=2, workers=2, cpus_per_worker=1, checkpoint_every=job["checkpoint_every"],
         score_flush_every=1, log_every=1, progress=False, max_failures=job["max_failures"],
-        extra={"resources_per_worker": {SLOT: 1}},
+        resources_per_worker={SLOT: 1},
     )
     report["preflight"] = {"autoscaling": view.autoscaling, "source": preflight.check_resources(cfg, cluster=view).source}
     rejects = PoolRejects()
-    dataset = clip_training_dataset(job["pool"], MODEL, rejects=rejects)
+    dataset = clip_training_dataset(job["pool"], *transforms_for_model(MODEL), rejects=rejects)
     rejects.summary()  # waits for the ledger actor to be placed
     report["head"] = ray.get_runtime_context().get_node_id()
     report["ledger_nodes"] = _job_actors().get("_Ledger")

@@ -57,6 +57,14 @@ def test_train_preset_plus_overrides_is_one_config(config_of):
     assert cfg["pool"] == "/data/pool" and cfg["reference"] == "ViT-B-32:datacomp_m_s128m_b4k" and cfg["output"] == "/runs/r1"
 
 
+def test_train_cluster_settings_are_config_fields_and_no_test_hook_is(config_of, error_of):
+    cfg = config_of("train", *TRAIN_IO, "--collective-timeout-s", "30", "--resources-per-worker", "trainer_slot=1,ssd=0.5")
+    assert cfg["collective_timeout_s"] == 30 and cfg["resources_per_worker"] == {"trainer_slot": 1.0, "ssd": 0.5}
+    assert not {"extra", "crash_at_step", "crash_rank"} & set(cfg)
+    assert "NAME=AMOUNT" in error_of("train", *TRAIN_IO, "--resources-per-worker", "trainer_slot", "--print-config", one_line=False)
+    assert "may not set 'GPU'" in error_of("train", *TRAIN_IO, "--resources-per-worker", "GPU=1", "--print-config")
+
+
 def test_train_preset_override_that_breaks_the_preset_is_an_error(error_of):
     line = error_of("train", "--preset", "tiny", "--model", "ViT-B-32", "--global-batch", "4096", *TRAIN_IO, "--print-config")
     assert "samples_seen" in line and "global_batch" in line

@@ -191,7 +191,7 @@ def test_preprocess_decodes_tokenizes_and_lists_undecodable_images(ray_session, 
 def test_transforms_for_model_builds_open_clip_preprocessing_without_weights():
     from PIL import Image
 
-    from raymimic.data.preprocess import transforms_for_model
+    from raymimic.clip.models import transforms_for_model
 
     transform, tokenizer = transforms_for_model("ViT-B-32")
     image = transform(Image.new("RGB", (32, 20), (255, 0, 0)))

@@ -33,13 +33,31 @@ def fake_nvidia_smi(tmp_path, exit_code: int) -> str:
     return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
 
-def test_suite_is_valid_bash():
-    out = run(["bash", "-n", str(SUITE)])
+def test_suite_runs_both_benchmarks_with_the_gpu_settings(tmp_path):
+    """With an NVIDIA GPU seen (a stand-in nvidia-smi) and an interpreter that records its calls, the suite runs the
+    overhead benchmark at ViT-B-32, batch 256, bf16 on CUDA, and the throughput benchmark on every GPU, into OUTPUT_DIR."""
+    calls = tmp_path / "calls.txt"
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+case "$1" in
+  -c) echo 2 ;;
+  -) cat > /dev/null; echo '{{}}' > "$2" ;;
+esac
+""")
+    python.chmod(0o755)
+    env = {**ENV, "PATH": fake_nvidia_smi(tmp_path, exit_code=0), "PYTHON": str(python)}
+    out = run(["bash", str(SUITE), str(tmp_path / "out")], env=env)
     assert out.returncode == 0, out.stderr
-    text = SUITE.read_text()
-    for needed in ("mimic_overhead.py", "--device cuda", "--precision bf16", 'BATCH="${BATCH:-256}"', "train_throughput.py --gpu",
-                   "runs/gpu_suite", "ViT-B-32"):
-        assert needed in text, needed
+    lines = calls.read_text().splitlines()
+    overhead = next(line.split() for line in lines if "mimic_overhead.py" in line)
+    throughput = next(line.split() for line in lines if "train_throughput.py" in line)
+    option = lambda argv, name: argv[argv.index(name) + 1]  # noqa: E731
+    assert [option(overhead, o) for o in ("--models", "--batch", "--device", "--precision")] == ["ViT-B-32", "256", "cuda", "bf16"]
+    assert option(overhead, "--json") == str(tmp_path / "out" / "mimic_overhead.json")
+    assert "--gpu" in throughput and option(throughput, "--workers") == "2" and option(throughput, "--global-batch") == "512"
+    assert option(throughput, "--precision") == "bf16"
+    assert (tmp_path / "out" / "nvidia-smi.txt").exists() and (tmp_path / "out" / "environment.json").exists()
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has nvidia-smi")
@@ -102,7 +120,7 @@ def test_mimic_overhead_runs_on_cpu_at_a_tiny_size(tmp_path, precision):
     assert load("mimic_overhead").main(argv) == 0
     (result,) = json.loads(path.read_text())["results"]
     assert result["device"] == "cpu" and result["precision"] == precision and result["batch"] == 2
-    assert result["plain_s"] > 0 and result["mimic_s"] > 0
+    assert result["plain_s"] > 0 and result["mimic_s"] > 0 and result["training_step_s"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

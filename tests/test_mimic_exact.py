@@ -152,8 +152,8 @@ def test_weighting_stats_match_per_sample_gradients(method):
     assert torch.equal(weights, local) and weights.shape == (8,) and float(weights.sum()) == pytest.approx(1.0, abs=1e-5)
     # a worker holding samples 4-7 of a global batch of 16 gets its slice (Grad-Match: its local share of 1)
     stats["batch_size"] = torch.tensor(16)
-    if "gram" in weighting.needs:
-        _, local = batch_weights(weighting, stats, rank=1, local=8)
+    if "gram" in weighting.needs:  # the scores come gathered from both workers (the global batch's size)
+        _, local = batch_weights(weighting, stats | {"mimic": torch.cat([stats["mimic"], stats["mimic"]])}, rank=1, local=8)
         assert float(local.sum()) == pytest.approx(0.5, abs=1e-5)
     elif method != "sgd":
         full = torch.cat([stats["mimic"], stats["mimic"]])  # as if gathered from two workers

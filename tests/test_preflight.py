@@ -129,11 +129,13 @@ def test_amp_bf16_needs_gpus(files):
     assert _error(files, precision="amp_bf16").startswith("precision 'amp_bf16' needs GPU workers")
 
 
-def test_custom_worker_resources_are_checked(files):
-    assert "use cpus_per_worker" in _error(files, extra={"resources_per_worker": {"CPU": 2}})
-    assert "amount >= 0" in _error(files, extra={"resources_per_worker": {"trainer_slot": -1}})
-    assert "collective_timeout_s" in _error(files, extra={"collective_timeout_s": 0})
-    cfg = _cfg(files, use_gpu=True, extra={"resources_per_worker": {"trainer_slot": 1}})
+def test_custom_worker_resources_and_the_collective_timeout_are_checked(files):
+    for overrides, expected in [({"resources_per_worker": {"CPU": 2}}, "use cpus_per_worker"),
+                                ({"resources_per_worker": {"trainer_slot": -1}}, "amount >= 0"),
+                                ({"collective_timeout_s": 0}, "collective_timeout_s must be")]:
+        with pytest.raises(ValueError, match=expected):
+            _cfg(files, **overrides)
+    cfg = _cfg(files, use_gpu=True, resources_per_worker={"trainer_slot": 1})
     assert pf.worker_resources(cfg) == {"CPU": 1.0, "GPU": 1.0, "trainer_slot": 1.0}
 
 
@@ -166,7 +168,7 @@ def test_free_cpus_must_be_on_one_node(files):
 def test_missing_gpus_and_custom_resources(files):
     with pytest.raises(PreflightError, match=r"they need 2 GPU in all \(it has 0\)"):
         check_resources(_cfg(files, use_gpu=True), cluster={"CPU": 8})
-    slots = _cfg(files, extra={"resources_per_worker": {"trainer_slot": 1}})
+    slots = _cfg(files, resources_per_worker={"trainer_slot": 1})
     with pytest.raises(PreflightError, match=r"2 trainer_slot in all \(it has 1\).*workers=1"):
         check_resources(slots, cluster=ClusterView(nodes=[{"CPU": 1}, {"CPU": 2, "trainer_slot": 1}]))
 
@@ -190,7 +192,7 @@ def test_data_cpus(files):
 
 def test_autoscaler_ceiling(files):
     """A head that cannot host workers, and node types that can: the ceiling counts, not today's nodes."""
-    slots = _cfg(files, extra={"resources_per_worker": {"trainer_slot": 1}})
+    slots = _cfg(files, resources_per_worker={"trainer_slot": 1})
     head_only = [{"CPU": 1.0}]
     plan = check_resources(slots, cluster=ClusterView(nodes=head_only, max_resources={"CPU": 4, "trainer_slot": 2}))
     assert plan.source == "autoscaler ceiling"
@@ -259,17 +261,20 @@ def _items(rows: int = 24) -> list[dict]:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_dying_worker_fails_the_run_within_seconds(ray_session, files):
+def test_a_dying_worker_fails_the_run_within_seconds(ray_session, files, monkeypatch):
     """Rank 1 dies at step 1 while rank 0 waits for it in a collective; max_failures=0: fit raises, nobody hangs."""
+    from raymimic.train import loop
     from raymimic.train.trainer import fit
 
     cfg = _cfg(files, output=str(files["root"] / "crash"), samples_seen=32, checkpoint_every=2, log_every=1,
-               score_flush_every=1, max_failures=0, crash_at_step=1, crash_rank=1, extra={"collective_timeout_s": 120})
+               score_flush_every=1, max_failures=0, collective_timeout_s=120)
+    crash = loop.InjectedCrash(step=1, rank=1)
+    monkeypatch.setattr(loop, "injected_crash", crash)
     with pytest.raises(Exception) as info:
         fit(cfg, ray_session.data.from_items(_items()), data_cpus=0)
     failed_at = time.time()
     assert not isinstance(info.value, PreflightError)
-    marker = Path(cfg.output) / ".crash-injected-step-1"
+    marker = Path(crash.marker(cfg.output))
     assert marker.exists(), f"the injected crash did not happen: {info.value!r}"
     delay = failed_at - marker.stat().st_mtime
     print(f"the run failed {delay:.1f} s after rank 1 died: {type(info.value).__name__}")

@@ -80,62 +80,6 @@ def test_single_process_loss_is_quiet():
         contrastive_loss(x, y, torch.tensor(10.0)).backward()
 
 
-def _gather_worker(rank, world, init_file, out, reduce_scatter):
-    import torch.distributed as dist
-
-    from raymimic.clip import loss
-
-    torch.set_num_threads(1)
-    if reduce_scatter:  # run the reduce-scatter backward (NCCL's) on gloo
-        loss.REDUCE_SCATTER_BACKENDS = ("gloo",)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        images, texts = _features(world * 3)
-        mine = slice(rank * 3, (rank + 1) * 3)
-        image, text = images[mine].clone().requires_grad_(True), texts[mine].clone().requires_grad_(True)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            gathered = loss.gather_with_grad(image)
-            local = loss.contrastive_loss(image, text, torch.tensor(7.0))
-            local.backward()
-        torch.save({"gathered": gathered.detach(), "image_grad": image.grad, "text_grad": text.grad, "loss": local.detach(),
-                    "warnings": _ours(caught)}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _features(n):
-    g = torch.Generator().manual_seed(3)
-    images = torch.nn.functional.normalize(torch.randn(n, 5, generator=g), dim=-1)
-    texts = torch.nn.functional.normalize(torch.randn(n, 5, generator=g), dim=-1)
-    return images, texts
-
-
-@pytest.mark.parametrize("reduce_scatter", [False, True], ids=["all-reduce", "reduce-scatter"])
-def test_gather_with_grad_is_quiet_and_exact_on_two_gloo_processes(tmp_path, reduce_scatter):
-    """Each rank's gradient is ``world * dL/dy`` of the global mean loss for its own rows (the loss module's contract)."""
-    import torch.multiprocessing as mp
-
-    from raymimic.clip.loss import contrastive_loss
-
-    world = 2
-    mp.spawn(_gather_worker, args=(world, str(tmp_path / "init"), str(tmp_path), reduce_scatter), nprocs=world)
-    images, texts = _features(world * 3)
-    images.requires_grad_(True), texts.requires_grad_(True)
-    full = contrastive_loss(images, texts, torch.tensor(7.0))
-    full.backward()
-    losses = []
-    for rank in range(world):
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
-        assert saved["warnings"] == []
-        torch.testing.assert_close(saved["gathered"], images.detach())
-        mine = slice(rank * 3, (rank + 1) * 3)
-        torch.testing.assert_close(saved["image_grad"], world * images.grad[mine], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(saved["text_grad"], world * texts.grad[mine], rtol=1e-5, atol=1e-7)
-        losses.append(saved["loss"])
-    torch.testing.assert_close(torch.stack(losses).mean(), full.detach())
-
-
 # -- Ray Data stages -------------------------------------------------------------------------
 def _image_rows(n=4, size=16):
     rng = np.random.default_rng(0)
@@ -145,8 +89,8 @@ def _image_rows(n=4, size=16):
 
 def test_preprocess_udf_on_read_only_arrays_is_quiet():
     """The map_batches function itself, in this process: Ray hands it read-only arrays."""
-    from raymimic.clip.models import register_model_configs
-    from raymimic.data.preprocess import BatchTransform, _preprocess_batch, transforms_for_model
+    from raymimic.clip.models import register_model_configs, transforms_for_model
+    from raymimic.data.preprocess import BatchTransform, _preprocess_batch
 
     register_model_configs()
     transform, tokenizer = transforms_for_model("raymimic-tiny")
@@ -164,7 +108,7 @@ def test_ray_data_stages_we_build_are_quiet(ray_session):
     """preprocess_for_clip, evaluate's embedder and the teacher CLIPScore stage: built and (preprocessing) run."""
     import ray
 
-    from raymimic.clip.models import register_model_configs
+    from raymimic.clip.models import register_model_configs, transforms_for_model
     from raymimic.data.preprocess import preprocess_for_clip
     from raymimic.evaluate import embed
     from raymimic.select.filters import CLIPScoreFilter
@@ -173,7 +117,7 @@ def test_ray_data_stages_we_build_are_quiet(ray_session):
     ray.data.range(1)  # Ray Data configures its loggers on first use: add our handler after that
     with quiet(), no_ray_data_deprecations():
         source = ray.data.from_items(_image_rows())
-        rows = preprocess_for_clip(source, model_name="raymimic-tiny", batch_size=2, concurrency=1).take_all()
+        rows = preprocess_for_clip(source, *transforms_for_model("raymimic-tiny"), batch_size=2, concurrency=1).take_all()
         embed(source, "raymimic-tiny", concurrency=1)  # lazy: the stage's arguments are checked when it is added
         CLIPScoreFilter(min_score=0.0, model="raymimic-tiny").scored(source)
     assert len(rows) == 4 and np.asarray(rows[0]["image"]).dtype == np.float32

@@ -248,3 +248,22 @@ def test_negclip_on_ray_with_a_pool_smaller_than_the_batch(ray_session):
     np.testing.assert_allclose(out["negclip_score"], neg_clip_loss(img, txt, batch_size=50, k=1, tau=0.01), rtol=0, atol=1e-6)
     assert stage.params()["bank"] == {"pool_rows": 50, "n_banks": 1, "bank_rows": 50, "whole_pool": True}
     assert out["negclip_keep"].sum() == 15
+
+
+def test_chunk_sizes_follow_the_device_and_the_float16_split_keeps_float32_precision():
+    import torch
+
+    from raymimic.select.filters import CHUNKS, chunk_sizes, similarities
+    from raymimic.select.filters.common import split_to
+
+    assert chunk_sizes("negclip", "cpu") == CHUNKS["negclip"]["cpu"] and chunk_sizes("normsim", "cuda:0") == CHUNKS["normsim"]["cuda"]
+    assert chunk_sizes("negclip", "cuda", rows=64) == (64, CHUNKS["negclip"]["cuda"][1])
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(64, 32, generator=g), dim=1) / 0.01  # rows / tau, as negCLIPLoss scales them
+    stored = torch.nn.functional.normalize(torch.randn(128, 32, generator=g), dim=1).half()
+    high, low = split_to(x, torch.float16)
+    assert high.dtype == low.dtype == torch.float16
+    assert float((high.float() + low.float() - x).abs().max()) < 1e-5 * float(x.abs().max())  # float16 alone: ~5e-4
+    split = high.float() @ stored.float().T + low.float() @ stored.float().T  # what the CUDA path computes
+    assert float((split - similarities(x, stored)).abs().max()) < 1e-3  # logits, at tau = 0.01
+    assert float((high.float() @ stored.float().T - similarities(x, stored)).abs().max()) > 1e-3  # the rounding it avoids

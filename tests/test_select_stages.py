@@ -155,7 +155,7 @@ def test_one_decoder_and_one_embedder_for_bytes_pixels_and_preprocessed_images()
     with pytest.raises(Exception):  # noqa: B017 - truncated data fails in the decoder itself (callers record or raise it)
         decode_image(png[: len(png) // 2])
     torch.manual_seed(0)
-    embedder = ClipEmbedder("raymimic-tiny")
+    embedder = ClipEmbedder.load("raymimic-tiny")
     preprocessed = embedder.preprocess(decode_image(png)).numpy()
     features = [embedder.embed_images([value]) for value in (png, pixels, preprocessed)]
     for other in features[1:]:

@@ -57,14 +57,19 @@ def _config(output, reference, **overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def run(ray_session, tmp_path_factory):
     """ONE fit: rank 1 dies once at step 3 (after the checkpoint at step 2), the run resumes."""
+    from raymimic.train import loop
     from raymimic.train.trainer import fit
 
     root = tmp_path_factory.mktemp("stage1")
     torch.manual_seed(123)
     reference = save_checkpoint(create_model("raymimic-tiny")[0], str(root / "reference.pt"), "raymimic-tiny")
     items = _items()
-    cfg = _config(root / "run", reference, crash_at_step=3, crash_rank=1)
-    summary = fit(cfg, ray_session.data.from_items(items))
+    cfg = _config(root / "run", reference)
+    loop.injected_crash = loop.InjectedCrash(step=3, rank=1)  # module-scoped fixture: set and reset by hand
+    try:
+        summary = fit(cfg, ray_session.data.from_items(items))
+    finally:
+        loop.injected_crash = None
     return {"cfg": cfg, "reference": reference, "items": {it["uid"]: it for it in items}, "summary": summary}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,7 +194,8 @@ def _ddp_worker(rank, world, init_file, model, reference, images, texts, out, in
     try:
         step, name = build_mimic_step(model, MODEL, reference=reference, tau=0.05, reweight_all=True, wrap=DistributedDataParallel,
                                       controls=["zero", "init", "random", "fixed", "aligned"],
-                                      baselines=["loss", "ref_loss", "rho", "ref_clipscore"], initial_weight=initial, seed=7)
+                                      baselines=["loss", "ref_loss", "rho", "ref_clipscore"], initial_weight=initial, seed=7,
+                                      align_every=1000)
         local = len(images) // world
         mine = slice(rank * local, (rank + 1) * local)
         for i in range(2):  # a second step: DDP's reducer must be ready again after the two-pass backward
@@ -452,6 +454,26 @@ def test_score_only_scorer_writes_control_columns_and_refuses_init(setup, tmp_pa
                                                                                    "proj"), rtol=2e-4, atol=1e-6)
     torch.testing.assert_close(torch.as_tensor(rows["score_ref_clipscore"]),
                                _expected_baselines(model, reference, images, texts)["score_ref_clipscore"], rtol=1e-4, atol=1e-5)
+
+
+def test_score_only_backward_reaches_only_the_mimic_layer_and_gives_the_full_backwards_rows(setup, tmp_path):
+    from raymimic.clip import save_checkpoint
+    from raymimic.train.score_only import MimicScorer
+
+    model, reference, name = setup
+    checkpoint = save_checkpoint(model, str(tmp_path / "model.pt"), MODEL)
+    ref = save_checkpoint(reference, str(tmp_path / "ref.pt"), MODEL)
+    images, texts = _batch(seed=3)
+    batch = {"uid": [str(i) for i in range(6)], "image": images.numpy(), "text": texts.numpy()}
+    full = MimicScorer(MODEL, checkpoint, ref, controls=["zero", "random"], full_backward=True)
+    restricted = MimicScorer(MODEL, checkpoint, ref, controls=["zero", "random"])
+    want, got = full(batch), restricted(batch)
+    assert set(got) == set(want)
+    for column in want:
+        np.testing.assert_array_equal(got[column], want[column], err_msg=column)  # the same operations: identical rows
+    trainable = [n for n, p in restricted.model.named_parameters() if p.requires_grad]
+    assert trainable == [name]
+    assert not any(p.requires_grad for p in restricted.model.transformer.parameters())  # no text-tower backward
 
 
 # -- the options' validation -------------------------------------------------------------

@@ -44,7 +44,7 @@ FIELD_OPTIONS = (
     "pool", "reference", "output", "shuffle_buffer", "model", "pretrained", "samples_seen", "global_batch", "lr", "warmup",
     "weight_decay", "precision", "grad_checkpointing", "weighting", "mimic_layer", "tau", "score_kind", "reweight_all", "workers",
     "min_workers", "max_workers", "gpu", "cpus_per_worker", "checkpoint_every", "max_failures", "seed", "direction", "controls",
-    "baselines", "align_every",
+    "baselines", "align_every", "collective_timeout_s", "resources_per_worker",
 )
 CONTROLS_HELP = (
     "comma-separated control directions, each scored from the same backward pass into a column score_<name> (one more matmul "
@@ -130,11 +130,31 @@ def add_train_arguments(parser: argparse.ArgumentParser, preset: str, preset_is_
                          help=f"steps between checkpoints (default: {_default('checkpoint_every')}: five per run)")
     cluster.add_argument("--max-failures", type=int,
                          help=f"worker failures to recover from by resuming (default: {_default('max_failures')})")
+    cluster.add_argument("--collective-timeout-s", type=float,
+                         help="seconds a worker may wait in a collective (e.g. for a dead peer) before the run fails "
+                              f"(default: {_default('collective_timeout_s')})")
+    cluster.add_argument("--resources-per-worker", type=_resources_option, metavar="NAME=AMOUNT[,...]",
+                         help="custom Ray resources each training worker asks for besides CPU and GPU, e.g. trainer_slot=1 "
+                              "to place workers on one node type (default: none)")
     cluster.add_argument("--seed", type=int, help=f"initialisation and shuffle seed (default: {_default('seed')})")
     parser.add_argument("--smoke", action="store_true", help="a few steps of the same job on the tiny preset and a toy pool written under "
                         "<output>/toy_pool, 2 local CPU workers, a random reference unless --reference is given: checks the whole path "
                         "quickly; options given still override")
     add_print_config(parser)
+
+
+def _resources_option(text: str) -> dict[str, float]:
+    """``NAME=AMOUNT[,NAME=AMOUNT...]`` -> ``{NAME: AMOUNT}`` (argparse reports a bad one as an error, exit 2)."""
+    resources = {}
+    for entry in text.split(","):
+        name, sep, amount = entry.partition("=")
+        try:
+            resources[name.strip()] = float(amount)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"{entry!r} is not NAME=AMOUNT (a Ray resource name and a number)")
+    return resources
 
 
 def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace, preset: str) -> TrainConfig:
@@ -189,8 +209,9 @@ def run_job(parser: argparse.ArgumentParser, args: argparse.Namespace, preset: s
     import ray
 
     from raymimic.score_table import count_rows
-    from raymimic.train.config import parse_control, run_training
+    from raymimic.train.config import parse_control
     from raymimic.train.preflight import PreflightError, check_run
+    from raymimic.train.trainer import run_training
 
     if args.smoke:
         _prepare_smoke(cfg)
@@ -201,7 +222,7 @@ def run_job(parser: argparse.ArgumentParser, args: argparse.Namespace, preset: s
     if not ray.is_initialized():
         ray.init()
     try:
-        summary = run_training(cfg)
+        summary = run_training(cfg, validate=False)  # check_run passed above
     except PreflightError as error:  # the cluster cannot host the run (found before training starts)
         fail(parser, str(error))
     print(f"trained {summary.metrics.get('step')} steps of {cfg.global_batch} samples on {cfg.workers} workers")

@@ -12,10 +12,11 @@ from raymimic.clip.models import (
     read_state_dict,
     register_model_configs,
     save_checkpoint,
+    transforms_for_model,
 )
 
 __all__ = [
     "ClipEmbedder", "MIMIC_LAYER_ALIASES", "contrastive_loss", "create_model", "gather_with_grad", "get_tokenizer", "grad_scale",
     "load_reference", "local_copy", "parse_reference", "per_sample_contrastive_loss", "read_state_dict",
-    "register_model_configs", "resolve_mimic_layer", "sample_dim", "save_checkpoint",
+    "register_model_configs", "resolve_mimic_layer", "sample_dim", "save_checkpoint", "transforms_for_model",
 ]

@@ -20,13 +20,21 @@ import torch
 class ClipEmbedder:
     """An open_clip model in eval mode with its transform and tokenizer; every method runs without gradient."""
 
-    def __init__(self, model: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, model: torch.nn.Module, tokenizer, preprocess=None, device: str | torch.device = "cpu"):
+        """Embed with ``model`` (already on ``device``; put in eval mode); ``preprocess``: its eval image transform
+        (needed only for images that are not preprocessed yet)."""
+        self.device = device
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+
+    @classmethod
+    def load(cls, model: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipEmbedder:
+        """The open_clip model ``model`` with ``pretrained`` weights (tag, path or URI; None = random init) on ``device``."""
         from raymimic.clip.models import create_model, get_tokenizer
 
-        self.device = device
-        self.model, _, self.preprocess = create_model(model, pretrained=pretrained, device=device)
-        self.model.eval()
-        self.tokenizer = get_tokenizer(model)
+        module, _, preprocess = create_model(model, pretrained=pretrained, device=device)
+        return cls(module, get_tokenizer(model), preprocess, device)
 
     def image_tensor(self, images: Sequence) -> torch.Tensor:
         """The model's input batch (N x C x H x W, on the device) for a sequence of images."""
@@ -36,6 +44,8 @@ class ClipEmbedder:
         for value in images:
             if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
                 rows.append(torch.tensor(value, dtype=torch.float32))  # already preprocessed (a copy: Ray hands read-only arrays)
+            elif self.preprocess is None:
+                raise ValueError("this embedder has no image transform: give preprocessed float C x H x W images")
             else:
                 rows.append(self.preprocess(decode_image(value)))
         return torch.stack(rows).to(self.device)

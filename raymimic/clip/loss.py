@@ -27,23 +27,34 @@ def grad_scale() -> float:
     return 1.0 / _distributed()[1]
 
 
+# (process group, local batch size) pairs whose sizes every rank agreed on: checked once, not at every gather (a host sync)
+_agreed_sizes: set[tuple[int, int]] = set()
+
+
 def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
-    """All ranks' features concatenated in rank order; gradients flow back to their owners."""
+    """All ranks' features concatenated in rank order; gradients flow back to their owners.
+
+    Every rank must hold the same number of rows: checked (one collective and a host sync) the
+    first time a local size is seen in a process group, not at every gather.
+    """
     rank, world = _distributed()
     if world == 1:
         return features
-    sizes = [torch.zeros(1, dtype=torch.long, device=features.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([features.shape[0]], device=features.device))
-    if len({int(s) for s in sizes}) != 1:
-        raise ValueError(f"every worker needs the same local batch size; got {[int(s) for s in sizes]} (use drop_last batches)")
-    return _AllGatherCat.apply(features)
+    key = (id(dist.group.WORLD), features.shape[0])
+    if key not in _agreed_sizes:
+        sizes = [torch.zeros(1, dtype=torch.long, device=features.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([features.shape[0]], device=features.device))
+        if len({int(s) for s in sizes}) != 1:
+            raise ValueError(f"every worker needs the same local batch size; got {[int(s) for s in sizes]} (use drop_last batches)")
+        _agreed_sizes.add(key)
+    return AllGatherCat.apply(features)
 
 
 # backends whose reduce-scatter the gather's backward uses; elsewhere an all-reduce and a slice (same sum, twice the traffic)
 REDUCE_SCATTER_BACKENDS = ("nccl", "xccl")
 
 
-class _AllGatherCat(torch.autograd.Function):
+class AllGatherCat(torch.autograd.Function):
     """``cat(all_gather(x))`` with autograd, on public ``torch.distributed`` collectives only.
 
     Replaces ``torch.distributed.nn.functional.all_gather``, deprecated in recent torch (a FutureWarning at every call).

@@ -164,3 +164,23 @@ def save_checkpoint(model: nn.Module, uri: str, name: str, **extra) -> str:
     with fsspec.open(uri, "wb") as f:
         torch.save(state, f)
     return uri
+
+
+def transforms_for_model(model_name: str):
+    """The eval-time image transform and the tokenizer open_clip uses for ``model_name``.
+
+    Built from the model's config alone, without creating the model or loading weights.
+    """
+    register_model_configs()  # raymimic-tiny / raymimic-small are ours: open_clip knows them only once registered
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}; open_clip.list_models() gives the valid names")
+    image_size = config["vision_cfg"].get("image_size", 224)
+    preprocess_cfg = config.get("preprocess_cfg", {})
+    transform = open_clip.image_transform(
+        image_size,
+        is_train=False,
+        mean=preprocess_cfg.get("mean"),
+        std=preprocess_cfg.get("std"),
+    )
+    return transform, open_clip.get_tokenizer(model_name)

@@ -20,30 +20,6 @@ import numpy as np
 DECODE_REASON = "undecodable_image"
 
 
-def transforms_for_model(model_name: str):
-    """The eval-time image transform and the tokenizer open_clip uses for ``model_name``.
-
-    Built from the model's config alone, without creating the model or loading weights.
-    """
-    import open_clip
-
-    from raymimic.clip.models import register_model_configs
-
-    register_model_configs()  # raymimic-tiny / raymimic-small are ours: open_clip knows them only once registered
-    config = open_clip.get_model_config(model_name)
-    if config is None:
-        raise ValueError(f"unknown open_clip model {model_name!r}; open_clip.list_models() gives the valid names")
-    image_size = config["vision_cfg"].get("image_size", 224)
-    preprocess_cfg = config.get("preprocess_cfg", {})
-    transform = open_clip.image_transform(
-        image_size,
-        is_train=False,
-        mean=preprocess_cfg.get("mean"),
-        std=preprocess_cfg.get("std"),
-    )
-    return transform, open_clip.get_tokenizer(model_name)
-
-
 def decode_image(value):
     """An RGB PIL image from encoded bytes (JPEG, PNG, ...) or an H x W (x 3) uint8 pixel array.
 
@@ -109,21 +85,30 @@ class BatchTransform:
     transform ends in ToTensor (+ Normalize), the steps before them run image by image and the
     tail once on the batch's uint8 pixels (:func:`split_tensor_tail`); otherwise the whole
     transform runs image by image. Either way the output equals the per-image transform exactly.
+
+    With ``pixels=True`` the tail is left to the consumer: the batch comes out as N x 3 x H x W
+    uint8 pixels (a quarter of float32's bytes), for :class:`raymimic.train.feed.DeviceFeed` to
+    normalise on the training device by the same operations; the transform must then end in
+    ToTensor (+ Normalize).
     """
 
     CHUNK = 8  # images per pass of the tail: a chunk of float32 images stays in the CPU's cache between its passes
 
-    def __init__(self, transform):
+    def __init__(self, transform, pixels: bool = False):
         import torch
 
         split = split_tensor_tail(transform)
+        if pixels and split is None:
+            raise ValueError("pixels=True needs an image transform that ends in ToTensor (+ Normalize), as open_clip's does; "
+                             "this one does not, so give pixels=False (float32 images)")
+        self.pixels = pixels
         self.per_image, self.tail = (transform, None) if split is None else split[:2]
         mean, std = (None, None) if split is None else split[2:]
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def __call__(self, images) -> tuple[np.ndarray | None, list[int], list[str]]:
-        """The decodable images as one float32 array (in order), their indices, and the others' errors."""
+        """The decodable images as one array (float32, or uint8 pixels), in order, their indices, and the others' errors."""
         outputs, ok, errors = [], [], []
         for i, data in enumerate(images):
             try:
@@ -133,6 +118,10 @@ class BatchTransform:
                 errors.append(f"{type(error).__name__}: {error}")
         if not ok:
             return None, ok, errors
+        if self.pixels:
+            pixels = [np.asarray(image, dtype=np.uint8) for image in outputs]  # H x W (x C): what ToTensor would read
+            pixels = np.stack([p[:, :, None] if p.ndim == 2 else p for p in pixels])
+            return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), ok, errors
         if self.tail is not None:
             pixels = _rgb_pixels(outputs)
             if pixels is not None:
@@ -182,31 +171,27 @@ def _preprocess_batch(batch: dict, *, transform: BatchTransform, tokenizer, ledg
 
 def preprocess_for_clip(
     ds,
-    transform: Callable | None = None,
-    tokenizer: Callable | None = None,
+    transform: Callable,
+    tokenizer: Callable,
     *,
-    model_name: str | None = None,
     batch_size: int = 256,
     rejects=None,
     keep_columns: Sequence[str] = (),
     concurrency: int | None = None,
     num_cpus: float | None = None,
+    pixels: bool = False,
 ):
     """Decode + transform images and tokenize captions as a ``map_batches`` stage.
 
-    ``transform``: PIL image -> C x H x W tensor/array (e.g. the ``preprocess`` from
+    ``transform``: PIL image -> C x H x W tensor/array (the model's eval transform, e.g.
+    :func:`raymimic.clip.models.transforms_for_model` or the ``preprocess`` of
     ``open_clip.create_model_and_transforms``); ``tokenizer``: list of str -> int token
-    array (``open_clip.get_tokenizer(name)``). Either can be omitted when ``model_name``
-    is given, and is then built from that open_clip model's config.
+    array (``open_clip.get_tokenizer(name)``).
     ``rejects``: the :class:`~raymimic.data.pool.PoolRejects` given to ``read_pool``.
     ``keep_columns``: other input columns to carry through (e.g. ``"key"``, ``"shard"``).
+    ``pixels``: images as uint8 C x H x W pixels, normalised later on the training device
+    (:class:`BatchTransform`), instead of float32.
     """
-    if transform is None or tokenizer is None:
-        if model_name is None:
-            raise ValueError("preprocess_for_clip needs transform and tokenizer, or model_name to build them from open_clip")
-        default_transform, default_tokenizer = transforms_for_model(model_name)
-        transform = transform or default_transform
-        tokenizer = tokenizer or default_tokenizer
     ledger = rejects.actor if rejects is not None else None
     extra = {} if num_cpus is None else {"num_cpus": num_cpus}
     from ray.data import TaskPoolStrategy
@@ -216,16 +201,19 @@ def preprocess_for_clip(
         batch_size=batch_size,
         batch_format="numpy",
         compute=TaskPoolStrategy(size=concurrency),  # map_batches(concurrency=) is deprecated
-        fn_kwargs={"transform": BatchTransform(transform), "tokenizer": tokenizer, "ledger": ledger, "keep_columns": tuple(keep_columns)},
+        fn_kwargs={"transform": BatchTransform(transform, pixels), "tokenizer": tokenizer, "ledger": ledger,
+                   "keep_columns": tuple(keep_columns)},
         **extra,
     )
 
 
-def clip_training_dataset(pool: str, model_name: str, rejects=None):
-    """A DataComp pool as (uid, image float32 CxHxW, text int64 tokens): what training and scoring read."""
-    from raymimic.clip.models import register_model_configs
+def clip_training_dataset(pool: str, transform: Callable, tokenizer: Callable, rejects=None, pixels: bool = False):
+    """A DataComp pool as (uid, image C x H x W, text int64 tokens): what training and scoring read.
+
+    ``transform`` and ``tokenizer``: the model's (:func:`raymimic.clip.models.transforms_for_model`);
+    images float32, or with ``pixels`` uint8 pixels that the training device normalises.
+    """
     from raymimic.data.pool import read_pool
 
-    register_model_configs()
     ds = read_pool(pool, columns=["uid", "text", "image"], rejects=rejects)
-    return preprocess_for_clip(ds, model_name=model_name, rejects=rejects)
+    return preprocess_for_clip(ds, transform, tokenizer, rejects=rejects, pixels=pixels)

@@ -12,9 +12,11 @@ materialising a per-sample gradient:
 * ``gram()``        ``<G_i, G_j>`` for all pairs (small batches: Grad-Match)
 * ``weighted_grad(c)``  ``sum_i c_i G_i``    the same cost as the layer's weight gradient
 
-Only token positions whose output gradient is non-zero somewhere in the batch are used: with
-CLS/EOT pooling only one token per sample reaches the loss through a tower's last block, so
-the extra cost there is a tiny fraction of the layer's.
+Only the token positions whose output gradient is non-zero are used: with CLS/EOT pooling only
+one token per sample reaches the loss through a tower's last block, so the extra cost there is a
+tiny fraction of the layer's. How many tokens per sample reach the loss is found on the first
+backward (one host sync); afterwards each sample's are gathered on the device, and the captures
+are prepared once per backward, so the probe adds no host synchronisation to a training step.
 """
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ class MimicProbe:
         self.transposed = False  # True when G is stored as a^T d (bare ``x @ P``)
         self._a: torch.Tensor | None = None
         self._d: torch.Tensor | None = None
+        self._prepared: tuple[torch.Tensor, torch.Tensor] | None = None  # (a, d) of the active tokens, float32
+        self._reaching: tuple[int, int] | None = None  # (tokens per sample, how many of them reach the loss): found once
         self._pending = False
 
     def _owning_linear(self, name: str) -> nn.Module | None:
@@ -100,7 +104,7 @@ class MimicProbe:
             raise RuntimeError(f"mimic layer {self.name!r} was not used in the forward pass inside probe.capture()")
 
     def reset(self) -> None:
-        self._a = self._d = None
+        self._a = self._d = self._prepared = None
         self._pending = False
 
     def _record(self, a: torch.Tensor, out: torch.Tensor, transposed: bool) -> None:
@@ -117,6 +121,7 @@ class MimicProbe:
 
         def keep_grad(grad: torch.Tensor) -> None:
             self._d = self._to_samples(grad.detach())
+            self._prepared = None
             self._pending = False
 
         out.register_hook(keep_grad)
@@ -132,15 +137,28 @@ class MimicProbe:
 
     # -- what was captured ----------------------------------------------------------
     def _captured(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, d)`` of the token positions that reach the loss, float32: prepared once per backward, then reused."""
         if self._a is None:
             raise RuntimeError("probe has captured nothing: run the forward inside probe.capture()")
         if self._d is None:
             raise RuntimeError(f"no gradient reached mimic layer {self.name!r}: call backward() on the loss first")
-        a, d = self._a, self._d
-        active = d.abs().amax(dim=(0, 2)) > 0  # token positions that reach the loss
-        if not bool(active.all()):
-            a, d = a[:, active], d[:, active]
-        return a.float(), d.float()
+        if self._prepared is None:
+            a, d = self._a, self._d
+            tokens = a.shape[1]
+            if tokens > 1:
+                reach = d.abs().amax(dim=2)  # (N, T): > 0 where the token's output gradient reaches the loss
+                if self._reaching is None or self._reaching[0] != tokens:
+                    # how many tokens per sample reach the loss is the model's pooling (1 for CLS/EOT, all for mean
+                    # pooling): found on the first backward, the probe's only host sync
+                    self._reaching = (tokens, max(1, int((reach > 0).sum(dim=1).max())))
+                keep = self._reaching[1]
+                if keep < tokens:  # each sample's reaching tokens, gathered on the device without a host sync
+                    torch._assert_async((reach > 0).sum(dim=1).max() <= keep)  # the pooling cannot change
+                    index = reach.topk(keep, dim=1).indices.unsqueeze(-1)
+                    a = a.gather(1, index.expand(-1, -1, a.shape[2]))
+                    d = d.gather(1, index.expand(-1, -1, d.shape[2]))
+            self._prepared = (a.float(), d.float())
+        return self._prepared
 
     @property
     def batch_size(self) -> int:

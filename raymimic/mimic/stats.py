@@ -89,7 +89,7 @@ def batch_weights(weighting: Weighting, stats: dict[str, torch.Tensor], rank: in
     Every worker computes the same global weights from the same gathered statistics; Grad-Match
     (local Gram matrix) solves per worker with weights summing to ``local / batch``.
     """
-    batch = int(stats["batch_size"])
+    batch = stats["mimic"].shape[0]  # the global batch's scores (gathered): no host sync to read the size
     local = batch if local is None else local
     device = stats["mimic"].device
     if "gram" in weighting.needs:

@@ -44,8 +44,11 @@ class Uniform(Weighting):
     def weights(self, stats):
         if "batch_size" not in stats:
             raise ValueError("weighting 'sgd' needs 'batch_size' in stats (the global batch size)")
-        size = int(stats["batch_size"])
-        return torch.full((size,), 1.0 / size)
+        if "mimic" in stats:  # the global batch's scores: its size and device, without reading a tensor's value
+            size, device = stats["mimic"].shape[0], stats["mimic"].device
+        else:
+            size, device = int(stats["batch_size"]), None
+        return torch.full((size,), 1.0 / size, device=device)
 
 
 @dataclass

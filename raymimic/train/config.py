@@ -37,6 +37,7 @@ DEFAULT_CONTROLS = ("zero", "fixed")  # what every scoring run records unless to
 # is amortised over many steps; short runs should pass a smaller value
 DEFAULT_ALIGN_EVERY = 1000
 _NEED_REFERENCE = ("random", *REFERENCE_VARIANTS)  # controls built from W_ref
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # torch.distributed process-group timeout of a run
 
 
 def _names(value, what: str) -> list[str]:
@@ -121,6 +122,18 @@ def resolve_baselines(baselines, *, reference: bool) -> list[str]:
     return names
 
 
+def _resources(value) -> dict[str, float]:
+    """Validated custom Ray resources per worker (name -> amount >= 0; CPU and GPU have their own fields)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"resources_per_worker must be a dict of Ray resource name -> amount per worker, got {value!r}")
+    for name, amount in value.items():
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"resources_per_worker may not set {name!r}: use {'cpus_per_worker' if name == 'CPU' else 'use_gpu'}")
+        if not isinstance(name, str) or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ValueError(f"resources_per_worker needs resource name -> amount >= 0, got {name!r}: {amount!r}")
+    return {name: float(amount) for name, amount in value.items()}
+
+
 def _to_json(config) -> str:
     """A config dataclass as indented JSON (tuples become lists)."""
     return json.dumps(dataclasses.asdict(config), indent=2, default=str)
@@ -170,10 +183,10 @@ class TrainConfig:
     max_failures: int = 3
     run_name: str = "ray_train"
     progress: bool = True
-    # fault injection for tests: this rank calls os._exit at this step, first attempt only
-    crash_at_step: int | None = None
-    crash_rank: int = 1
-    extra: dict = field(default_factory=dict)
+    # seconds a rank may wait in a torch.distributed collective before it fails the run (instead of waiting forever)
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+    # custom Ray resources per worker besides CPU and GPU, e.g. {"trainer_slot": 1} to land workers on one node type
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> TrainConfig:
@@ -216,6 +229,10 @@ class TrainConfig:
         if self.checkpoint_every < 0 or self.shuffle_buffer < 0 or self.max_failures < 0:
             raise ValueError("checkpoint_every, shuffle_buffer and max_failures must be >= 0, got "
                              f"{self.checkpoint_every}, {self.shuffle_buffer}, {self.max_failures}")
+        timeout = self.collective_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"collective_timeout_s must be a number of seconds > 0, got {timeout!r}")
+        self.resources_per_worker = _resources(self.resources_per_worker)
         if self.min_workers is not None and self.max_workers is not None and not 1 <= self.min_workers <= self.max_workers:
             raise ValueError(f"need 1 <= min_workers <= max_workers, got {self.min_workers} and {self.max_workers}")
         if self.reference is None and self.weighting in ("grad-mimic", "rho"):
@@ -247,19 +264,6 @@ class TrainConfig:
     @property
     def checkpoints_dir(self) -> str:
         return f"{self.output.rstrip('/')}/checkpoints"
-
-
-def run_training(cfg: TrainConfig):
-    """Stage 1 on the pool ``cfg.pool``: :func:`raymimic.train.trainer.fit` on its CLIP training dataset.
-
-    Needs a running (or startable) Ray; returns the :class:`~raymimic.train.trainer.RunSummary`.
-    """
-    from raymimic.data.preprocess import clip_training_dataset
-    from raymimic.train.trainer import fit
-
-    if not cfg.pool:
-        raise ValueError("TrainConfig.pool is not set: give the DataComp pool to train on (or call fit() with a dataset)")
-    return fit(cfg, clip_training_dataset(cfg.pool, cfg.model))
 
 
 @dataclass

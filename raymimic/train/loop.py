@@ -14,13 +14,14 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from raymimic.score_table import ScoreTableWriter, discard_from_step
 from raymimic.train.checkpoint import TrainState, load_train_checkpoint, save_train_checkpoint
-from raymimic.train.config import TrainConfig
+from raymimic.train.config import TrainConfig, parse_control
 
 
 # no weight decay on gains, biases and the temperature (open_clip's training recipe)
@@ -52,13 +53,28 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
-def _maybe_crash(cfg: TrainConfig, step: int, rank: int) -> None:
-    """Fault injection for tests: ``crash_rank`` dies at ``crash_at_step`` on the first attempt only."""
-    if cfg.crash_at_step is None or step != cfg.crash_at_step or rank != cfg.crash_rank:
+@dataclass(frozen=True)
+class InjectedCrash:
+    """A fault for tests: worker ``rank`` exits (``os._exit``) at ``step``, on the run's first attempt only."""
+
+    step: int
+    rank: int = 1
+
+    def marker(self, output: str) -> str:
+        """The file the crash leaves in the run's output, so a resumed attempt does not crash again."""
+        return f"{output.rstrip('/')}/.crash-injected-step-{self.step}"
+
+
+# set by tests on the driver (never by a run's settings); raymimic.train.trainer.build_trainer hands it to the workers
+injected_crash: InjectedCrash | None = None
+
+
+def _maybe_crash(crash: InjectedCrash | None, output: str, step: int, rank: int) -> None:
+    if crash is None or step != crash.step or rank != crash.rank:
         return
     import fsspec
 
-    marker = f"{cfg.output.rstrip('/')}/.crash-injected-step-{step}"
+    marker = crash.marker(output)
     fs, path = fsspec.core.url_to_fs(marker)
     if fs.exists(path):
         return
@@ -74,8 +90,10 @@ class _Worker:
         import ray.train
         import ray.train.torch
 
-        from raymimic.clip import create_model, resolve_mimic_layer
+        from raymimic.clip import create_model, resolve_mimic_layer, transforms_for_model
+        from raymimic.data.preprocess import split_tensor_tail
         from raymimic.mimic import get_parameter
+        from raymimic.train.feed import DeferredCopy, DeviceFeed
         from raymimic.train.step import build_mimic_step, world
 
         self.cfg = cfg
@@ -101,8 +119,8 @@ class _Worker:
         self.step_fn, _ = build_mimic_step(
             model, cfg.model, mimic_layer=cfg.mimic_layer, reference=cfg.reference, weighting=cfg.weighting, tau=cfg.tau,
             score_kind=cfg.score_kind, reweight_all=cfg.reweight_all, device=self.device, autocast=autocast_for(cfg, self.device),
-            wrap=ray.train.torch.prepare_model, direction=cfg.direction, controls=cfg.controls, baselines=cfg.baselines,
-            initial_weight=initial, seed=cfg.seed, align_every=cfg.align_every,
+            wrap=ray.train.torch.prepare_model, direction=cfg.direction, controls=[parse_control(c) for c in cfg.controls],
+            baselines=cfg.baselines, initial_weight=initial, seed=cfg.seed, align_every=cfg.align_every,
         )
         self.unwrapped = model
         self.step_fn.previous_mean_grad = previous_grad
@@ -113,12 +131,15 @@ class _Worker:
         if self.world_size > 1:
             torch.distributed.barrier()
         self.writer = ScoreTableWriter(cfg.scores_dir, self.rank, controls=self.step_fn.extra_names)
+        # uint8 pixels (run_training's dataset) are normalised on the device as the model's transform would on the CPU
+        split = split_tensor_tail(transforms_for_model(cfg.model)[0])
+        self.feed = DeviceFeed(self.device, *(split[2:] if split is not None else (None, None)))
+        self.scores = DeferredCopy(self._write_scores)  # a step's scores reach the writer at the next step
 
     # -- one optimizer update --------------------------------------------------------
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, batch: dict, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        """One update on a batch (its ``uid`` column) whose images and texts are on the device already (:attr:`feed`)."""
         cfg, state = self.cfg, self.state
-        images = torch.tensor(np.asarray(batch["image"]), dtype=torch.float32).to(self.device, non_blocking=True)
-        texts = torch.tensor(np.asarray(batch["text"]), dtype=torch.long).to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(state.step, cfg)
         self.optimizer.zero_grad(set_to_none=True)
@@ -127,19 +148,26 @@ class _Worker:
         if self.logit_scale is not None:
             with torch.no_grad():
                 self.logit_scale.clamp_(0, math.log(100))
-        self.writer.add(
-            [str(u) for u in batch["uid"]], state.step, state.epoch,
-            result.local_scores.float().cpu().numpy(), result.local_weights.float().cpu().numpy(), result.global_batch,
-            extra={column: values.float().cpu().numpy() for column, values in result.local_extra.items()},
-        )
+        self.scores.push((batch["uid"], state.step, state.epoch, result.global_batch),
+                         {"score": result.local_scores, "weight": result.local_weights, **result.local_extra})
         state.step += 1
         state.batches_in_epoch += 1
         return {"result": result}
 
+    def _write_scores(self, context: tuple, arrays: dict[str, np.ndarray]) -> None:
+        uids, step, epoch, global_batch = context
+        score, weight = arrays.pop("score"), arrays.pop("weight")
+        self.writer.add([str(u) for u in uids], step, epoch, score, weight, global_batch, extra=arrays)
+
+    def flush_scores(self) -> None:
+        """Every step's score rows so far into a score file."""
+        self.scores.flush()
+        self.writer.flush()
+
     def checkpoint(self, metrics: dict) -> None:
         import ray.train
 
-        self.writer.flush()  # score rows first: a checkpoint only commits after every rank flushed
+        self.flush_scores()  # score rows first: a checkpoint only commits after every rank flushed
         self.state.world_size = self.world_size
         if self.rank == 0:
             directory = tempfile.mkdtemp(prefix="raymimic-ckpt-")
@@ -189,7 +217,21 @@ def _metrics(worker: _Worker, results: list, elapsed: float, data_wait: float = 
     }
 
 
-def train_loop_per_worker(config: dict) -> None:
+class _Unseen:
+    """The batches of an epoch after the first ``skip`` (trained on before the restored checkpoint); counts all it read."""
+
+    def __init__(self, batches, skip: int):
+        self.batches, self.skip, self.seen = batches, skip, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.seen += 1
+            if self.seen > self.skip:
+                yield batch
+
+
+def train_loop_per_worker(config: dict, crash: InjectedCrash | None = None) -> None:
+    """One worker's Stage 1 for the :class:`TrainConfig` as a dict (``crash``: a fault a test injects)."""
     import ray.train
 
     cfg = TrainConfig.from_dict(config)
@@ -204,20 +246,16 @@ def train_loop_per_worker(config: dict) -> None:
     interval_results, interval_start = [], time.perf_counter()
     since_flush, data_wait = 0, 0.0
     while state.step < cfg.total_steps:
-        skip, seen = state.batches_in_epoch, 0
-        waiting_since = time.perf_counter()
-        for batch in shard.iter_batches(
+        batches = _Unseen(shard.iter_batches(
             batch_size=worker.local_batch, batch_format="numpy", drop_last=True, prefetch_batches=2,
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 100_003 + state.epoch * 1009 + worker.rank) if cfg.shuffle_buffer else None,
-        ):
-            seen += 1
-            if seen <= skip:  # trained on before the restored checkpoint
-                waiting_since = time.perf_counter()
-                continue
+        ), skip=state.batches_in_epoch)
+        waiting_since = time.perf_counter()
+        for batch, images, texts in worker.feed(batches):
             data_wait += time.perf_counter() - waiting_since
-            _maybe_crash(cfg, state.step, worker.rank)
-            interval_results.append(worker.train_step(batch)["result"])
+            _maybe_crash(crash, cfg.output, state.step, worker.rank)
+            interval_results.append(worker.train_step(batch, images, texts)["result"])
             since_flush += 1
             if progress is not None:
                 progress.update(1)
@@ -234,11 +272,12 @@ def train_loop_per_worker(config: dict) -> None:
                 else:
                     ray.train.report(metrics)
             if since_flush >= cfg.score_flush_every:
-                worker.writer.flush()
+                worker.flush_scores()
                 since_flush = 0
             if done:
                 break
             waiting_since = time.perf_counter()
+        seen = batches.seen
         if state.step >= cfg.total_steps:
             break
         if seen == 0:

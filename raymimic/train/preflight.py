@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 
 DATA_CPUS = 1.0  # CPUs left free for Ray Data's read/preprocess tasks
 DATA_TASK_CPUS = 1.0  # what one of raymimic's read/preprocess tasks asks for (Ray's default num_cpus)
-COLLECTIVE_TIMEOUT_S = 600.0  # torch.distributed process-group timeout; cfg.extra["collective_timeout_s"] overrides
-EXTRA_RESOURCES_KEY = "resources_per_worker"  # cfg.extra[...]: custom Ray resources per worker, e.g. {"trainer_slot": 1}
-EXTRA_TIMEOUT_KEY = "collective_timeout_s"
 _CPU_STEP = 0.05  # granularity of a suggested cpus_per_worker
 
 
@@ -47,30 +44,12 @@ class PreflightError(ValueError):
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
-    """Ray resources of one training worker: CPU, GPU (``use_gpu``) and ``cfg.extra["resources_per_worker"]``."""
+    """Ray resources of one training worker: CPU, GPU (``use_gpu``) and ``cfg.resources_per_worker``."""
     resources = {"CPU": float(cfg.cpus_per_worker)}
     if cfg.use_gpu:
         resources["GPU"] = 1.0
-    extra = (cfg.extra or {}).get(EXTRA_RESOURCES_KEY) or {}
-    if not isinstance(extra, dict):
-        raise PreflightError(f"extra[{EXTRA_RESOURCES_KEY!r}] must be a dict of Ray resource name -> amount per worker, got {extra!r}")
-    for name, amount in extra.items():
-        if name in ("CPU", "GPU"):
-            hint = "cpus_per_worker" if name == "CPU" else "use_gpu"
-            raise PreflightError(f"extra[{EXTRA_RESOURCES_KEY!r}] may not set {name!r}: use {hint}")
-        if not isinstance(name, str) or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
-            raise PreflightError(f"extra[{EXTRA_RESOURCES_KEY!r}] needs resource name -> amount >= 0, got {name!r}: {amount!r}")
-        if amount:
-            resources[name] = float(amount)
+    resources.update({name: amount for name, amount in cfg.resources_per_worker.items() if amount})
     return resources
-
-
-def collective_timeout_s(cfg: TrainConfig) -> float:
-    """Seconds a rank may wait in a torch.distributed collective before it fails (and the run with it)."""
-    value = (cfg.extra or {}).get(EXTRA_TIMEOUT_KEY, COLLECTIVE_TIMEOUT_S)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise PreflightError(f"extra[{EXTRA_TIMEOUT_KEY!r}] must be a number of seconds > 0, got {value!r}")
-    return float(value)
 
 
 def world_sizes(cfg: TrainConfig) -> list[int]:
@@ -99,8 +78,6 @@ def check_settings(cfg: TrainConfig, data_cpus: float = DATA_CPUS) -> None:
         raise PreflightError(f"cpus_per_worker must be >= 0, got {cfg.cpus_per_worker}")
     if not data_cpus >= 0:
         raise PreflightError(f"data_cpus (CPUs left for the Ray Data read/preprocess tasks) must be >= 0, got {data_cpus}")
-    worker_resources(cfg)
-    collective_timeout_s(cfg)
     sizes = world_sizes(cfg)
     bad = [n for n in sizes if cfg.global_batch % n]
     if bad and len(sizes) == 1:
@@ -240,23 +217,12 @@ def check_output(output: str) -> None:
         raise PreflightError(f"output {output!r} is not writable: {type(error).__name__}: {error}") from None
 
 
-_validated: set[str] = set()  # configs check_run passed in this process: fit() does not repeat the work
-
-
-def _fingerprint(cfg: TrainConfig, pool: str | None, data_cpus: float) -> str:
-    return json.dumps([cfg.to_dict(), pool, data_cpus], sort_keys=True, default=str)
-
-
 def check_run(cfg: TrainConfig, pool: str | None = None, data_cpus: float = DATA_CPUS) -> None:
     """Every check that needs no Ray, cheapest first; ``pool`` defaults to ``cfg.pool`` when the config has one.
 
     Raises :class:`PreflightError` (a ``ValueError``) naming the parameter and what is valid.
-    Passing configs are remembered, so a second call (e.g. from ``fit``) costs nothing.
     """
     pool = pool if pool is not None else getattr(cfg, "pool", None)
-    key = _fingerprint(cfg, pool, data_cpus)
-    if key in _validated:
-        return
     check_settings(cfg, data_cpus)
     check_model(cfg)
     if pool is not None:
@@ -264,7 +230,6 @@ def check_run(cfg: TrainConfig, pool: str | None = None, data_cpus: float = DATA
     check_output(cfg.output)
     check_pretrained(cfg)
     check_reference(cfg)
-    _validated.add(key)
 
 
 # ----------------------------------------------------------------------------- cluster resources
@@ -486,9 +451,8 @@ def check_resources(cfg: TrainConfig, data_cpus: float = DATA_CPUS, cluster: Clu
 
 def preflight(cfg: TrainConfig, pool: str | None = None, data_cpus: float = DATA_CPUS, *, validate: bool = True,
               resources: bool = True, cluster: ClusterView | dict | None = None) -> ResourcePlan | None:
-    """:func:`check_run` (``validate``) then :func:`check_resources` (``resources``); what ``fit`` runs first."""
+    """:func:`check_run` (``validate``; a caller that ran it already passes False) then :func:`check_resources`
+    (``resources``); what ``fit`` runs first."""
     if validate:
         check_run(cfg, pool=pool, data_cpus=data_cpus)
-    else:
-        check_settings(cfg, data_cpus)
     return check_resources(cfg, data_cpus, cluster) if resources else None

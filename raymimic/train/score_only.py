@@ -38,34 +38,44 @@ def checkpoint_position(checkpoint: str | None) -> tuple[int, int]:
 
 
 class MimicScorer:
-    """Callable for ``map_batches``: numpy batch (uid, image, text) -> score-table rows."""
+    """Callable for ``map_batches``: numpy batch (uid, image, text) -> score-table rows.
+
+    Every parameter but the mimic layer's is frozen: the backward then runs only from the loss down
+    to the mimic layer (for ``image-mlp`` the image tower's last block and the loss; the text
+    tower's backward disappears), and the scores are those of the full backward, which
+    ``full_backward=True`` still runs (for comparisons).
+    """
 
     def __init__(self, model: str, checkpoint: str | None, reference: str, mimic_layer: str = "image-mlp",
                  score_kind: str = "proj", tau: float = 0.05, step: int | None = None, use_gpu: bool = False,
-                 controls=DEFAULT_CONTROLS, baselines=(), seed: int = 0):
+                 controls=DEFAULT_CONTROLS, baselines=(), seed: int = 0, full_backward: bool = False):
         import torch
 
-        from raymimic.clip import create_model
-        from raymimic.train.config import resolve_baselines, resolve_controls
+        from raymimic.clip import create_model, transforms_for_model
+        from raymimic.data.preprocess import split_tensor_tail
+        from raymimic.train.config import parse_control, resolve_baselines, resolve_controls
+        from raymimic.train.feed import DeviceFeed
         from raymimic.train.step import build_mimic_step
 
         controls = resolve_controls(list(controls), reference=True, score_only=True)
         baselines = resolve_baselines(list(baselines), reference=True)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = create_model(model, pretrained=checkpoint, device=self.device)[0]
+        split = split_tensor_tail(transforms_for_model(model)[0])  # uint8 pixels are normalised on the device
+        self.feed = DeviceFeed(self.device, *(split[2:] if split is not None else (None, None)))
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         self.step_fn, _ = build_mimic_step(self.model, model, mimic_layer=mimic_layer, reference=reference, weighting="grad-mimic",
                                            tau=tau, score_kind=score_kind, device=self.device, autocast=autocast,
-                                           controls=controls, baselines=baselines, seed=seed)
+                                           controls=[parse_control(c) for c in controls], baselines=baselines, seed=seed)
+        if not full_backward:  # only the mimic layer's output gradient is needed: no other parameter's
+            self.model.requires_grad_(False)
+            self.step_fn.parameter.requires_grad_(True)
         local = checkpoint if checkpoint and "://" not in checkpoint else None
         found_step, self.epoch = checkpoint_position(local)
         self.step = found_step if step is None else step
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
-        images = torch.tensor(np.asarray(batch["image"]), dtype=torch.float32).to(self.device)
-        texts = torch.tensor(np.asarray(batch["text"]), dtype=torch.long).to(self.device)
+        ((_, images, texts),) = self.feed([batch])
         self.model.zero_grad(set_to_none=True)
         result = self.step_fn(images, texts)
         self.model.zero_grad(set_to_none=True)  # scoring only: no update
@@ -141,13 +151,14 @@ def run_score_only(cfg) -> str:
     and writes ``<cfg.output>/scores/`` (:func:`write_scores`). A checkpoint given as a path or URI is
     copied to local disk first; a pretrained tag is passed on as is. Needs a running (or startable) Ray.
     """
-    from raymimic.clip.models import local_copy
+    from raymimic.clip.models import local_copy, transforms_for_model
     from raymimic.data.preprocess import clip_training_dataset
 
     checkpoint = cfg.checkpoint
     if checkpoint and ("://" in checkpoint or "/" in checkpoint):
         checkpoint = local_copy(checkpoint)
-    scored = score_dataset(clip_training_dataset(cfg.pool, cfg.model), cfg.model, checkpoint, cfg.reference,
+    dataset = clip_training_dataset(cfg.pool, *transforms_for_model(cfg.model), pixels=True)  # normalised on the device
+    scored = score_dataset(dataset, cfg.model, checkpoint, cfg.reference,
                            mimic_layer=cfg.mimic_layer, score_kind=cfg.score_kind, tau=cfg.tau, batch_size=cfg.batch_size,
                            actors=cfg.actors, use_gpu=cfg.use_gpu, step=cfg.step, controls=cfg.controls, baselines=cfg.baselines)
     return write_scores(scored, cfg.output)

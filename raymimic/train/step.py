@@ -48,7 +48,6 @@ from raymimic.mimic import (
 from raymimic.score_table.columns import ALIGNED
 from raymimic.score_table.columns import BASELINES as BASELINE_NAMES
 from raymimic.score_table.columns import REFERENCE_BASELINES as _REFERENCE_BASELINES  # need the reference model's forward
-from raymimic.train.config import DEFAULT_ALIGN_EVERY
 
 
 def world() -> tuple[int, int]:
@@ -132,7 +131,7 @@ class MimicStep:
         controls: Sequence[str | Control] = (),
         baselines: Sequence[str] = (),
         seed: int = 0,
-        align_every: int = DEFAULT_ALIGN_EVERY,
+        align_every: int | None = None,
     ):
         self.model = model
         self.mimic_name = mimic_name
@@ -158,14 +157,14 @@ class MimicStep:
         self.initial_weight = initial_weight.detach().float() if needs_initial else None  # W_0: saved in checkpoints
         self.controls: dict[str, Control] = {}
         # the step refits "aligned" itself only when asked by name; a ready Control of that name stays as given
-        self.align_every, self.alignment, self._calls, self._aligning = int(align_every), None, 0, False
+        self.align_every, self.alignment, self._calls, self._aligning = align_every, None, 0, False
         self.batch_dim = batch_dim
         for control in controls:
             if control == ALIGNED:
                 if reference_weight is None or reference_model is None:
                     raise ValueError("control 'aligned' needs the reference weight and the reference model (its activations)")
-                if self.align_every < 1:
-                    raise ValueError(f"align_every must be >= 1 step, got {align_every}")
+                if align_every is None or align_every < 1:
+                    raise ValueError(f"control 'aligned' needs align_every >= 1 (steps between re-alignments), got {align_every}")
                 control = make_control(ALIGNED, other=reference_weight)  # replaced by the aligned weight at the first step
                 self._aligning = True
             if isinstance(control, str):
@@ -238,17 +237,21 @@ class MimicStep:
 
     # -- pieces ------------------------------------------------------------------------
     def _realign(self, images: torch.Tensor, texts: torch.Tensor) -> None:
-        """Fit the ``aligned`` control's weight on this batch (rank 0's fit on every rank)."""
+        """Fit the ``aligned`` control's weight on rank 0's batch (a Hungarian assignment, rank 0 only) and broadcast it."""
         from raymimic.clip.align import align_reference
         from raymimic.mimic.params import unwrap
 
-        fit = align_reference(unwrap(self.model), self.reference_model, self.mimic_name, images, texts, batch_dim=self.batch_dim,
-                              autocast=self.autocast)
-        weight = fit.weight.to(self.parameter.device, torch.float32).contiguous()
-        if world()[1] > 1:
+        rank, size = world()
+        if rank == 0:
+            fit = align_reference(unwrap(self.model), self.reference_model, self.mimic_name, images, texts,
+                                  batch_dim=self.batch_dim, autocast=self.autocast)
+            weight = fit.weight.to(self.parameter.device, torch.float32).contiguous()
+            self.alignment = fit.report()
+        else:
+            weight = torch.empty(self.parameter.shape, device=self.parameter.device, dtype=torch.float32)
+        if size > 1:
             dist.broadcast(weight, src=0)
         self.controls[ALIGNED] = make_control(ALIGNED, other=weight)
-        self.alignment = fit.report()
 
     def direction(self) -> torch.Tensor:
         """The primary ``V`` (float32): ``W_ref - W_t`` recomputed every step (one subtraction), or ``W_ref - W_0``."""
@@ -303,11 +306,11 @@ def build_mimic_step(
     autocast: contextlib.AbstractContextManager | None = None,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
     direction: str = "current",
-    controls: Sequence[str] = (),
+    controls: Sequence[str | tuple[str, str | None]] = (),
     baselines: Sequence[str] = (),
     initial_weight: torch.Tensor | None = None,
     seed: int = 0,
-    align_every: int = DEFAULT_ALIGN_EVERY,
+    align_every: int | None = None,
 ) -> tuple[MimicStep, str]:
     """``(step, mimic parameter name)`` for an open_clip ``model`` (created by the caller).
 
@@ -318,27 +321,27 @@ def build_mimic_step(
     and scores to compute, the mimic layer is first excluded from DDP and afterwards broadcast
     from rank 0 (DDP does not broadcast ignored tensors), and so is ``W_0``.
 
-    ``controls``: entries of :attr:`TrainConfig.controls <raymimic.train.config.TrainConfig>`
-    (built-in names, or ``NAME=SPEC``: that reference is loaded with the same loader and only its
-    mimic weight kept); ``initial_weight``: ``W_0`` of the run (default: the mimic weight now; a
+    ``controls``: built-in control names, or ``(NAME, SPEC)`` pairs (as
+    :func:`raymimic.train.config.parse_control` splits a run's entries; a ``None`` SPEC is a
+    built-in name): that other reference is loaded with the same loader and only its mimic weight
+    kept; ``initial_weight``: ``W_0`` of the run (default: the mimic weight now; a
     resumed run passes its saved one); ``seed``: the ``random`` control's seed; ``align_every``:
     steps between re-alignments of the ``aligned`` control (which keeps the reference model).
     """
     from raymimic.clip import load_reference, resolve_mimic_layer, sample_dim
     from raymimic.mimic import make_control
-    from raymimic.train.config import parse_control
 
     name = resolve_mimic_layer(model, mimic_layer)
     reference_weight, reference_model = None, None
+    entries = [(entry, None) if isinstance(entry, str) else tuple(entry) for entry in controls]
     needs_forward = ("ref_loss" in make_weighting(weighting).needs or any(b in _REFERENCE_BASELINES for b in baselines)
-                     or ALIGNED in controls)
+                     or (ALIGNED, None) in entries)
     if reference is not None:
         loaded = load_reference(reference, model_name, device=device)
         reference_weight = get_parameter(loaded, name).detach().clone()
         reference_model = loaded if needs_forward else None
     built: list[str | Control] = []
-    for entry in controls:
-        control, spec = parse_control(entry)
+    for control, spec in entries:
         if spec is None:
             built.append(control)
         else:  # another reference: only its mimic weight stays

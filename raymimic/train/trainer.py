@@ -9,15 +9,12 @@ pool and output are checked on the driver, and the cluster must hold (or be able
 to) the workers plus the CPUs Ray Data needs to feed them, so a mistake or a run that would
 wait forever ends at once with a ``ValueError`` that says what to change.
 
-Beyond :class:`TrainConfig`'s fields, ``cfg.extra`` may hold ``"resources_per_worker"`` (custom
-Ray resources per worker, e.g. ``{"trainer_slot": 1}`` to land workers on one node type) and
-``"collective_timeout_s"`` (torch.distributed timeout, default
-:data:`raymimic.train.preflight.COLLECTIVE_TIMEOUT_S`: a rank stuck in a collective fails the
-run instead of waiting forever).
+:func:`run_training` is the same on the pool a config names.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass
 
@@ -43,22 +40,23 @@ def build_trainer(cfg: TrainConfig, dataset):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raymimic.train.loop import train_loop_per_worker
-    from raymimic.train.preflight import collective_timeout_s, worker_resources
+    from raymimic.train import loop
+    from raymimic.train.preflight import worker_resources
 
     cfg.output = normalise_output(cfg.output)
     if cfg.min_workers is not None or cfg.max_workers is not None:
         workers = (cfg.min_workers or 1, cfg.max_workers or cfg.workers)
     else:
         workers = cfg.workers
-    resources = worker_resources(cfg)  # CPU, GPU when use_gpu, and cfg.extra["resources_per_worker"]
+    resources = worker_resources(cfg)  # CPU, GPU when use_gpu, and cfg.resources_per_worker
     # the context's options as DataConfig.default_ingest_options() takes them, without its deprecated exclude_resources setter
     options = copy.copy(DataContext.get_current().execution_options)
     options.preserve_order = True  # deterministic split and order: exact resume
     return TorchTrainer(
-        train_loop_per_worker,
+        # the loop function travels to the workers pickled: a fault a test injected on the driver travels with it
+        functools.partial(loop.train_loop_per_worker, crash=loop.injected_crash),
         train_loop_config=cfg.to_dict(),
-        torch_config=TorchConfig(timeout_s=max(1, round(collective_timeout_s(cfg)))),
+        torch_config=TorchConfig(timeout_s=max(1, round(cfg.collective_timeout_s))),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run_name,
@@ -78,9 +76,9 @@ def fit(cfg: TrainConfig, dataset, *, pool: str | None = None, data_cpus: float 
     First :func:`raymimic.train.preflight.preflight` (``PreflightError``, a ``ValueError``, on a
     mistake): ``pool`` (default ``cfg.pool`` when the config has one) is the pool ``dataset`` was
     read from, checked for shards; ``data_cpus`` CPUs (default 1) must stay free for the Ray Data
-    tasks that produce ``dataset``; ``validate=False`` skips the settings/input checks (already
-    run by :func:`~raymimic.train.preflight.check_run`, which remembers passing configs anyway),
-    ``check_resources=False`` the cluster check.
+    tasks that produce ``dataset``; ``validate=False`` skips the settings/input checks (for a
+    caller that ran :func:`~raymimic.train.preflight.check_run` already), ``check_resources=False``
+    the cluster check.
     """
     from raymimic.train.preflight import DATA_CPUS, preflight
 
@@ -99,6 +97,20 @@ def fit(cfg: TrainConfig, dataset, *, pool: str | None = None, data_cpus: float 
         ray_checkpoint=_checkpoint_uri(result.checkpoint, cfg.output),
         metrics=dict(result.metrics or {}),
     )
+
+
+def run_training(cfg: TrainConfig, *, validate: bool = True) -> RunSummary:
+    """Stage 1 on the pool ``cfg.pool``: :func:`fit` on its CLIP training dataset (``validate`` as :func:`fit` takes it).
+
+    Needs a running (or startable) Ray.
+    """
+    from raymimic.clip.models import transforms_for_model
+    from raymimic.data.preprocess import clip_training_dataset
+
+    if not cfg.pool:
+        raise ValueError("TrainConfig.pool is not set: give the DataComp pool to train on (or call fit() with a dataset)")
+    # uint8 pixels through the object store; the workers normalise them on their device (raymimic.train.feed)
+    return fit(cfg, clip_training_dataset(cfg.pool, *transforms_for_model(cfg.model), pixels=True), validate=validate)
 
 
 # Ray's own scheduling failing under us, not the training code: Ray Train's controller gives up on

@@ -42,7 +42,8 @@ def _samples(shard: str):
 
 def load_split(pool: str, model_name: str, split: str = "shards") -> PoolTensors:
     """Read ``pool/split/*.tar`` (``shards`` or ``eval``) into tensors for ``model_name``."""
-    from raymimic.data.preprocess import decode_image, transforms_for_model
+    from raymimic.clip.models import transforms_for_model
+    from raymimic.data.preprocess import decode_image
 
     shards = sorted(glob.glob(os.path.join(pool, split, "*.tar")))
     if not shards:

@@ -109,12 +109,9 @@ def zero_shot_top1(model, model_name: str, data, classnames: list[str], template
     import torch
 
     from raymimic.clip.embed import ClipEmbedder
-
-    embedder = ClipEmbedder.__new__(ClipEmbedder)  # the trained model in place of a loaded one
-    embedder.model, embedder.device = model.eval(), "cpu"
     from raymimic.clip.models import get_tokenizer
 
-    embedder.tokenizer = get_tokenizer(model_name)
+    embedder = ClipEmbedder(model, get_tokenizer(model_name))  # the trained model in place of a loaded one
     try:
         classes = embedder.embed_classes(classnames, templates)
         with torch.no_grad():
