@@ -51,7 +51,9 @@ CONTROLS_HELP = (
     "each; they never change the weights): {builtins}: zero (V = -W_t, the target model alone), init (W_0 - W_t), random "
     "(R - W_t, R seeded by --seed with the reference's norm), fixed (W_ref - W_0), current (W_ref - W_t, for --direction fixed), "
     "aligned (W_ref' - W_t, the reference brought into the target's basis from both models' activations, refitted every "
-    "--align-every steps; it runs the reference forward then), or NAME=SPEC (W_ref' - W_t for another reference, SPEC as "
+    "--align-every steps; it runs the reference forward then), function (V_fn = -dD/dW: how the layer must move for the "
+    "target's batch similarity distributions to match the reference's; the reference forward and a backward of D down to the "
+    "layer), or NAME=SPEC (W_ref' - W_t for another reference, SPEC as "
     "--reference takes); 'none' for no controls (default: {default}; "
     "without --reference none, and fixed is left out under --direction fixed)"
 )
@@ -111,8 +113,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, preset: str, preset_is_
     mimic.add_argument("--reweight-all", action="store_true", default=None,
                        help="re-weight every layer's gradient, not only the mimic layer's (a second backward pass)")
     mimic.add_argument("--direction", choices=DIRECTIONS,
-                       help=f"the score's direction: current = W_ref - W_t every step (the paper), fixed = W_ref - W_0 "
-                            f"(default: {_default('direction')})")
+                       help=f"the score's direction: current = W_ref - W_t every step (the paper), fixed = W_ref - W_0, "
+                            "function = V_fn = -dD/dW, with D the KL of the reference's softmax over the batch's image-text "
+                            "similarities against the target's (its knowledge read from its outputs, whatever its "
+                            f"initialisation) (default: {_default('direction')})")
     mimic.add_argument("--controls", metavar="LIST",
                        help=CONTROLS_HELP.format(builtins=", ".join(BUILTIN_CONTROLS), default=",".join(_default("controls"))))
     mimic.add_argument("--baselines", metavar="LIST", help=BASELINES_HELP.format(names=", ".join(BASELINES)))

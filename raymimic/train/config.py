@@ -27,15 +27,16 @@ PRECISIONS = ("auto", "fp32", "amp_bf16")
 SCORE_KINDS = ("proj", "cos")  # proj: <-g_i, V>/||V||; cos: also divided by ||g_i||
 DEFAULT_TAU = 0.05  # softmax temperature of the weights (the paper's choice at small scale)
 DEFAULT_MIMIC_LAYER = "image-mlp"  # the image tower's last MLP c_proj (an alias of raymimic.clip.layers.ALIASES)
-DIRECTIONS = ("current", "fixed")  # the primary score's V: W_ref - W_t every step (the paper), or W_ref - W_0
+# the primary score's V: W_ref - W_t every step (the paper), W_ref - W_0, or V_fn = -dD/dW (raymimic.mimic.function)
+DIRECTIONS = ("current", "fixed", "function")
 # control directions recorded beside the score (raymimic.mimic.controls has the maths; same names)
-BUILTIN_CONTROLS = ("zero", "init", "random", "fixed", "current", "aligned")
+BUILTIN_CONTROLS = ("zero", "init", "random", "fixed", "current", "aligned", "function")
 DEFAULT_CONTROLS = ("zero", "fixed")  # what every scoring run records unless told otherwise
 # steps between re-alignments of the "aligned" control (raymimic.clip.align): a fit matches every
 # hidden unit of the mimic layer (a Hungarian assignment, seconds at ViT-B-32's 3,072 units), so it
 # is amortised over many steps; short runs should pass a smaller value
 DEFAULT_ALIGN_EVERY = 1000
-_NEED_REFERENCE = ("random", "fixed", "current", "aligned")  # controls built from W_ref
+_NEED_REFERENCE = ("random", "fixed", "current", "aligned", "function")  # controls built from the reference
 # per-sample baseline scores a run records on request (each column score_<name>; higher = more likely kept)
 BASELINES = ("loss", "ref_loss", "rho", "ref_clipscore")
 _NAME = re.compile(r"[a-z0-9_]+")
@@ -144,7 +145,8 @@ class TrainConfig:
     tau: float = DEFAULT_TAU
     score_kind: str = "proj"
     reweight_all: bool = False  # re-weight every layer's gradient, not only the mimic layer's
-    direction: str = "current"  # the primary score's V: current = W_ref - W_t (the paper), fixed = W_ref - W_0
+    # the primary score's V: current = W_ref - W_t (the paper), fixed = W_ref - W_0, function = -dD/dW (raymimic.mimic.function)
+    direction: str = "current"
     # control directions, one column score_<name> each (zero, init, random, fixed, current, NAME=SPEC); see resolve_controls
     controls: list[str] = field(default_factory=lambda: list(DEFAULT_CONTROLS))
     baselines: list[str] = field(default_factory=list)  # loss, ref_loss, rho, ref_clipscore: columns score_<name>
@@ -224,8 +226,8 @@ class TrainConfig:
             raise ValueError(f"weighting {self.weighting!r} needs a reference model (--reference)")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction {self.direction!r} is not one of {DIRECTIONS}")
-        if self.direction == "fixed" and self.reference is None:
-            raise ValueError("direction 'fixed' (W_ref - W_0) needs a reference model (--reference)")
+        if self.direction != "current" and self.reference is None:
+            raise ValueError(f"direction {self.direction!r} needs a reference model (--reference)")
         self.controls = resolve_controls(self.controls, reference=self.reference is not None, direction=self.direction)
         self.baselines = resolve_baselines(self.baselines, reference=self.reference is not None)
 
