@@ -44,7 +44,7 @@ FIELD_OPTIONS = (
     "pool", "reference", "output", "shuffle_buffer", "model", "pretrained", "samples_seen", "global_batch", "lr", "warmup",
     "weight_decay", "precision", "grad_checkpointing", "weighting", "mimic_layer", "tau", "score_kind", "reweight_all", "workers",
     "min_workers", "max_workers", "gpu", "cpus_per_worker", "checkpoint_every", "max_failures", "seed", "direction", "controls",
-    "baselines", "align_every",
+    "baselines", "align_every", "init_seed",
 )
 CONTROLS_HELP = (
     "comma-separated control directions, each scored from the same backward pass into a column score_<name> (one more matmul "
@@ -135,6 +135,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, preset: str, preset_is_
     cluster.add_argument("--max-failures", type=int,
                          help=f"worker failures to recover from by resuming (default: {_default('max_failures')})")
     cluster.add_argument("--seed", type=int, help=f"initialisation and shuffle seed (default: {_default('seed')})")
+    model.add_argument("--init-seed", type=int, metavar="SEED",
+                       help="build the target from this seed as open_clip's training app (open_clip_train) does: with the --seed a "
+                            "reference was trained with, and the same architecture, open_clip and torch versions, the target starts "
+                            "from the reference's own initialisation, so W_ref - W_t is in one basis (default: --seed)")
     parser.add_argument("--smoke", action="store_true", help="a few steps of the same job on the tiny preset and a toy pool written under "
                         "<output>/toy_pool, 2 local CPU workers, a random reference unless --reference is given: checks the whole path "
                         "quickly; options given still override")

@@ -171,6 +171,9 @@ class TrainConfig:
     log_every: int = 10
     shuffle_buffer: int = 0  # local shuffle buffer (rows); 0 = pool order
     seed: int = 0
+    # the target's initialisation seed, seeded as open_clip_train seeds before building the model: the --seed a reference
+    # trained with open_clip_train recorded puts the target at that reference's own initialisation (None: seed)
+    init_seed: int | None = None
     max_failures: int = 3
     run_name: str = "ray_train"
     progress: bool = True
@@ -224,6 +227,9 @@ class TrainConfig:
             raise ValueError(f"need 1 <= min_workers <= max_workers, got {self.min_workers} and {self.max_workers}")
         if self.reference is None and self.weighting in ("grad-mimic", "rho"):
             raise ValueError(f"weighting {self.weighting!r} needs a reference model (--reference)")
+        if self.init_seed is not None and self.pretrained:
+            raise ValueError(f"init_seed ({self.init_seed}) seeds a random initialisation; it cannot be combined with pretrained "
+                             f"({self.pretrained!r})")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction {self.direction!r} is not one of {DIRECTIONS}")
         if self.direction != "current" and self.reference is None:
