@@ -169,17 +169,16 @@ class MimicStep:
         if needs_initial and initial_weight is None:
             initial_weight = self.parameter.detach().float().clone()
         self.initial_weight = initial_weight.detach().float() if needs_initial else None  # W_0: saved in checkpoints
-        self.controls: dict[str, Control] = {}  # every control but FUNCTION, which is not a Control (it needs the batch)
-        self.control_names: list[str] = []  # the control columns in the order given, FUNCTION included
+        self.controls: dict[str, Control] = {}
+        # FUNCTION is not a Control (it needs the batch's outputs): its column follows the others
+        self.function_control = any(isinstance(c, str) and c == FUNCTION for c in controls)
         # the step refits "aligned" itself only when asked by name; a ready Control of that name stays as given
         self.align_every, self.alignment, self._calls, self._aligning = int(align_every), None, 0, False
         self.batch_dim = batch_dim
         for control in controls:
-            name = control if isinstance(control, str) else control.name
-            if name in self.control_names:
-                raise ValueError(f"control {name!r} given twice")
-            self.control_names.append(name)
             if control == FUNCTION:
+                if sum(1 for c in controls if isinstance(c, str) and c == FUNCTION) > 1:
+                    raise ValueError(f"control {FUNCTION!r} given twice")
                 continue
             if control == ALIGNED:
                 if reference_weight is None or reference_model is None:
@@ -190,11 +189,12 @@ class MimicStep:
                 self._aligning = True
             if isinstance(control, str):
                 control = make_control(control, reference=reference_weight, initial=self.initial_weight, seed=seed)
+            if control.name in self.controls or control.name == FUNCTION:
+                raise ValueError(f"control {control.name!r} given twice")
             self.controls[control.name] = control
         self._fixed_direction = (reference_weight.float() - self.initial_weight.to(reference_weight.device)
                                  if direction == "fixed" else None)
-        self.plain = weighting == "sgd" and reference_weight is None and not self.control_names and direction != FUNCTION
-        self._needs_function = FUNCTION in (direction, *self.control_names)
+        self.plain = weighting == "sgd" and reference_weight is None and not self.controls and not self._needs_function(direction)
         self.reweight_all = reweight_all and not self.plain  # uniform weights: the plain backward is already it
         self.probe = None if self.plain else MimicProbe(model, mimic_name, batch_dim=batch_dim)
         needs_reference = "ref_loss" in self.weighting.needs or any(b in _REFERENCE_BASELINES for b in self.baselines)
@@ -207,7 +207,7 @@ class MimicStep:
     @property
     def extra_names(self) -> list[str]:
         """The names of the ``score_<name>`` columns this step returns: controls, then baselines."""
-        return [*self.control_names, *self.baselines]
+        return [*self.controls, *([FUNCTION] if self.function_control else []), *self.baselines]
 
     # -- the step -----------------------------------------------------------------------
     def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> StepResult:
@@ -224,7 +224,7 @@ class MimicStep:
             losses = per_sample_contrastive_loss(*outputs)
             loss = losses.mean()
         # before any backward of the batch loss: the probe keeps the output gradient of the latest backward
-        function_v = self._function_direction(outputs, images, texts) if self._needs_function else None
+        function_v = self._function_direction(outputs, images, texts) if self._needs_function(self.direction_kind) else None
         if self.plain:
             loss.backward()
             uniform = torch.full((local,), 1.0 / batch, device=images.device)
@@ -249,8 +249,10 @@ class MimicStep:
         if mean_grad is not None:
             self.previous_mean_grad = mean_grad
         # controls from the same probe, before any second backward; they never touch the weights
-        directions = {**control_directions(self.controls, self.parameter), **({FUNCTION: function_v} if function_v is not None else {})}
-        controls = direction_scores(self.probe, {name: directions[name] for name in self.control_names}, batch, self.score_kind, scale)
+        directions = control_directions(self.controls, self.parameter)
+        if self.function_control:
+            directions[FUNCTION] = function_v
+        controls = direction_scores(self.probe, directions, batch, self.score_kind, scale)
         local_extra, extra = self._extra(controls, losses.detach(), images, texts)
         weights, local_weights = batch_weights(self.weighting, stats, rank, local, gather_global)
         # before any second backward: it would overwrite the output gradient the probe keeps
@@ -262,6 +264,9 @@ class MimicStep:
         return StepResult(loss.detach(), local_scores, local_weights, stats["mimic"], weights, batch, local_extra, extra)
 
     # -- pieces ------------------------------------------------------------------------
+    def _needs_function(self, direction: str) -> bool:
+        return direction == FUNCTION or self.function_control
+
     def _realign(self, images: torch.Tensor, texts: torch.Tensor) -> None:
         """Fit the ``aligned`` control's weight on this batch (rank 0's fit on every rank)."""
         from raymimic.clip.align import align_reference
