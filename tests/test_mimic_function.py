@@ -230,3 +230,30 @@ def test_function_direction_and_step_under_ddp_with_two_processes(models, tmp_pa
                                    rtol=5e-4, atol=1e-6)
         torch.testing.assert_close(saved["grad"], (saved["weights"].reshape(-1, 1, 1) * per_sample).sum(0), rtol=5e-4, atol=1e-6)
         torch.testing.assert_close(saved["weights"], softmax_weights(scores, 0.05), rtol=2e-3, atol=1e-6)
+
+
+def test_both_towers_scored_together_from_one_backward(models):
+    """image-mlp and text-mlp: one backward of D gives both V_fn, one batch backward both probes; the joint score is the
+    score of the two layers' per-sample gradients side by side against the two directions side by side."""
+    from raymimic.mimic import function_directions, joint_mimic_scores
+
+    model, reference = models
+    model = copy.deepcopy(model)
+    images, texts = _batch(seed=7)
+    names = [resolve_mimic_layer(model, layer) for layer in ("image-mlp", "text-mlp")]
+    probes = [MimicProbe(model, name, batch_dim=sample_dim(model, name)) for name in names]
+    with torch.no_grad():
+        ref_out = reference(images, texts)[:3]
+    with probes[0].capture(), probes[1].capture():
+        out = model(images, texts)[:3]
+        loss = contrastive_loss(*out)
+    directions = function_directions(distillation_losses(out, ref_out), [get_parameter(model, n) for n in names])
+    loss.backward()
+    explicit = [_explicit_direction(model, reference, n, images, texts) for n in names]
+    for direction, want in zip(directions, explicit):
+        torch.testing.assert_close(direction, want, rtol=2e-4, atol=1e-6)
+    side_by_side = torch.cat([_per_sample(model, n, images, texts).flatten(1) for n in names], dim=1)
+    expected = _expected_scores(side_by_side, torch.cat([v.flatten() for v in explicit]))
+    torch.testing.assert_close(joint_mimic_scores(probes, directions, global_batch=6), expected, rtol=5e-4, atol=1e-6)
+    single = mimic_scores(probes[0], directions[0], global_batch=6)
+    assert not torch.allclose(single, expected, rtol=1e-2)  # the text side changes the score: the test sees a missing layer

@@ -15,7 +15,7 @@
   ``fixed``, ``current``, another reference) that score samples without the reference's knowledge.
 """
 from raymimic.mimic.controls import BUILTIN_CONTROLS, Control, control_directions, make_control, random_matrix
-from raymimic.mimic.function import distillation_losses, function_direction
+from raymimic.mimic.function import distillation_losses, function_direction, function_directions
 from raymimic.mimic.params import check_same_architecture, get_parameter, reference_direction, unwrap
 from raymimic.mimic.probe import MimicProbe
 from raymimic.mimic.reweight import output_grads, reweighted_backward, reweighted_loss_backward
@@ -25,6 +25,7 @@ from raymimic.mimic.scores import (
     direction_scores,
     grad_norms,
     gram,
+    joint_mimic_scores,
     mean_batch_grad,
     mimic_scores,
     reweighted_grad,
@@ -47,7 +48,8 @@ __all__ = [
     "AGRA", "BUILTIN_CONTROLS", "Control", "GradMatch", "GradMimic", "GraNd", "MimicProbe", "RHOLoss", "Uniform", "WEIGHTINGS",
     "Weighting", "alignment", "batch_weights", "check_same_architecture", "clean_gradient_direction", "control_directions",
     "direction_scores", "distillation_losses", "function_direction",
-    "get_parameter", "grad_norms", "gram", "make_control", "make_weighting", "mean_batch_grad", "mimic_scores",
+    "function_directions", "get_parameter", "grad_norms", "gram", "joint_mimic_scores", "make_control", "make_weighting",
+    "mean_batch_grad", "mimic_scores",
     "output_grads", "random_matrix", "reference_direction", "reweighted_backward", "reweighted_grad", "reweighted_loss_backward",
     "softmax_weights", "unwrap", "weighting_stats",
 ]

@@ -23,12 +23,17 @@ times its samples' share of ``dD/dW``; :func:`function_direction` sums the share
 (``all_reduce``) and multiplies by ``grad_scale = 1/world_size``. In one process both callables
 are the identity.
 
+Inner products add across layers: :func:`function_directions` gives ``V_fn`` of several weight
+matrices (the image and text towers' last MLPs, say) from one backward of ``D``, and
+:func:`~raymimic.mimic.scores.joint_mimic_scores` scores the samples against all of them at once,
+``<-g_i, V_fn>/||V_fn||`` with ``g_i`` and ``V_fn`` the layers' matrices side by side.
+
 Cost: the reference's forward (no gradient) and one partial backward of ``D`` that stops at the
 mimic layer (autograd walks only the layers above it).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,5 +88,15 @@ def function_direction(
     :class:`~raymimic.mimic.probe.MimicProbe` on the same layer records the output gradient of
     the latest backward: run this one before the batch loss's backward.
     """
-    (grad,) = torch.autograd.grad(losses.mean(), parameter, retain_graph=True)
-    return -all_reduce(grad.detach().float()) * grad_scale
+    return function_directions(losses, [parameter], grad_scale, all_reduce)[0]
+
+
+def function_directions(
+    losses: torch.Tensor,
+    parameters: Sequence[torch.Tensor],
+    grad_scale: float = 1.0,
+    all_reduce: TensorFn = _same,
+) -> list[torch.Tensor]:
+    """:func:`function_direction` of several weight matrices from one backward of ``D`` (one list entry each)."""
+    grads = torch.autograd.grad(losses.mean(), list(parameters), retain_graph=True)
+    return [-all_reduce(grad.detach().float()) * grad_scale for grad in grads]
