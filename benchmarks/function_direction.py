@@ -146,9 +146,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     result = run(args)
-    print(f"{'column':<28}{'AUC random':>12}{'AUC systematic':>16}")
+    print(f"gates: {result['gates']}")
+    print(f"{'column':<28}{'AUC all':>9}{'AUC random':>12}{'AUC systematic':>16}")
     for column, row in result["aucs"].items():
-        print(f"{column:<28}{row.get('random', float('nan')):>12.3f}{row.get('systematic', float('nan')):>16.3f}")
+        print(f"{column:<28}{row.get('all', float('nan')):>9.3f}{row.get('random', float('nan')):>12.3f}"
+              f"{row.get('systematic', float('nan')):>16.3f}")
     print("\nlift over the controls (the same layer's zero control, the target's loss):")
     for name, values in result["lifts"].items():
         print(f"  {name:<48}" + "  ".join(f"{q} {v:+.3f}" for q, v in values.items()))
