@@ -257,3 +257,19 @@ def test_both_towers_scored_together_from_one_backward(models):
     torch.testing.assert_close(joint_mimic_scores(probes, directions, global_batch=6), expected, rtol=5e-4, atol=1e-6)
     single = mimic_scores(probes[0], directions[0], global_batch=6)
     assert not torch.allclose(single, expected, rtol=1e-2)  # the text side changes the score: the test sees a missing layer
+
+
+def test_gradient_checkpointing_keeps_the_function_scores(models):
+    """A checkpointed block is recomputed in both backward passes (D's, then the batch loss's): the scores stay the same."""
+    model, reference = models
+    images, texts = _batch(seed=8)
+    name = resolve_mimic_layer(model, "image-mlp")
+    w_ref = get_parameter(reference, name).detach()
+    results = []
+    for checkpointing in (False, True):
+        copy_ = copy.deepcopy(model)
+        copy_.set_grad_checkpointing(checkpointing)
+        step = MimicStep(copy_, name, "grad-mimic", tau=0.5, reference_weight=w_ref, reference_model=reference, direction="function")
+        results.append((step(images, texts).scores, get_parameter(copy_, name).grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
