@@ -6,6 +6,12 @@ A fourth mode, the *training step*, times what a Stage-1 worker runs: the whole
 :class:`raymimic.train.step.MimicStep` (the gathers, the control columns and a loss baseline
 included) and the deferred copy of its scores to the host (``training_step_over_plain``).
 
+Also the cost of the function direction (``--direction function``, :mod:`raymimic.mimic.function`): the
+mimic step with ``V_fn = -dD/dW`` in place of ``W_ref - W_t``, i.e. plus the reference's forward
+(no gradient) and one backward of the distillation loss ``D`` down to the mimic layer; its ratio
+is given against the plain step and against the weight-direction mimic step, with process CPU
+time beside wall time (``--skip-function`` leaves it out).
+
 Also the cost of the control directions every Stage-1 run records (``--controls``, default
 zero,fixed,init,random): a mimic step that also scores every control (as
 :class:`raymimic.train.step.MimicStep` does), and, timed alone after a backward pass, each
@@ -36,6 +42,8 @@ from raymimic.mimic import (
     MimicProbe,
     control_directions,
     direction_scores,
+    distillation_losses,
+    function_direction,
     get_parameter,
     make_control,
     mimic_scores,
@@ -77,6 +85,24 @@ def mimic_step(model, optimizer, images, texts, probe, reference_weight, weighti
     scores = mimic_scores(probe, direction, global_batch=len(images))
     weights = weighting.weights({"mimic": scores.float()})
     # as raymimic's training step: the re-weighted gradient in float32, stored in the parameter's dtype
+    probe.parameter.grad = reweighted_grad(probe, weights, global_batch=len(images)).float().to(probe.parameter.dtype)
+    optimizer.step()
+
+
+def mimic_function_step(model, optimizer, images, texts, probe, weighting, reference, autocast=None, **_):
+    """The mimic step with the function direction: the reference's forward, D's backward to the layer, then as above."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast or contextlib.nullcontext():
+        with torch.no_grad():
+            reference_outputs = reference(images, texts)[:3]
+        with probe.capture():
+            outputs = model(images, texts)[:3]
+            loss = contrastive_loss(*outputs)
+        losses = distillation_losses(outputs, reference_outputs)
+    direction = function_direction(losses, probe.parameter)  # before the batch loss's backward, as in training
+    loss.backward()
+    scores = mimic_scores(probe, direction, global_batch=len(images))
+    weights = weighting.weights({"mimic": scores.float()})
     probe.parameter.grad = reweighted_grad(probe, weights, global_batch=len(images)).float().to(probe.parameter.dtype)
     optimizer.step()
 
@@ -156,15 +182,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_step(step, repeats: int, device: str = "cpu", **kwargs) -> float:
+def time_step(step, repeats: int, device: str = "cpu", cpu_times: list | None = None, **kwargs) -> float:
+    """Median wall seconds of ``repeats`` steps after a warm-up; each step's process CPU seconds go to ``cpu_times``."""
     step(**kwargs)  # warm-up
     times = []
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(**kwargs)
         _sync(device)  # CUDA runs asynchronously: time the finished step
         times.append(time.perf_counter() - start)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - cpu_start)
     return statistics.median(times)
 
 
@@ -177,10 +206,14 @@ def resolve_device(device: str) -> str:
 
 
 def bench(model_name: str, batch: int, repeats: int, layer: str, skip_torch_func: bool, device: str = "cpu",
-          precision: str = "auto", controls: tuple[str, ...] = ("zero", "fixed", "init", "random")) -> dict:
+          precision: str = "auto", controls: tuple[str, ...] = ("zero", "fixed", "init", "random"), skip_function: bool = False) -> dict:
     torch.manual_seed(0)
     model, _, _ = create_model(model_name, device=device)
     model.train()
+    reference = None
+    if not skip_function:
+        torch.manual_seed(1)  # another initialisation, as public references are
+        reference = create_model(model_name, device=device)[0].eval().requires_grad_(False)
     name = resolve_mimic_layer(model, layer)
     probe = MimicProbe(model, name, batch_dim=sample_dim(model, name))
     weight = get_parameter(model, name)
@@ -194,16 +227,19 @@ def bench(model_name: str, batch: int, repeats: int, layer: str, skip_torch_func
                      autocast=autocast, initial_weight=initial, controls=list(built.values()), baselines=["loss"])
     kwargs = dict(model=model, optimizer=optimizer, images=images, texts=texts, probe=probe, device=device,
                   reference_weight=reference_weight, weighting=GradMimic(tau=0.05), name=name, autocast=autocast, controls=built,
-                  mimic_step_fn=step, score_copy=DeferredCopy(lambda context, arrays: None))
+                  mimic_step_fn=step, score_copy=DeferredCopy(lambda context, arrays: None), reference=reference)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # interleave the modes so drift in machine load hits all of them alike
-    plain, mimic, with_controls, func, training = [], [], [], [], []
+    plain, mimic, with_controls, func, training, function = [], [], [], [], [], []
+    cpu = {"plain": [], "mimic": [], "function": []}
     func_error = None
     for _ in range(repeats):
-        plain.append(time_step(plain_step, 1, **kwargs))
-        mimic.append(time_step(mimic_step, 1, **kwargs))
+        plain.append(time_step(plain_step, 1, cpu_times=cpu["plain"], **kwargs))
+        mimic.append(time_step(mimic_step, 1, cpu_times=cpu["mimic"], **kwargs))
         training.append(time_step(training_step, 1, **kwargs))
+        if reference is not None:
+            function.append(time_step(mimic_function_step, 1, cpu_times=cpu["function"], **kwargs))
         if built:
             with_controls.append(time_step(mimic_controls_step, 1, **kwargs))
         if not skip_torch_func and func_error is None:
@@ -221,7 +257,13 @@ def bench(model_name: str, batch: int, repeats: int, layer: str, skip_torch_func
               "torch_func_s": func_s, "mimic_over_plain": mimic_s / plain_s, "torch_func_over_plain": func_s / plain_s,
               "threads": torch.get_num_threads(), "device": device, "precision": "bf16" if bf16 else "fp32",
               "plain_samples_per_s": batch / plain_s, "mimic_samples_per_s": batch / mimic_s,
-              "training_step_s": statistics.median(training), "training_step_over_plain": statistics.median(training) / plain_s}
+              "training_step_s": statistics.median(training), "training_step_over_plain": statistics.median(training) / plain_s,
+              "plain_cpu_s": statistics.median(cpu["plain"]), "mimic_cpu_s": statistics.median(cpu["mimic"])}
+    if function:
+        function_s, function_cpu = statistics.median(function), statistics.median(cpu["function"])
+        result.update({"function_s": function_s, "function_over_plain": function_s / plain_s, "function_over_mimic": function_s / mimic_s,
+                       "function_cpu_s": function_cpu, "function_cpu_over_plain": function_cpu / result["plain_cpu_s"],
+                       "function_cpu_over_mimic": function_cpu / result["mimic_cpu_s"]})
     if built:
         controls_s = statistics.median(with_controls)
         alone = time_controls_alone(probe, built, batch, 50, device)  # cheap; the probe holds the last step's pass
@@ -256,18 +298,26 @@ def main(argv=None) -> int:
     parser.add_argument("--controls", default="zero,fixed,init,random",
                         help="comma-separated control directions of the 'mimic + controls' variant, 'none' to skip it "
                              "(default zero,fixed,init,random)")
+    parser.add_argument("--skip-function", action="store_true", help="skip the function-direction step")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     controls = tuple(c.strip() for c in args.controls.split(",") if c.strip() and c.strip() != "none")
     batches = args.batch * len(args.models) if len(args.batch) == 1 else args.batch
-    results = [bench(m, b, args.repeats, args.layer, args.skip_torch_func, device, args.precision, controls)
+    results = [bench(m, b, args.repeats, args.layer, args.skip_torch_func, device, args.precision, controls, args.skip_function)
                for m, b in zip(args.models, batches)]
     print(f"{'model':<16}{'batch':>6}{'plain s':>10}{'mimic s':>10}{'func s':>10}{'mimic/plain':>13}{'func/plain':>12}"
           f"{'training step/plain':>21}")
     for r in results:
         print(f"{r['model']:<16}{r['batch']:>6}{r['plain_s']:>10.4f}{r['mimic_s']:>10.4f}{r['torch_func_s']:>10.4f}"
               f"{r['mimic_over_plain']:>13.3f}{r['torch_func_over_plain']:>12.2f}{r['training_step_over_plain']:>21.3f}")
+    if not args.skip_function:
+        print(f"\n{'model':<16}{'batch':>6}{'fn s':>9}{'fn/plain':>10}{'fn/mimic':>10}{'cpu: plain s':>14}{'mimic s':>9}{'fn s':>9}"
+              f"{'fn/plain':>10}{'fn/mimic':>10}")
+        for r in results:
+            print(f"{r['model']:<16}{r['batch']:>6}{r['function_s']:>9.4f}{r['function_over_plain']:>10.3f}{r['function_over_mimic']:>10.3f}"
+                  f"{r['plain_cpu_s']:>14.4f}{r['mimic_cpu_s']:>9.4f}{r['function_cpu_s']:>9.4f}{r['function_cpu_over_plain']:>10.3f}"
+                  f"{r['function_cpu_over_mimic']:>10.3f}")
     if controls:
         print(f"\n{'model':<16}{'batch':>6}{'+controls s':>12}{'(+controls)/mimic':>19}{'min/min':>9}  each control alone / mimic "
               "step, median (min/min)")

@@ -114,6 +114,9 @@ def test_train_default_preset_and_dataclass_defaults(config_of):
     (["--pretrained", "/ckpt/start.pt"], "pretrained", "/ckpt/start.pt"),
     (["--min-workers", "2", "--max-workers", "8"], "max_workers", 8),
     (["--direction", "fixed"], "direction", "fixed"),
+    (["--direction", "function"], "direction", "function"),
+    (["--controls", "zero,function"], "controls", ["zero", "function"]),
+    (["--init-seed", "5"], "init_seed", 5),
     (["--controls", "zero,init,random,b16=ViT-B-32:openai"], "controls", ["zero", "init", "random", "b16=ViT-B-32:openai"]),
     (["--controls", "none"], "controls", []),
     (["--baselines", "loss,ref_loss,rho,ref_clipscore"], "baselines", ["loss", "ref_loss", "rho", "ref_clipscore"]),
@@ -175,6 +178,8 @@ def test_train_controls_direction_and_baselines(config_of, error_of):
         ([*plain[3:], "--controls", "random"], ["needs a reference"]),
         ([*plain[3:], "--baselines", "rho"], ["needs a reference"]),
         ([*plain[3:], "--direction", "fixed"], ["needs a reference"]),
+        ([*plain[3:], "--direction", "function"], ["needs a reference"]),
+        ([*TRAIN_IO, "--init-seed", "1", "--pretrained", "/ckpt/start.pt"], ["init_seed", "pretrained"]),
     ]:
         line = error_of("train", "--preset", "tiny", *argv, "--print-config")
         assert all(word in line for word in words), line

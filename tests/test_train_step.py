@@ -483,15 +483,6 @@ def _train_cfg(**overrides):
     return TrainConfig(**{"output": "/tmp/x", "model": MODEL, "reference": "R", "samples_seen": 16, "global_batch": 8, **overrides})
 
 
-def test_control_and_baseline_names_agree_between_config_and_maths():
-    from raymimic.mimic.controls import BUILTIN_CONTROLS
-    from raymimic.train import config, step
-
-    # "aligned" needs both models' activations, so the step builds it (raymimic.clip.align), not make_control
-    assert config.BUILTIN_CONTROLS == (*BUILTIN_CONTROLS, step.ALIGNED) and config.BASELINES == step.BASELINE_NAMES
-    assert set(config.DEFAULT_CONTROLS) <= set(BUILTIN_CONTROLS)
-
-
 @pytest.mark.parametrize("overrides, words", [
     ({"controls": ["zero", "nope"]}, ["unknown control 'nope'"]),
     ({"controls": ["Big=ViT-B-32:openai"]}, ["[a-z0-9_]+"]),
@@ -505,6 +496,9 @@ def test_control_and_baseline_names_agree_between_config_and_maths():
     ({"controls": ["fixed", "zero"], "direction": "fixed"}, ["repeat the primary score"]),
     ({"direction": "sideways"}, ["direction"]),
     ({"direction": "fixed", "reference": None, "weighting": "sgd"}, ["needs a reference"]),
+    ({"direction": "function", "reference": None, "weighting": "sgd"}, ["'function' needs a reference"]),
+    ({"controls": ["function"], "reference": None, "weighting": "sgd"}, ["'function' needs a reference"]),
+    ({"controls": ["function"], "direction": "function"}, ["repeat the primary score"]),
     ({"controls": ["random"], "reference": None, "weighting": "sgd"}, ["needs a reference"]),
     ({"controls": ["zero", "fixed", "init"], "reference": None, "weighting": "sgd"}, ["'fixed' needs a reference"]),
     ({"baselines": ["loss", "clip"]}, ["unknown baseline 'clip'"]),

@@ -44,7 +44,9 @@ def register(subparsers) -> None:
     parser.add_argument("--step", type=int, help="value of the step column (default: read from the checkpoint, else -1)")
     parser.add_argument("--controls", metavar="LIST",
                         help="comma-separated control directions, one column score_<name> each: zero (V = -W_ckpt), random "
-                             "(R - W_ckpt, R seeded with the reference's norm), NAME=SPEC (another reference); init, fixed and "
+                             "(R - W_ckpt, R seeded with the reference's norm), function (V_fn = -dD/dW, how the layer must move for the "
+                             "checkpoint's batch similarities to match the reference's; runs the reference forward), NAME=SPEC "
+                             "(another reference); init, fixed and "
                              "current are refused here (at a fixed checkpoint W_0 = W_ckpt); 'none' for no controls "
                              f"(default: {','.join(dflt('controls'))}, fixed left out)")
     parser.add_argument("--baselines", metavar="LIST",

@@ -44,14 +44,16 @@ FIELD_OPTIONS = (
     "pool", "reference", "output", "shuffle_buffer", "model", "pretrained", "samples_seen", "global_batch", "lr", "warmup",
     "weight_decay", "precision", "grad_checkpointing", "weighting", "mimic_layer", "tau", "score_kind", "reweight_all", "workers",
     "min_workers", "max_workers", "gpu", "cpus_per_worker", "checkpoint_every", "max_failures", "seed", "direction", "controls",
-    "baselines", "align_every", "collective_timeout_s", "resources_per_worker",
+    "baselines", "align_every", "collective_timeout_s", "resources_per_worker", "init_seed",
 )
 CONTROLS_HELP = (
     "comma-separated control directions, each scored from the same backward pass into a column score_<name> (one more matmul "
     "each; they never change the weights): {builtins}: zero (V = -W_t, the target model alone), init (W_0 - W_t), random "
     "(R - W_t, R seeded by --seed with the reference's norm), fixed (W_ref - W_0), current (W_ref - W_t, for --direction fixed), "
     "aligned (W_ref' - W_t, the reference brought into the target's basis from both models' activations, refitted every "
-    "--align-every steps; it runs the reference forward then), or NAME=SPEC (W_ref' - W_t for another reference, SPEC as "
+    "--align-every steps; it runs the reference forward then), function (V_fn = -dD/dW: how the layer must move for the "
+    "target's batch similarity distributions to match the reference's; the reference forward and a backward of D down to the "
+    "layer), or NAME=SPEC (W_ref' - W_t for another reference, SPEC as "
     "--reference takes); 'none' for no controls (default: {default}; "
     "without --reference none, and fixed is left out under --direction fixed)"
 )
@@ -111,8 +113,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, preset: str, preset_is_
     mimic.add_argument("--reweight-all", action="store_true", default=None,
                        help="re-weight every layer's gradient, not only the mimic layer's (a second backward pass)")
     mimic.add_argument("--direction", choices=DIRECTIONS,
-                       help=f"the score's direction: current = W_ref - W_t every step (the paper), fixed = W_ref - W_0 "
-                            f"(default: {_default('direction')})")
+                       help=f"the score's direction: current = W_ref - W_t every step (the paper), fixed = W_ref - W_0, "
+                            "function = V_fn = -dD/dW, with D the KL of the reference's softmax over the batch's image-text "
+                            "similarities against the target's (its knowledge read from its outputs, whatever its "
+                            f"initialisation) (default: {_default('direction')})")
     mimic.add_argument("--controls", metavar="LIST",
                        help=CONTROLS_HELP.format(builtins=", ".join(BUILTIN_CONTROLS), default=",".join(_default("controls"))))
     mimic.add_argument("--baselines", metavar="LIST", help=BASELINES_HELP.format(names=", ".join(BASELINES)))
@@ -137,6 +141,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, preset: str, preset_is_
                          help="custom Ray resources each training worker asks for besides CPU and GPU, e.g. trainer_slot=1 "
                               "to place workers on one node type (default: none)")
     cluster.add_argument("--seed", type=int, help=f"initialisation and shuffle seed (default: {_default('seed')})")
+    model.add_argument("--init-seed", type=int, metavar="SEED",
+                       help="build the target from this seed as open_clip's training app (open_clip_train) does: with the --seed a "
+                            "reference was trained with, and the same architecture, open_clip and torch versions, the target starts "
+                            "from the reference's own initialisation, so W_ref - W_t is in one basis (default: --seed)")
     parser.add_argument("--smoke", action="store_true", help="a few steps of the same job on the tiny preset and a toy pool written under "
                         "<output>/toy_pool, 2 local CPU workers, a random reference unless --reference is given: checks the whole path "
                         "quickly; options given still override")

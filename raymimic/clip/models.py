@@ -54,6 +54,28 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
     return open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device, precision=precision, **kwargs)
 
 
+def create_seeded_model(name: str, seed: int, pretrained: str | None = None, device: str | torch.device = "cpu",
+                        precision: str = "fp32"):
+    """:func:`create_model` after seeding as open_clip's training app does before it builds the model.
+
+    ``open_clip_train.main`` calls ``random_seed(args.seed, 0)`` (``torch.manual_seed``,
+    ``numpy.random.seed`` and ``random.seed``, each with ``seed``) and then
+    ``create_model_and_transforms``; open_clip builds every model on the CPU and moves it to
+    ``device`` afterwards. A random initialisation made here is therefore, bit for bit, the one a
+    public checkpoint trained with ``--seed seed`` started from, given the same architecture,
+    open_clip and torch versions, and a precision that keeps float32 weights (``fp32``, ``amp``,
+    ``amp_bf16``; ``fp16``/``bf16`` round the initial weights).
+    """
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return create_model(name, pretrained=pretrained, device=device, precision=precision)
+
+
 def get_tokenizer(name: str):
     register_model_configs()
     return open_clip.get_tokenizer(name)

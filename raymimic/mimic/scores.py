@@ -8,7 +8,7 @@ when the backward pass ran on a scaled loss (e.g. ``world_size * L`` under DDP a
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -58,6 +58,24 @@ def direction_scores(
         dot = probe.dot(direction)
         out[name] = -global_batch * grad_scale * dot / v_norm if kind == "proj" else -dot / (g_norms * v_norm)
     return out
+
+
+def joint_mimic_scores(
+    probes: Sequence[MimicProbe],
+    directions: Sequence[torch.Tensor],
+    global_batch: int,
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
+    """``proj`` score against several layers at once: ``sum_l <-g_i^l, V^l> / sqrt(sum_l ||V^l||^2)``.
+
+    The inner product of the layers' matrices side by side is the sum of the layers' inner
+    products, so one backward pass (one probe per layer) scores every sample against all of them.
+    """
+    if len(probes) != len(directions) or not probes:
+        raise ValueError(f"need one direction per probe, got {len(probes)} probes and {len(directions)} directions")
+    norm = torch.stack([d.float().norm() for d in directions]).norm().clamp_min(_EPS)
+    dots = sum(probe.dot(direction) for probe, direction in zip(probes, directions))
+    return -global_batch * grad_scale * dots / norm
 
 
 def grad_norms(probe: MimicProbe, global_batch: int, grad_scale: float = 1.0) -> torch.Tensor:

@@ -40,8 +40,11 @@ CONTROLS = ("zero", "init", "random")
 """Control directions that carry no knowledge of the reference: ``-W_t``, ``W_0 - W_t``, ``R - W_t``."""
 ALIGNED = "aligned"
 """The reference variant that needs both models' activations (Stage 1 builds it, :mod:`raymimic.clip.align`)."""
-REFERENCE_VARIANTS = ("fixed", "current", ALIGNED)
-"""Directions derived from the reference: ``W_ref - W_0``, ``W_ref - W_t``, the reference brought into the target's basis."""
+FUNCTION = "function"
+"""The function-space direction ``V_fn = -dD/dW`` (D: the distillation loss towards the reference's batch similarities)."""
+REFERENCE_VARIANTS = ("fixed", "current", ALIGNED, FUNCTION)
+"""Directions derived from the reference: ``W_ref - W_0``, ``W_ref - W_t``, the reference brought into the target's basis,
+the direction that makes the target behave like the reference on the batch."""
 BUILTIN_CONTROLS = (*CONTROLS, *REFERENCE_VARIANTS)
 """Every direction Stage 1 records by name beside the score (``NAME=SPEC`` adds another reference)."""
 TARGET_BASELINES = ("loss",)

@@ -30,7 +30,8 @@ PRECISIONS = ("auto", "fp32", "amp_bf16")
 SCORE_KINDS = ("proj", "cos")  # proj: <-g_i, V>/||V||; cos: also divided by ||g_i||
 DEFAULT_TAU = 0.05  # softmax temperature of the weights (the paper's choice at small scale)
 DEFAULT_MIMIC_LAYER = "image-mlp"  # the image tower's last MLP c_proj (an alias of raymimic.clip.layers.ALIASES)
-DIRECTIONS = ("current", "fixed")  # the primary score's V: W_ref - W_t every step (the paper), or W_ref - W_0
+# the primary score's V: W_ref - W_t every step (the paper), W_ref - W_0, or V_fn = -dD/dW (raymimic.mimic.function)
+DIRECTIONS = ("current", "fixed", "function")
 DEFAULT_CONTROLS = ("zero", "fixed")  # what every scoring run records unless told otherwise
 # steps between re-alignments of the "aligned" control (raymimic.clip.align): a fit matches every
 # hidden unit of the mimic layer (a Hungarian assignment, seconds at ViT-B-32's 3,072 units), so it
@@ -155,7 +156,8 @@ class TrainConfig:
     tau: float = DEFAULT_TAU
     score_kind: str = "proj"
     reweight_all: bool = False  # re-weight every layer's gradient, not only the mimic layer's
-    direction: str = "current"  # the primary score's V: current = W_ref - W_t (the paper), fixed = W_ref - W_0
+    # the primary score's V: current = W_ref - W_t (the paper), fixed = W_ref - W_0, function = -dD/dW (raymimic.mimic.function)
+    direction: str = "current"
     # control directions, one column score_<name> each (zero, init, random, fixed, current, NAME=SPEC); see resolve_controls
     controls: list[str] = field(default_factory=lambda: list(DEFAULT_CONTROLS))
     baselines: list[str] = field(default_factory=list)  # loss, ref_loss, rho, ref_clipscore: columns score_<name>
@@ -180,6 +182,9 @@ class TrainConfig:
     log_every: int = 10
     shuffle_buffer: int = 0  # local shuffle buffer (rows); 0 = pool order
     seed: int = 0
+    # the target's initialisation seed, seeded as open_clip_train seeds before building the model: the --seed a reference
+    # trained with open_clip_train recorded puts the target at that reference's own initialisation (None: seed)
+    init_seed: int | None = None
     max_failures: int = 3
     run_name: str = "ray_train"
     progress: bool = True
@@ -237,10 +242,13 @@ class TrainConfig:
             raise ValueError(f"need 1 <= min_workers <= max_workers, got {self.min_workers} and {self.max_workers}")
         if self.reference is None and self.weighting in ("grad-mimic", "rho"):
             raise ValueError(f"weighting {self.weighting!r} needs a reference model (--reference)")
+        if self.init_seed is not None and self.pretrained:
+            raise ValueError(f"init_seed ({self.init_seed}) seeds a random initialisation; it cannot be combined with pretrained "
+                             f"({self.pretrained!r})")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction {self.direction!r} is not one of {DIRECTIONS}")
-        if self.direction == "fixed" and self.reference is None:
-            raise ValueError("direction 'fixed' (W_ref - W_0) needs a reference model (--reference)")
+        if self.direction != "current" and self.reference is None:
+            raise ValueError(f"direction {self.direction!r} needs a reference model (--reference)")
         self.controls = resolve_controls(self.controls, reference=self.reference is not None, direction=self.direction)
         self.baselines = resolve_baselines(self.baselines, reference=self.reference is not None)
 

@@ -90,7 +90,7 @@ class _Worker:
         import ray.train
         import ray.train.torch
 
-        from raymimic.clip import create_model, resolve_mimic_layer, transforms_for_model
+        from raymimic.clip import create_seeded_model, resolve_mimic_layer, transforms_for_model
         from raymimic.data.preprocess import split_tensor_tail
         from raymimic.mimic import get_parameter
         from raymimic.train.feed import DeferredCopy, DeviceFeed
@@ -101,8 +101,9 @@ class _Worker:
         self.device = ray.train.torch.get_device()
         self.local_batch = cfg.local_batch(self.world_size)
 
-        torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-        model, _, _ = create_model(cfg.model, pretrained=cfg.pretrained, device=self.device)
+        # identical initialisation on every rank, seeded as open_clip_train seeds (init_seed: a reference's own initialisation)
+        init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
+        model, _, _ = create_seeded_model(cfg.model, init_seed, pretrained=cfg.pretrained, device=self.device)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.optimizer = build_optimizer(model, cfg)

@@ -19,6 +19,12 @@ Beside the primary score a step records, from the same backward pass, the score 
 request, per-sample *baselines* (the target's loss, the reference's loss, RHO's reducible loss,
 the reference's CLIPScore); both come back in :attr:`StepResult.extra` as ``score_<name>``
 columns. Only the primary score drives the weights.
+
+The *function* direction (:mod:`raymimic.mimic.function`: ``V_fn = -dD/dW`` of the loss ``D``
+that matches the target's batch similarity distributions to the reference's) is either the
+primary score's ``V`` (``direction="function"``) or a column ``score_function``; the step then
+runs the reference's forward and, before the batch loss's backward, one partial backward of
+``D`` down to the mimic layer, all-reduced over workers.
 """
 from __future__ import annotations
 
@@ -30,13 +36,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raymimic.clip.loss import grad_scale, per_sample_contrastive_loss
+from raymimic.clip.loss import gather_with_grad, grad_scale, per_sample_contrastive_loss
 from raymimic.mimic import (
     Control,
     MimicProbe,
     batch_weights,
     control_directions,
     direction_scores,
+    distillation_losses,
+    function_direction,
     get_parameter,
     make_control,
     make_weighting,
@@ -45,7 +53,7 @@ from raymimic.mimic import (
     reweighted_grad,
     weighting_stats,
 )
-from raymimic.score_table.columns import ALIGNED
+from raymimic.score_table.columns import ALIGNED, FUNCTION
 from raymimic.score_table.columns import BASELINES as BASELINE_NAMES
 from raymimic.score_table.columns import REFERENCE_BASELINES as _REFERENCE_BASELINES  # need the reference model's forward
 
@@ -98,16 +106,17 @@ class MimicStep:
 
     ``reference_weight`` is ``W_ref`` of the mimic layer; ``direction`` says the primary score's
     ``V``: ``"current"`` recomputes ``V_t = W_ref - W_t`` every call (the paper), ``"fixed"`` keeps
-    ``W_ref - W_0``. ``initial_weight`` is ``W_0`` (default: the mimic weight when the step is
-    built; a resumed run passes the one of its first attempt). ``reference_model`` is only needed
+    ``W_ref - W_0``, ``"function"`` takes ``V_fn = -dD/dW`` of this batch (needs ``reference_model``).
+    ``initial_weight`` is ``W_0`` (default: the mimic weight when the step is built; a resumed run
+    passes the one of its first attempt). ``reference_model`` is only needed
     by ``rho`` and the reference baselines. With ``weighting="sgd"``, no reference and no controls
     the step is plain data-parallel training (no probe at all). ``reweight_all``: every trainable
     tensor's gradient becomes ``sum_i w_i g_i`` (a second backward), not only the mimic layer's;
     tensors the features do not reach (the logit scale) keep the plain one.
 
     ``controls``: built-in control names (``zero``, ``init``, ``random``, ``fixed``, ``current``,
-    built here from ``reference_weight``, ``initial_weight`` and ``seed``) or ready
-    :class:`~raymimic.mimic.controls.Control` objects (another reference); each adds a column
+    built here from ``reference_weight``, ``initial_weight`` and ``seed``; ``function``: ``V_fn``, from
+    ``reference_model``) or ready :class:`~raymimic.mimic.controls.Control` objects (another reference); each adds a column
     ``score_<name>`` of the same score kind. ``baselines``: ``loss`` (``score_loss = -loss``),
     ``ref_loss`` (``-ref_loss``), ``rho`` (``loss - ref_loss``), ``ref_clipscore`` (cosine of the
     reference's image and text embeddings); higher always means more likely to keep.
@@ -141,10 +150,12 @@ class MimicStep:
         self.reference_model = reference_model
         self.autocast = autocast or contextlib.nullcontext()
         self.parameter = get_parameter(model, mimic_name)
-        if direction not in ("current", "fixed"):
-            raise ValueError(f"direction {direction!r} is not 'current' or 'fixed'")
+        if direction not in ("current", "fixed", FUNCTION):
+            raise ValueError(f"direction {direction!r} is not 'current', 'fixed' or 'function'")
         if direction == "fixed" and reference_weight is None:
             raise ValueError("direction 'fixed' (W_ref - W_0) needs reference_weight")
+        if FUNCTION in (direction, *controls) and reference_model is None:
+            raise ValueError("the function direction (V_fn = -dD/dW) needs the reference model's forward: pass reference_model")
         self.direction_kind = direction
         unknown = [b for b in baselines if b not in BASELINE_NAMES]
         if unknown:
@@ -156,10 +167,16 @@ class MimicStep:
             initial_weight = self.parameter.detach().float().clone()
         self.initial_weight = initial_weight.detach().float() if needs_initial else None  # W_0: saved in checkpoints
         self.controls: dict[str, Control] = {}
+        # FUNCTION is not a Control (it needs the batch's outputs): its column follows the others
+        self.function_control = any(isinstance(c, str) and c == FUNCTION for c in controls)
         # the step refits "aligned" itself only when asked by name; a ready Control of that name stays as given
         self.align_every, self.alignment, self._calls, self._aligning = align_every, None, 0, False
         self.batch_dim = batch_dim
         for control in controls:
+            if control == FUNCTION:
+                if sum(1 for c in controls if isinstance(c, str) and c == FUNCTION) > 1:
+                    raise ValueError(f"control {FUNCTION!r} given twice")
+                continue
             if control == ALIGNED:
                 if reference_weight is None or reference_model is None:
                     raise ValueError("control 'aligned' needs the reference weight and the reference model (its activations)")
@@ -169,12 +186,12 @@ class MimicStep:
                 self._aligning = True
             if isinstance(control, str):
                 control = make_control(control, reference=reference_weight, initial=self.initial_weight, seed=seed)
-            if control.name in self.controls:
+            if control.name in self.controls or control.name == FUNCTION:
                 raise ValueError(f"control {control.name!r} given twice")
             self.controls[control.name] = control
         self._fixed_direction = (reference_weight.float() - self.initial_weight.to(reference_weight.device)
                                  if direction == "fixed" else None)
-        self.plain = weighting == "sgd" and reference_weight is None and not self.controls
+        self.plain = weighting == "sgd" and reference_weight is None and not self.controls and not self._needs_function(direction)
         self.reweight_all = reweight_all and not self.plain  # uniform weights: the plain backward is already it
         self.probe = None if self.plain else MimicProbe(model, mimic_name, batch_dim=batch_dim)
         needs_reference = "ref_loss" in self.weighting.needs or any(b in _REFERENCE_BASELINES for b in self.baselines)
@@ -182,12 +199,12 @@ class MimicStep:
             raise ValueError(f"weighting {weighting!r} / baselines {list(self.baselines)} need the reference model's forward: "
                              "pass reference_model")
         self.previous_mean_grad: torch.Tensor | None = None  # AGRA's comparison batch
-        self._reference_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reference_cache: tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor] | None = None
 
     @property
     def extra_names(self) -> list[str]:
         """The names of the ``score_<name>`` columns this step returns: controls, then baselines."""
-        return [*self.controls, *self.baselines]
+        return [*self.controls, *([FUNCTION] if self.function_control else []), *self.baselines]
 
     # -- the step -----------------------------------------------------------------------
     def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> StepResult:
@@ -203,6 +220,8 @@ class MimicStep:
             outputs = self.model(images, texts)[:3]  # image features, text features, logit scale
             losses = per_sample_contrastive_loss(*outputs)
             loss = losses.mean()
+        # before any backward of the batch loss: the probe keeps the output gradient of the latest backward
+        function_v = self._function_direction(outputs, images, texts) if self._needs_function(self.direction_kind) else None
         if self.plain:
             loss.backward()
             uniform = torch.full((local,), 1.0 / batch, device=images.device)
@@ -215,7 +234,10 @@ class MimicStep:
             loss.backward()
 
         scale = grad_scale()
-        direction = self.direction() if self.reference_weight is not None else None
+        if self.direction_kind == FUNCTION:
+            direction = function_v
+        else:
+            direction = self.direction() if self.reference_weight is not None else None
         stats, mean_grad = weighting_stats(
             self.weighting, self.probe, direction, batch, scale, kind=self.score_kind, losses=losses.detach(),
             ref_losses=lambda: self._reference_losses(images, texts), align_with=self.previous_mean_grad,
@@ -224,7 +246,10 @@ class MimicStep:
         if mean_grad is not None:
             self.previous_mean_grad = mean_grad
         # controls from the same probe, before any second backward; they never touch the weights
-        controls = direction_scores(self.probe, control_directions(self.controls, self.parameter), batch, self.score_kind, scale)
+        directions = control_directions(self.controls, self.parameter)
+        if self.function_control:
+            directions[FUNCTION] = function_v
+        controls = direction_scores(self.probe, directions, batch, self.score_kind, scale)
         local_extra, extra = self._extra(controls, losses.detach(), images, texts)
         weights, local_weights = batch_weights(self.weighting, stats, rank, local, gather_global)
         # before any second backward: it would overwrite the output gradient the probe keeps
@@ -236,6 +261,9 @@ class MimicStep:
         return StepResult(loss.detach(), local_scores, local_weights, stats["mimic"], weights, batch, local_extra, extra)
 
     # -- pieces ------------------------------------------------------------------------
+    def _needs_function(self, direction: str) -> bool:
+        return direction == FUNCTION or self.function_control
+
     def _realign(self, images: torch.Tensor, texts: torch.Tensor) -> None:
         """Fit the ``aligned`` control's weight on rank 0's batch (a Hungarian assignment, rank 0 only) and broadcast it."""
         from raymimic.clip.align import align_reference
@@ -254,20 +282,29 @@ class MimicStep:
         self.controls[ALIGNED] = make_control(ALIGNED, other=weight)
 
     def direction(self) -> torch.Tensor:
-        """The primary ``V`` (float32): ``W_ref - W_t`` recomputed every step (one subtraction), or ``W_ref - W_0``."""
+        """The weight-space ``V`` (float32): ``W_ref - W_t`` recomputed every step (one subtraction), or ``W_ref - W_0``."""
         if self._fixed_direction is not None:
             return self._fixed_direction.to(self.parameter.device)
         return self.reference_weight.to(self.parameter.device, torch.float32) - self.parameter.detach().float()
 
     def _reference_outputs(self, images, texts) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference model's per-sample losses (local rows vs the global batch) and pair cosines; one forward per step."""
+        return self._reference_forward(images, texts)[1:]
+
+    def _reference_forward(self, images, texts) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """``((image features, text features, logit scale), losses, cosines)`` of the reference, cached for the step."""
         if self._reference_cache is None:
             with torch.no_grad(), self.autocast:
                 image_features, text_features, logit_scale = self.reference_model(images, texts)[:3]
                 losses = per_sample_contrastive_loss(image_features, text_features, logit_scale)
             cosines = torch.nn.functional.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
-            self._reference_cache = (losses.float(), cosines)
+            self._reference_cache = ((image_features, text_features, logit_scale), losses.float(), cosines)
         return self._reference_cache
+
+    def _function_direction(self, outputs, images, texts) -> torch.Tensor:
+        """``V_fn = -dD/dW`` of the mimic layer on the global batch (:mod:`raymimic.mimic.function`), the same on every rank."""
+        losses = distillation_losses(tuple(outputs), self._reference_forward(images, texts)[0], gather=gather_with_grad)
+        return function_direction(losses, self.parameter, grad_scale(), all_reduce_sum)
 
     def _reference_losses(self, images, texts) -> torch.Tensor:
         return self._reference_outputs(images, texts)[0]
@@ -335,7 +372,8 @@ def build_mimic_step(
     reference_weight, reference_model = None, None
     entries = [(entry, None) if isinstance(entry, str) else tuple(entry) for entry in controls]
     needs_forward = ("ref_loss" in make_weighting(weighting).needs or any(b in _REFERENCE_BASELINES for b in baselines)
-                     or (ALIGNED, None) in entries)
+                     or (ALIGNED, None) in entries or FUNCTION == direction
+                     or (FUNCTION, None) in entries)
     if reference is not None:
         loaded = load_reference(reference, model_name, device=device)
         reference_weight = get_parameter(loaded, name).detach().clone()
