@@ -4,9 +4,11 @@ For pools larger than what one training run sees. A Ray Data ``map_batches`` sta
 actor pool (one GPU per actor when asked) runs the same step as training
 (:class:`~raymimic.train.step.MimicStep`: contrastive loss over the scoring batch, one
 backward, the probe's exact per-sample scores, softmax over the batch) and throws the
-gradient away. Output rows have the score-table columns; ``batch_size`` is the number of
-samples in the scoring batch and ``step``/``epoch`` are the checkpoint's (``-1`` when the
-checkpoint does not say, e.g. a public open_clip tag).
+gradient away. A call brings several scoring batches, all queued on the device before any
+score is copied back, so that an actor waits for its GPU once per call. Output rows have the
+score-table columns; ``batch_size`` is the number of samples in the scoring batch and
+``step``/``epoch`` are the checkpoint's (``-1`` when the checkpoint does not say, e.g. a public
+open_clip tag).
 
 Controls and baselines as in training (``score_<name>`` columns), with one difference: at a fixed
 checkpoint ``W_0`` *is* the scored weight, so ``init`` (``W_0 - W_ckpt = 0``) is refused, and

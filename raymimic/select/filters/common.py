@@ -110,9 +110,9 @@ class StreamedScorer:
     runs it (through ``__del__``) when it drops the actor at the end of the stage."""
 
     def __init__(self, score_frame: Callable, state, kwargs: dict):
+        self.device_states = DeviceStates()
         self.score_frame, self.kwargs = score_frame, kwargs
         self.state = resolve_state(state)
-        self.device_states = DeviceStates()
 
     def __call__(self, batch):
         return self.score_frame(batch, self.state, **self.kwargs, device_states=self.device_states)
