@@ -1,5 +1,6 @@
 """A Stage-1 training step queues its work without waiting for the device: no device-to-host synchronisation in
-MimicStep after its first call (the scores reach the host one step late, through raymimic.train.feed.DeferredCopy).
+MimicStep after its first call (the scores reach the host one step late, through raymimic.train.feed.DeferredCopy);
+a score-only call waits once, at its end, whatever the number of scoring batches it brings.
 
 On CUDA torch's sync debug mode turns any synchronisation into an error; on the CPU a torch function mode counts the
 calls that would synchronise on a GPU: ``.item()``, ``.cpu()``, ``.tolist()``, ``.numpy()``, ``bool()``/``int()``/
@@ -24,12 +25,14 @@ class CountSyncs(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.calls: list[str] = []
+        self.callers: list[tuple[str, ...]] = []  # per call: the raymimic functions it was made in, outermost first
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         masked = func is torch.Tensor.__getitem__ and len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool
         if func in _SYNCING or masked:
             frames = [f for f in traceback.extract_stack() if "/raymimic/" in f.filename] or traceback.extract_stack()[-2:-1]
             self.calls.append(f"{getattr(func, '__name__', func)} at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}")
+            self.callers.append(tuple(f.name for f in frames if "/raymimic/" in f.filename))
         return func(*args, **(kwargs or {}))
 
 
@@ -101,3 +104,33 @@ def test_the_counter_sees_what_would_synchronise():
         x.sum().item(), bool(x.any()), x[x > 1], x.tolist(), int(x[0])
         (x * 2).add_(1)  # device work only
     assert len(calls) == 5, calls
+
+
+def test_a_score_only_call_waits_for_the_device_only_at_its_end(tmp_path):
+    """Every scoring batch of a call is queued (feed, forward, backward, score copies) without a host sync; the
+    scores reach the host in the call's final flush. Counted with the function mode on any device (on CUDA the
+    final wait is an event's, which the mode does not see; the ``.numpy()`` of the host copies are counted)."""
+    import numpy as np
+
+    from raymimic.clip import save_checkpoint
+    from raymimic.train.score_only import MimicScorer
+
+    model, reference = _models(torch.device("cpu"))
+    checkpoint = save_checkpoint(model, str(tmp_path / "model.pt"), "raymimic-tiny")
+    reference = save_checkpoint(reference, str(tmp_path / "ref.pt"), "raymimic-tiny")
+    scorer = MimicScorer("raymimic-tiny", checkpoint, reference, micro_batch=4, use_gpu=torch.cuda.is_available(),
+                         controls=["zero", "random"], baselines=["loss"])
+    rng = np.random.default_rng(0)
+
+    def rows(n):
+        return {"uid": np.arange(n).astype(str), "image": rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
+                "text": rng.integers(1, 400, (n, 16))}
+
+    scorer(rows(4))  # the first backward finds how many tokens reach the loss (one sync, once)
+    counter = CountSyncs()
+    with counter:
+        out = scorer(rows(12))  # three scoring batches
+    columns = ["score", "weight", "score_zero", "score_random", "score_loss"]
+    assert set(columns) <= set(out) and len(out["score"]) == 12
+    assert len(counter.calls) == 3 * len(columns), "\n".join(counter.calls)  # one host copy per score column and batch
+    assert all(chain[:3] == ("__call__", "flush", "_deliver_oldest") for chain in counter.callers), "\n".join(counter.calls)

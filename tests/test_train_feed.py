@@ -69,3 +69,15 @@ def test_deferred_copies_arrive_one_push_late_and_flush_delivers_the_last():
     copy.flush()
     copy.flush()  # nothing pending: nothing more
     assert delivered == [(0, {"score": [1.0, 2.0]}), (1, {"score": [3.0]})]
+
+
+def test_deferred_copies_without_a_depth_wait_for_the_flush_and_keep_their_order():
+    from raymimic.train.feed import DeferredCopy
+
+    delivered = []
+    copy = DeferredCopy(lambda context, arrays: delivered.append((context, arrays["score"].tolist())), depth=None)
+    for i in range(3):
+        copy.push(i, {"score": torch.tensor([float(i)])})
+    assert delivered == []
+    copy.flush()
+    assert delivered == [(0, [0.0]), (1, [1.0]), (2, [2.0])]

@@ -14,7 +14,8 @@ device tensors:
 
 :class:`DeferredCopy` starts the device-to-host copy of a step's score tensors right after the
 step and hands them over at the next step (or at :meth:`~DeferredCopy.flush`), so the training
-loop never waits for the GPU to finish a step before it queues the next one.
+loop never waits for the GPU to finish a step before it queues the next one; the score-only pass
+holds every micro-batch's copy until the end of its call (``depth=None``).
 
 Plain torch, no Ray: the Stage-1 worker loop, the score-only pass and ``benchmarks/gpu_check.py``
 share it.
@@ -104,17 +105,20 @@ class DeviceFeed:
 
 
 class DeferredCopy:
-    """Device tensors -> numpy one step later: :meth:`push` starts the copies, the next push (or :meth:`flush`) delivers.
+    """Device tensors -> numpy later: :meth:`push` starts the copies, later pushes (or :meth:`flush`) deliver.
 
-    ``deliver(context, arrays)`` receives what was pushed with the tensors as float32 numpy arrays.
+    ``deliver(context, arrays)`` receives what was pushed with the tensors as float32 numpy arrays, in push order.
+    ``depth``: how many pushes stay pending: 1 (the training loop's) delivers each push at the next one, one step
+    late; ``None`` delivers only at :meth:`flush` (the score-only pass: one wait per call, at its end).
     """
 
-    def __init__(self, deliver: Callable[[object, dict[str, np.ndarray]], None]):
+    def __init__(self, deliver: Callable[[object, dict[str, np.ndarray]], None], depth: int | None = 1):
         self.deliver = deliver
-        self._pending: tuple[object, dict[str, torch.Tensor], object] | None = None
+        self.depth = depth
+        self._pending: list[tuple[object, dict[str, torch.Tensor], object]] = []
 
     def push(self, context, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Start copying ``tensors`` to the host; the previous push is delivered now."""
+        """Start copying ``tensors`` to the host; pushes beyond ``depth`` are delivered now, oldest first."""
         copies, done = {}, None
         for name, tensor in tensors.items():
             tensor = tensor.detach().float()
@@ -127,15 +131,18 @@ class DeferredCopy:
         if any(t.is_cuda for t in tensors.values()):
             done = torch.cuda.Event()
             done.record()
-        self.flush()
-        self._pending = (context, copies, done)
+        if self.depth is not None:
+            while len(self._pending) >= self.depth:
+                self._deliver_oldest()
+        self._pending.append((context, copies, done))
 
     def flush(self) -> None:
-        """Deliver what is pending (waits for its copies)."""
-        if self._pending is None:
-            return
-        context, copies, done = self._pending
-        self._pending = None
+        """Deliver everything pending (waits for its copies)."""
+        while self._pending:
+            self._deliver_oldest()
+
+    def _deliver_oldest(self) -> None:
+        context, copies, done = self._pending.pop(0)
         if done is not None:
             done.synchronize()
         self.deliver(context, {name: host.numpy() for name, host in copies.items()})

@@ -4,9 +4,11 @@ For pools larger than what one training run sees. A Ray Data ``map_batches`` sta
 actor pool (one GPU per actor when asked) runs the same step as training
 (:class:`~raymimic.train.step.MimicStep`: contrastive loss over the scoring batch, one
 backward, the probe's exact per-sample scores, softmax over the batch) and throws the
-gradient away. Output rows have the score-table columns; ``batch_size`` is the number of
-samples in the scoring batch and ``step``/``epoch`` are the checkpoint's (``-1`` when the
-checkpoint does not say, e.g. a public open_clip tag).
+gradient away. A call brings several scoring batches, all queued on the device before any
+score is copied back, so that an actor waits for its GPU once per call. Output rows have the
+score-table columns; ``batch_size`` is the number of samples in the scoring batch and
+``step``/``epoch`` are the checkpoint's (``-1`` when the checkpoint does not say, e.g. a public
+open_clip tag).
 
 Controls and baselines as in training (``score_<name>`` columns), with one difference: at a fixed
 checkpoint ``W_0`` *is* the scored weight, so ``init`` (``W_0 - W_ckpt = 0``) is refused, and
@@ -43,12 +45,14 @@ class MimicScorer:
     Every parameter but the mimic layer's is frozen: the backward then runs only from the loss down
     to the mimic layer (for ``image-mlp`` the image tower's last block and the loss; the text
     tower's backward disappears), and the scores are those of the full backward, which
-    ``full_backward=True`` still runs (for comparisons).
+    ``full_backward=True`` still runs (for comparisons). ``micro_batch``: rows per scoring batch when a call
+    brings several (``None``: the call is one scoring batch).
     """
 
     def __init__(self, model: str, checkpoint: str | None, reference: str, mimic_layer: str = "image-mlp",
                  score_kind: str = "proj", tau: float = 0.05, step: int | None = None, use_gpu: bool = False,
-                 controls=DEFAULT_CONTROLS, baselines=(), seed: int = 0, full_backward: bool = False):
+                 controls=DEFAULT_CONTROLS, baselines=(), seed: int = 0, full_backward: bool = False,
+                 micro_batch: int | None = None):
         import torch
 
         from raymimic.clip import create_model, transforms_for_model
@@ -73,35 +77,56 @@ class MimicScorer:
         local = checkpoint if checkpoint and "://" not in checkpoint else None
         found_step, self.epoch = checkpoint_position(local)
         self.step = found_step if step is None else step
+        self.micro_batch = micro_batch
 
     def __call__(self, batch: dict) -> dict:
-        ((_, images, texts),) = self.feed([batch])
-        self.model.zero_grad(set_to_none=True)
-        result = self.step_fn(images, texts)
+        """Score one call's rows, ``micro_batch`` rows (the scoring batch) at a time, in order.
+
+        Every micro-batch's forward and backward is queued before any score reaches the host: its scores start their
+        copy to the host right after its step (:class:`~raymimic.train.feed.DeferredCopy` with ``depth=None``) and the
+        call waits for the device once, at its end. The next micro-batch's inputs are copied while a step runs
+        (:class:`~raymimic.train.feed.DeviceFeed`)."""
+        from raymimic.train.feed import DeferredCopy
+
+        n_rows = len(batch["uid"])
+        size = self.micro_batch or n_rows
+        parts = [{column: values[start:start + size] for column, values in batch.items()} for start in range(0, n_rows, size)]
+        delivered: list[dict[str, np.ndarray]] = []
+        copy = DeferredCopy(lambda _, arrays: delivered.append(arrays), depth=None)
+        for _, images, texts in self.feed(parts):
+            self.model.zero_grad(set_to_none=True)
+            result = self.step_fn(images, texts)
+            copy.push(None, {"score": result.scores, "weight": result.weights, **result.extra})
         self.model.zero_grad(set_to_none=True)  # scoring only: no update
-        n = len(images)
+        copy.flush()
+        sizes = [len(part["uid"]) for part in parts]
         return {
             "uid": np.asarray([str(u) for u in batch["uid"]], dtype=object),
-            "step": np.full(n, self.step, dtype=np.int64),
-            "epoch": np.full(n, self.epoch, dtype=np.int32),
-            "rank": np.zeros(n, dtype=np.int32),
-            "score": result.scores.float().cpu().numpy(),
-            "weight": result.weights.float().cpu().numpy(),
-            "batch_size": np.full(n, n, dtype=np.int32),
-            **{column: values.float().cpu().numpy() for column, values in result.extra.items()},
+            "step": np.full(n_rows, self.step, dtype=np.int64),
+            "epoch": np.full(n_rows, self.epoch, dtype=np.int32),
+            "rank": np.zeros(n_rows, dtype=np.int32),
+            **{column: np.concatenate([arrays[column] for arrays in delivered]) for column in delivered[0]},
+            "batch_size": np.repeat(np.asarray(sizes, dtype=np.int32), sizes),
         }
 
 
 def score_dataset(ds, model: str, checkpoint: str | None, reference: str, *, mimic_layer: str = "image-mlp",
                   score_kind: str = "proj", tau: float = 0.05, batch_size: int = 256, actors: int = 1,
-                  use_gpu: bool = False, step: int | None = None, controls=DEFAULT_CONTROLS, baselines=()):
-    """Ray Data stage: a dataset of (uid, image, text) -> one score-table row per sample (plus ``score_<name>`` columns)."""
+                  use_gpu: bool = False, step: int | None = None, controls=DEFAULT_CONTROLS, baselines=(),
+                  batches_per_call: int = 4):
+    """Ray Data stage: a dataset of (uid, image, text) -> one score-table row per sample (plus ``score_<name>`` columns).
+
+    Each ``map_batches`` call brings ``batches_per_call`` scoring batches of ``batch_size`` rows (its last may be
+    shorter), scored one after the other with one wait for the device per call (:meth:`MimicScorer.__call__`).
+    """
+    if batches_per_call < 1:
+        raise ValueError(f"batches_per_call must be at least 1, got {batches_per_call}")
     return ds.map_batches(
         MimicScorer,
         fn_constructor_kwargs=dict(model=model, checkpoint=checkpoint, reference=reference, mimic_layer=mimic_layer,
                                    score_kind=score_kind, tau=tau, step=step, use_gpu=use_gpu, controls=list(controls),
-                                   baselines=list(baselines)),
-        batch_size=batch_size,
+                                   baselines=list(baselines), micro_batch=batch_size),
+        batch_size=batch_size * batches_per_call,
         batch_format="numpy",
         compute=_actor_pool(actors),
         num_gpus=1 if use_gpu else 0,

@@ -9,7 +9,8 @@
 - :class:`BasicFilter` (:mod:`.basic`): DataComp's basic rules (English, caption length, image size/shape).
 
 The maths of each score is a plain numpy/torch function (tested directly); the stage classes only wire it into
-Ray Data. :mod:`.common` holds what they share (chunk sizes by device, per-worker device copies).
+Ray Data. :mod:`.common` holds what they share (chunk sizes by device, device copies of
+a large state held for one stage and released with it).
 """
 from raymimic.select.filters.basic import (
     BUNDLED_LANGUAGE_MODEL,

@@ -11,11 +11,11 @@ import pandas as pd
 
 from raymimic.data.uids import GOLDEN_GAMMA, mix64, unit_interval
 from raymimic.select.filters.common import (
+    DeviceStates,
     StreamedScoreFilter,
     chunk_sizes,
     embedding_matrix,
     normalize_rows,
-    on_device,
     resolve_state,
     similarities,
     task_device,
@@ -194,7 +194,8 @@ def _lse_rows(s):
 
 
 def neg_clip_loss_banked(image_embeddings: np.ndarray, text_embeddings: np.ndarray, hashes: np.ndarray, bank: dict, tau: float = 0.01,
-                         chunk_rows: int | None = None, chunk_bank: int | None = None, device: str = "cpu") -> np.ndarray:
+                         chunk_rows: int | None = None, chunk_bank: int | None = None, device: str = "cpu",
+                         device_states: DeviceStates | None = None) -> np.ndarray:
     """negCLIPLoss(i) = CLIPScore(i) - R(i) with batch k of row i = {i} + B - 1 rows of the pool's bank k.
 
     ``bank`` from :func:`draw_negative_bank` (B = its ``batch_size``; bank k = B rows sorted by key k);
@@ -207,7 +208,8 @@ def neg_clip_loss_banked(image_embeddings: np.ndarray, text_embeddings: np.ndarr
     time, log-sum-exps combined across chunks in float64. Rows are padded to whole chunks so that each
     row's score does not depend on which other rows share its block (identical on CPU for any layout).
     Chunk sizes default by device (:func:`chunk_sizes`); results stay on the device until the end (one copy
-    to the host per call).
+    to the host per call). The bank's device copy is held by ``device_states`` (its owner's, e.g. a stage actor's),
+    else by this call alone.
     """
     import torch
 
@@ -229,7 +231,7 @@ def neg_clip_loss_banked(image_embeddings: np.ndarray, text_embeddings: np.ndarr
         hit = bank["sorted_hash"][k][found] == hashes
         positions[k, hit] = bank["order"][k][found[hit]]
     spare = m - 1 if (not bank["whole_pool"] and m == bank["batch_size"]) else -1  # a row outside bank k drops its last row
-    tensors = on_device(bank, ("img", "txt"), device)
+    tensors = (DeviceStates() if device_states is None else device_states).tensors(bank, ("img", "txt"), device)
     bank_img, bank_txt = tensors["img"], tensors["txt"]
     chunk_rows, chunk_bank = chunk_sizes("negclip", device, chunk_rows, chunk_bank)
     r = torch.zeros(n, dtype=torch.float64, device=device)
@@ -275,12 +277,13 @@ def _bank_candidates_frame(batch: pd.DataFrame, **kwargs) -> pd.DataFrame:
 
 
 def negclip_score_frame(batch: pd.DataFrame, bank, score_column: str, image_column: str, text_column: str, key_column: str | None,
-                         tau: float, chunk_rows: int, chunk_bank: int, num_gpus: float) -> pd.DataFrame:
+                         tau: float, chunk_rows: int, chunk_bank: int, num_gpus: float,
+                         device_states: DeviceStates | None = None) -> pd.DataFrame:
     bank = resolve_state(bank)
     if len(batch):
         hashes = row_hashes(batch, bank["seed"], key_column, image_column, text_column)
         scores = neg_clip_loss_banked(embedding_matrix(batch, image_column), embedding_matrix(batch, text_column), hashes, bank, tau,
-                                      chunk_rows, chunk_bank, task_device(num_gpus))
+                                      chunk_rows, chunk_bank, task_device(num_gpus), device_states)
     else:
         scores = np.zeros(0)
     batch[score_column] = scores
@@ -374,7 +377,7 @@ class NegCLIPLossFilter(StreamedScoreFilter):
 
             self._bank_ref = self._put(self.bank)
             self.bank = ray.get(self._bank_ref)  # the driver keeps the object-store copy only
-        return negclip_score_frame, {"bank": self._bank_ref, "score_column": self.score_column, "image_column": self.image_column,
+        return negclip_score_frame, self._bank_ref, {"score_column": self.score_column, "image_column": self.image_column,
                                       "text_column": self.text_column, "key_column": self.key_column, "tau": self.tau,
                                       "chunk_rows": self.chunk_rows, "chunk_bank": self.chunk_bank, "num_gpus": self.num_gpus}
 

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 
 from raymimic.select.filters.common import (
+    DeviceStates,
     StreamedScoreFilter,
     chunk_sizes,
     embedding_matrix,
     normalize_rows,
-    on_device,
     resolve_state,
     similarities,
     task_device,
@@ -82,11 +82,12 @@ def prepare_targets(targets, p: float = 2, dtype: str = "float32", chunk_rows: i
 
 
 def norm_sim_prepared(embeddings: np.ndarray, state: dict, chunk_rows: int | None = None, chunk_targets: int | None = None,
-                      device: str = "cpu") -> np.ndarray:
+                      device: str = "cpu", device_states: DeviceStates | None = None) -> np.ndarray:
     """NormSim of rows against a :func:`prepare_targets` state, in chunks: p = 2 as sqrt(f^T C f) (float64, no
     rows x targets matrix); p = inf as a running max of |<f_t, f_i>| over ``chunk_targets`` targets at a time
     (targets in their storage dtype, float32 accumulation: :func:`similarities`). Chunk sizes default by device;
-    results stay on the device until the end."""
+    results stay on the device until the end. The state's device copy is held by ``device_states`` (its owner's,
+    e.g. a stage actor's), else by this call alone."""
     import torch
 
     embeddings = np.asarray(embeddings)
@@ -95,14 +96,15 @@ def norm_sim_prepared(embeddings: np.ndarray, state: dict, chunk_rows: int | Non
     if embeddings.shape[1] != state["dim"]:
         raise ValueError(f"embeddings have dimension {embeddings.shape[1]} but the targets have {state['dim']}")
     chunk_rows, chunk_targets = chunk_sizes("normsim", device, chunk_rows, chunk_targets)
+    device_states = DeviceStates() if device_states is None else device_states
     out = torch.zeros(len(embeddings), dtype=torch.float64, device=device)
     if not np.isinf(state["p"]):
-        gram = on_device(state, ("gram",), device)["gram"]
+        gram = device_states.tensors(state, ("gram",), device)["gram"]
         for r0 in range(0, len(embeddings), chunk_rows):
             f = torch.from_numpy(normalize_rows(embeddings[r0:r0 + chunk_rows].astype(np.float64))).to(device)
             out[r0:r0 + len(f)] = ((f @ gram) * f).sum(dim=1).clamp_(min=0).sqrt_()
         return out.cpu().numpy()
-    targets = on_device(state, ("targets",), device)["targets"]
+    targets = device_states.tensors(state, ("targets",), device)["targets"]
     for r0 in range(0, len(embeddings), chunk_rows):
         f = torch.from_numpy(normalize_rows(embeddings[r0:r0 + chunk_rows].astype(np.float32))).to(device)
         best = torch.zeros(len(f), dtype=torch.float32, device=device)
@@ -118,12 +120,13 @@ def norm_sim(embeddings: np.ndarray, targets: np.ndarray, p: float = 2) -> np.nd
 
 
 def normsim_score_frame(batch: pd.DataFrame, state, score_column: str, column: str, chunk_rows: int, chunk_targets: int,
-                         num_gpus: float) -> pd.DataFrame:
+                         num_gpus: float, device_states: DeviceStates | None = None) -> pd.DataFrame:
     state = resolve_state(state)
     matrix = embedding_matrix(batch, column)
     if len(batch) and matrix.shape[1] != state["dim"]:
         raise ValueError(f"{column} has dimension {matrix.shape[1]} but the targets have {state['dim']}")
-    batch[score_column] = norm_sim_prepared(matrix, state, chunk_rows, chunk_targets, task_device(num_gpus)) if len(batch) else np.zeros(0)
+    batch[score_column] = norm_sim_prepared(matrix, state, chunk_rows, chunk_targets, task_device(num_gpus),
+                                                   device_states) if len(batch) else np.zeros(0)
     return batch
 
 
@@ -158,7 +161,7 @@ class NormSimFilter(StreamedScoreFilter):
 
             self._state_ref = self._put(self.state)
             self.state = ray.get(self._state_ref)  # the driver keeps the object-store copy only
-        return normsim_score_frame, {"state": self._state_ref, "score_column": self.score_column, "column": self.column,
+        return normsim_score_frame, self._state_ref, {"score_column": self.score_column, "column": self.column,
                                       "chunk_rows": self.chunk_rows, "chunk_targets": self.chunk_targets, "num_gpus": self.num_gpus}
 
     def score_batch(self, batch: pd.DataFrame) -> np.ndarray:
