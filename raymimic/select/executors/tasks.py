@@ -64,6 +64,8 @@ ROWS_PER_TASK = 2_000_000
 """Rows a map task reads (whole files, so a task may hold more); more tasks only when there are more CPUs."""
 ROWS_PER_PARTITION = 1_000_000
 """Score rows a merge task holds at most on average: the partition count grows with rows, so its memory does not."""
+MAX_RETRIES = 3
+"""Times a task is rerun when its worker process or node dies (not when the task raises)."""
 
 
 def _footer(fs, path: str) -> tuple[pq.FileMetaData, int]:
@@ -310,8 +312,11 @@ def releasing(fn, *args):
 
 
 def cpu_count() -> int:
+    """The cluster's CPUs; Ray started (or joined, as ``ray.init()`` does) when the caller has not."""
     import ray
 
+    if not ray.is_initialized():
+        ray.init()
     return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
 
 
@@ -321,7 +326,9 @@ def run_tasks(fn, calls: list[tuple], local: bool) -> list:
         return [releasing(fn, *args) for args in calls]
     import ray
 
-    task = ray.remote(num_cpus=1)(releasing).options(name=fn.__name__)
+    # a worker or node that dies mid-task is retried (the task's output is only committed by rename, so a retry rewrites
+    # it whole); an error raised by the task itself (bad input, a full disk) is not: it would fail again
+    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(releasing).options(name=fn.__name__)
     try:
         return ray.get([task.remote(fn, *args) for args in calls])
     except ray.exceptions.RayTaskError as err:  # bad input or a full disk: the task's own error, not a remote traceback
