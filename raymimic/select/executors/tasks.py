@@ -130,7 +130,7 @@ class ScoreFiles:
 
     def groups(self, n_cpus: int) -> list[list[str]]:
         """Contiguous groups of files of about equal rows: enough groups for every CPU, none much above :data:`ROWS_PER_TASK`."""
-        n_groups = min(len(self.paths), max(n_cpus, math.ceil(self.n_rows / ROWS_PER_TASK)))
+        n_groups = min(len(self.paths), in_waves(math.ceil(self.n_rows / ROWS_PER_TASK), n_cpus))
         if n_groups <= 1:
             return [list(self.paths)] if self.paths else []
         bounds = np.searchsorted(np.cumsum(self.rows), np.linspace(0, self.n_rows, n_groups + 1)[1:-1], side="right")
@@ -140,7 +140,12 @@ class ScoreFiles:
 
 def partition_count(n_rows: int, n_cpus: int) -> int:
     """Merge partitions: one per CPU at least, more as rows grow so that none holds more than about :data:`ROWS_PER_PARTITION`."""
-    return int(max(n_cpus, math.ceil(n_rows / ROWS_PER_PARTITION)))
+    return in_waves(math.ceil(n_rows / ROWS_PER_PARTITION), n_cpus)
+
+
+def in_waves(n_tasks: int, n_cpus: int) -> int:
+    """``n_tasks`` rounded up to whole waves of ``n_cpus`` tasks: a last wave of fewer tasks than CPUs would leave CPUs idle."""
+    return int(max(1, math.ceil(n_tasks / n_cpus)) * n_cpus)
 
 
 def partition_of(hi: np.ndarray, n_partitions: int) -> np.ndarray:
