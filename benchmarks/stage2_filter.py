@@ -52,9 +52,9 @@ def generate(rows: int, directory: str, epochs: int = 2, rows_per_file: int = 25
     rng = np.random.default_rng(seed)
     n_uids = rows // epochs
     noisy = rng.random(n_uids) < NOISE
-    uid_hi = rng.integers(0, 2**63, n_uids, dtype=np.int64)
+    uid_hi = rng.integers(0, 2**64, n_uids, dtype=np.uint64)  # uniform over all 64 bits, as DataComp's uids are
     # the low word is the uid's index: the truth of a decision is noisy[lo]
-    uids = pairs_to_hex(uid_hi.astype(np.uint64), np.arange(n_uids, dtype=np.uint64))
+    uids = pairs_to_hex(uid_hi, np.arange(n_uids, dtype=np.uint64))
     steps_per_epoch = n_uids // BATCH
     scales = np.geomspace(5.0, 0.05, epochs * steps_per_epoch)
     os.makedirs(directory, exist_ok=True)

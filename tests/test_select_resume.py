@@ -1,5 +1,6 @@
 """Stage 2 survives its own death: a driver killed (SIGKILL) in any round resumes to byte-identical outputs, redoing
-only the tasks that had not committed; a truncated spill file is redone; other inputs or settings are refused."""
+only the tasks that had not committed; a Ray worker killed in a task is retried to the same outputs; a truncated spill file
+is redone; other inputs or settings are refused."""
 from __future__ import annotations
 
 import glob
@@ -22,6 +23,26 @@ RUN = f"""
 import sys
 from raymimic.select.executors import tasks
 tasks.ROWS_PER_TASK = tasks.ROWS_PER_PARTITION = {ROWS_PER_TASK}
+from raymimic.select.pipeline import FilterConfig, run_filter
+run_filter(FilterConfig(sys.argv[1], sys.argv[2], method=sys.argv[3]))
+"""
+KILL_A_WORKER = """
+import os, signal, sys
+from raymimic.select.executors import tasks
+tasks.ROWS_PER_TASK = tasks.ROWS_PER_PARTITION = {rows}
+tasks.LOCAL_ROWS = 0  # Ray tasks even for this small table
+KILLED = sys.argv[4]
+
+def {task}(*args):
+    # pickled by value into the workers, where the module is not patched: the first call SIGKILLs its own worker process
+    from raymimic.select.executors import tasks
+    try:
+        os.close(os.open(KILLED, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return tasks.{task}(*args)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+tasks.{task} = {task}
 from raymimic.select.pipeline import FilterConfig, run_filter
 run_filter(FilterConfig(sys.argv[1], sys.argv[2], method=sys.argv[3]))
 """
@@ -91,6 +112,20 @@ def test_a_driver_killed_in_any_round_resumes_to_identical_outputs(scores, refer
     assert 0 < before[round_name] if round_name != "outputs" else before["merge"] == 8
     if round_name != "map":
         assert before["map"] == 8
+
+
+@pytest.mark.parametrize("task", ["map_files", "merge_partition"])
+def test_a_worker_killed_in_a_task_is_retried_to_identical_outputs(scores, reference, tmp_path, task):
+    out, killed = tmp_path / "out", tmp_path / "killed"
+    script = KILL_A_WORKER.format(rows=ROWS_PER_TASK, task=task)
+    subprocess.run([sys.executable, "-c", script, scores, str(out), "ensemble", str(killed)], check=True, env=_env(), timeout=300)
+    assert killed.exists()  # one worker died in the round's first task
+    summary = assert_same_outputs(out, reference)  # the reference ran every round in one process, without a death
+    decisions = pd.read_parquet(out / "decisions.parquet", columns=["uid"])
+    assert decisions["uid"].is_unique and len(decisions) == summary["n_decisions"] == 30_000
+    stage2 = summary["mimic"]["stage2_tasks"]
+    assert not stage2["in_process"]
+    assert stage2["rounds"]["map"] == stage2["rounds"]["merge"] == {"tasks": 8, "run": 8, "committed_before": 0}
 
 
 def test_a_truncated_spill_file_is_redone_and_other_settings_are_refused(scores, reference, tmp_path):

@@ -64,6 +64,8 @@ ROWS_PER_TASK = 2_000_000
 """Rows a map task reads (whole files, so a task may hold more); more tasks only when there are more CPUs."""
 ROWS_PER_PARTITION = 1_000_000
 """Score rows a merge task holds at most on average: the partition count grows with rows, so its memory does not."""
+MAX_RETRIES = 3
+"""Times a task is rerun when its worker process or node dies (not when the task raises)."""
 
 
 def _footer(fs, path: str) -> tuple[pq.FileMetaData, int]:
@@ -128,7 +130,7 @@ class ScoreFiles:
 
     def groups(self, n_cpus: int) -> list[list[str]]:
         """Contiguous groups of files of about equal rows: enough groups for every CPU, none much above :data:`ROWS_PER_TASK`."""
-        n_groups = min(len(self.paths), max(n_cpus, math.ceil(self.n_rows / ROWS_PER_TASK)))
+        n_groups = min(len(self.paths), in_waves(math.ceil(self.n_rows / ROWS_PER_TASK), n_cpus))
         if n_groups <= 1:
             return [list(self.paths)] if self.paths else []
         bounds = np.searchsorted(np.cumsum(self.rows), np.linspace(0, self.n_rows, n_groups + 1)[1:-1], side="right")
@@ -138,7 +140,12 @@ class ScoreFiles:
 
 def partition_count(n_rows: int, n_cpus: int) -> int:
     """Merge partitions: one per CPU at least, more as rows grow so that none holds more than about :data:`ROWS_PER_PARTITION`."""
-    return int(max(n_cpus, math.ceil(n_rows / ROWS_PER_PARTITION)))
+    return in_waves(math.ceil(n_rows / ROWS_PER_PARTITION), n_cpus)
+
+
+def in_waves(n_tasks: int, n_cpus: int) -> int:
+    """``n_tasks`` rounded up to whole waves of ``n_cpus`` tasks: a last wave of fewer tasks than CPUs would leave CPUs idle."""
+    return int(max(1, math.ceil(n_tasks / n_cpus)) * n_cpus)
 
 
 def partition_of(hi: np.ndarray, n_partitions: int) -> np.ndarray:
@@ -310,8 +317,11 @@ def releasing(fn, *args):
 
 
 def cpu_count() -> int:
+    """The cluster's CPUs; Ray started (or joined, as ``ray.init()`` does) when the caller has not."""
     import ray
 
+    if not ray.is_initialized():
+        ray.init()
     return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
 
 
@@ -321,7 +331,9 @@ def run_tasks(fn, calls: list[tuple], local: bool) -> list:
         return [releasing(fn, *args) for args in calls]
     import ray
 
-    task = ray.remote(num_cpus=1)(releasing).options(name=fn.__name__)
+    # a worker or node that dies mid-task is retried (the task's output is only committed by rename, so a retry rewrites
+    # it whole); an error raised by the task itself (bad input, a full disk) is not: it would fail again
+    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(releasing).options(name=fn.__name__)
     try:
         return ray.get([task.remote(fn, *args) for args in calls])
     except ray.exceptions.RayTaskError as err:  # bad input or a full disk: the task's own error, not a remote traceback
