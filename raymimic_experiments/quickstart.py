@@ -5,11 +5,12 @@
    the classes from elsewhere can flag it), and a separate, larger clean pool;
 2. train the reference model on the clean pool from *another* initialisation than the target,
    as public references are made;
-3. Stage 1 twice, the same pool and reference: the *paper's mode* (Grad-Mimic re-weighting)
-   and the *best mode* (``stage1_weighting``, the measured choice), both recording the
-   controls and baselines beside the score;
-4. Stage 2 on each: the paper's rule (binarize the weights) for the paper's mode, the ensemble
-   on ``filter_score_column`` for the best mode; each with its reference lift;
+3. Stage 1 twice, the same pool and reference: the *paper's mode* (Grad-Mimic re-weighting,
+   mimic layer image-mlp, tau 0.05) and the *best mode* (``stage1_weighting``, the measured
+   choice), both recording the controls and baselines beside the score;
+4. Stage 2 on each: the paper's DataComp rules for the paper's mode (top 30% by mimic score;
+   the pool's CLIP-score top 30% minus the mimic score's bottom 15%), the ensemble on
+   ``filter_score_column`` for the best mode; each with its reference lift;
 5. train the same model on the whole pool, on each mode's kept subset and on a
    CLIPScore-filtered subset of the best mode's size, evaluate on a held-out clean split;
 6. the gate checks of the pool (does the reference's own loss flag the relabelled samples, and
@@ -63,7 +64,10 @@ class QuickstartConfig:
     # the quantity the binarizers fit: per-step standardised raw score (see select/binarize.py);
     # uniform-weight runs have B*w = 1 everywhere, so the weight itself carries nothing
     filter_feature: str | None = "step_z"
-    paper_mode: bool = True  # also run the paper's mode (Grad-Mimic re-weighting, the paper's Stage-2 rule) beside it
+    # also run the paper's mode beside it: Grad-Mimic re-weighting, then each of paper_rules, the paper's DataComp
+    # Stage 2 (names of raymimic.select.names.PAPER_DATACOMP_RULES)
+    paper_mode: bool = True
+    paper_rules: list[str] = field(default_factory=lambda: ["top30", "clip30-minus15"])
     controls: list[str] = field(default_factory=lambda: ["zero", "init", "random", "fixed", "aligned"])
     baselines: list[str] = field(default_factory=lambda: ["loss", "ref_loss", "ref_clipscore"])
     seed: int = 0
@@ -89,6 +93,11 @@ class QuickstartConfig:
             raise ValueError(f"tau (the softmax temperature) must be > 0, got {self.tau}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        from raymimic.select.names import PAPER_DATACOMP_RULES
+
+        unknown = [rule for rule in self.paper_rules if rule not in PAPER_DATACOMP_RULES]
+        if unknown:
+            raise ValueError(f"paper_rules {unknown} unknown; choose among {list(PAPER_DATACOMP_RULES)}")
 
     @property
     def reference_seed(self) -> int:
@@ -98,8 +107,8 @@ class QuickstartConfig:
         """Per mode: Stage 1's weighting and Stage 2's options."""
         modes = {"best": {"weighting": self.stage1_weighting,
                              "filter": {"method": self.method, "feature": self.filter_feature, "score_column": self.filter_score_column}}}
-        if self.paper_mode:
-            modes["paper"] = {"weighting": "grad-mimic", "filter": {"method": self.method, "paper_rule": True}}
+        for rule in self.paper_rules if self.paper_mode else []:
+            modes[f"paper-{rule}"] = {"weighting": "grad-mimic", "filter": {"paper_datacomp": rule}}
         return modes
 
     def to_dict(self) -> dict:
@@ -239,6 +248,9 @@ def run(cfg: QuickstartConfig) -> dict:
             "detection": detection_metrics(~truth["uid"].isin(kept).to_numpy(), truth["is_noisy"].to_numpy()),
             "kept_by_kind": _by_kind(truth, kept), "lift": summary.get("lift"), "quality": summary.get("quality"),
         }
+        det = results["modes"][mode]["detection"]
+        _log(f"{mode} mode: kept {len(kept)}, precision {det['precision']:.3f}, recall {det['recall']:.3f}, F1 {det['f1']:.3f}, "
+             f"lift {_format_lift(_mode_lift(results['modes'][mode]))}")
     best = results["modes"]["best"]
     results["filter"] = {"kept": best["kept"], "quality": best["quality"]}
     results["detection"], results["lift"] = best["detection"], best["lift"]
@@ -362,6 +374,30 @@ def filter_column_lift(lift: dict | None, column: str) -> float | None:
     return reference_lift({c: row.get("auc") for c, row in columns.items()})["lifts"].get(column)
 
 
+def _mode_lift(mode: dict) -> float | None:
+    """The reference lift of the column a mode filters on."""
+    column = mode["filter"].get("score_column", "score")
+    return filter_column_lift(mode.get("lift"), column if column.startswith("score") else f"score_{column}")
+
+
+def _format_lift(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def _stage2_name(stage2: dict) -> str:
+    """What a mode's Stage 2 did, in words."""
+    from raymimic.select.names import PAPER_DATACOMP_RULES
+
+    if stage2.get("paper_datacomp"):
+        fraction, clip_top = PAPER_DATACOMP_RULES[stage2["paper_datacomp"]]
+        if clip_top is None:
+            return f"paper DataComp: top {fraction:.0%} by `score`"
+        return f"paper DataComp: CLIPScore (L/14) top {clip_top:.0%} minus `score` bottom {1 - fraction:.0%}"
+    if stage2.get("paper_rule"):
+        return "label-noise simulation rule (binarize w)"
+    return f"{stage2.get('method')} on `{stage2.get('score_column', 'score')}`"
+
+
 def _mode_lines(results: dict) -> list[str]:
     """The paper's mode and the best mode side by side (detection, what each kept, reference lift)."""
     modes = results.get("modes")
@@ -371,14 +407,11 @@ def _mode_lines(results: dict) -> list[str]:
              "| mode | Stage 1 | Stage 2 | kept | precision | recall | F1 | relabelled kept | random noise kept | its lift (AUC) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, mode in modes.items():
-        det, kinds, lift = mode["detection"], mode.get("kept_by_kind", {}), mode.get("lift") or {}
-        stage2 = "paper rule (binarize w)" if mode["filter"].get("paper_rule") else f"{mode['filter'].get('method')} on " \
-                 f"`{mode['filter'].get('score_column', 'score')}`"
+        det, kinds = mode["detection"], mode.get("kept_by_kind", {})
         random_kept = sum(n for kind, n in kinds.items() if kind not in ("clean", "relabelled"))
-        column = mode["filter"].get("score_column", "score")
-        value = filter_column_lift(lift, column if column.startswith("score") else f"score_{column}")
-        lines.append(f"| {name} | {mode['stage1_weighting']} | {stage2} | {mode['kept']} | {det['precision']:.3f} | {det['recall']:.3f} "
-                     f"| {det['f1']:.3f} | {kinds.get('relabelled', 0)} | {random_kept} | {'n/a' if value is None else f'{value:+.3f}'} |")
+        lines.append(f"| {name} | {mode['stage1_weighting']} | {_stage2_name(mode['filter'])} | {mode['kept']} | {det['precision']:.3f} "
+                     f"| {det['recall']:.3f} | {det['f1']:.3f} | {kinds.get('relabelled', 0)} | {random_kept} "
+                     f"| {_format_lift(_mode_lift(mode))} |")
     if "clipscore_kept_by_kind" in results:
         kinds, det = results["clipscore_kept_by_kind"], results["detection_clipscore"]
         random_kept = sum(n for kind, n in kinds.items() if kind not in ("clean", "relabelled"))

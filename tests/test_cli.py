@@ -262,6 +262,21 @@ def test_filter_config(config_of, error_of):
     assert cfg["score_column"] == "score_zero" and cfg["ground_truth"] == "POOL/ground_truth.parquet"
     assert config_of("filter", "--scores", "S", "--output", "O", "--score-column", "score_fixed")["score_column"] == "score_fixed"
     assert config_of("filter", "--scores", "S", "--output", "O", "--method", "ensemble", "--paper-rule")["paper_rule"] is True
+    # the paper's DataComp rules by name expand into the options that spell them out
+    from raymimic.select.names import PAPER_DATACOMP_RULES
+
+    for rule, (fraction, clip_top) in PAPER_DATACOMP_RULES.items():
+        cfg = config_of("filter", "--scores", "S", "--output", "O", "--pool", "P", "--paper-datacomp", rule)
+        assert (cfg["method"], cfg["fraction"], cfg["clip_top"], cfg["paper_datacomp"]) == ("top-fraction", fraction, clip_top, rule)
+    assert PAPER_DATACOMP_RULES["clip30-minus15"] == (0.85, 0.3) and PAPER_DATACOMP_RULES["top40"] == (0.4, None)
+    assert config_of("filter", "--scores", "S", "--output", "O", "--paper-datacomp", "top35")["fraction"] == 0.35  # no pool needed
+    assert "give --pool" in error_of("filter", "--scores", "S", "--output", "O", "--paper-datacomp", "clip30-minus20")
+    assert "drop --method/--fraction" in error_of("filter", "--scores", "S", "--output", "O", "--paper-datacomp", "top30",
+                                                  "--fraction", "0.5")
+    assert "drop --clip-top 0.5" in error_of("filter", "--scores", "S", "--output", "O", "--pool", "P", "--paper-datacomp",
+                                              "clip30-minus15", "--clip-top", "0.5")
+    assert "give one" in error_of("filter", "--scores", "S", "--output", "O", "--paper-datacomp", "top30", "--paper-rule")
+    assert "invalid choice" in error_of("filter", "--scores", "S", "--output", "O", "--paper-datacomp", "top50", one_line=False)
     assert "primary score only" in error_of("filter", "--scores", "S", "--output", "O", "--score-column", "zero", "--feature",
                                             "norm_weight", "--print-config")
     assert "score column 'Zero' is not valid" in error_of("filter", "--scores", "S", "--output", "O", "--score-column", "Zero",

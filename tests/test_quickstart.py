@@ -41,10 +41,14 @@ def test_report_sets_the_two_modes_side_by_side_with_the_gates(tmp_path):
                     "lift": {"columns": {"score": {"kind": "reference", "auc": 0.7}, "score_zero": {"kind": "control", "auc": 0.3,
                                                                                                            "auc_either_sign": 0.7},
                                          "score_init": {"kind": "control", "auc": 0.6, "auc_either_sign": 0.6}}}},
-        "paper": {"stage1_weighting": "grad-mimic", "filter": {"method": "ensemble", "paper_rule": True}, "kept": 70,
-                  "detection": detection, "kept_by_kind": {"clean": 50, "relabelled": 9, "short_caption": 11},
-                  "lift": {"columns": {"score": {"kind": "reference", "auc": 0.68},
-                                       "score_zero": {"kind": "control", "auc": 0.7, "auc_either_sign": 0.7}}}},
+        "paper-top30": {"stage1_weighting": "grad-mimic", "filter": {"paper_datacomp": "top30"}, "kept": 70,
+                        "detection": detection, "kept_by_kind": {"clean": 50, "relabelled": 9, "short_caption": 11},
+                        "lift": {"columns": {"score": {"kind": "reference", "auc": 0.68},
+                                             "score_zero": {"kind": "control", "auc": 0.7, "auc_either_sign": 0.7}}}},
+        "paper-clip30-minus15": {"stage1_weighting": "grad-mimic", "filter": {"paper_datacomp": "clip30-minus15"}, "kept": 25,
+                                 "detection": detection, "kept_by_kind": {"clean": 24, "relabelled": 1}, "lift": None},
+        "simulation": {"stage1_weighting": "grad-mimic", "filter": {"method": "ensemble", "paper_rule": True}, "kept": 31,
+                       "detection": detection, "kept_by_kind": {"clean": 31}, "lift": None},
     }
     gates = {"reference_loss_auc": 0.93, "target_loss_auc": 0.55, "reference_flags_relabelled": True, "target_does_not": True,
              "passed": True, "thresholds": {"reference_min": 0.8, "target_max": 0.65}}
@@ -53,17 +57,20 @@ def test_report_sets_the_two_modes_side_by_side_with_the_gates(tmp_path):
         "filter": {"kept": 60, "quality": {}}, "detection": detection, "detection_clipscore": detection,
         "clipscore_kept_by_kind": {"clean": 58, "relabelled": 2}, "modes": modes, "gates": gates, "lift": None,
         "models": {"whole pool": {**model, "samples": 100},
-                   "paper mode": {"samples": 31, "skipped": "kept 31 samples, fewer than one batch of 128"}}, "seconds": 3.0,
+                   "simulation mode": {"samples": 31, "skipped": "kept 31 samples, fewer than one batch of 128"}}, "seconds": 3.0,
     }
     (tmp_path / "filter_best").mkdir()
     (tmp_path / "filter_best" / "gallery.html").write_text("<!DOCTYPE html>")
     text = open(write_report(str(tmp_path), results)).read()
-    assert "in pictures: [best](filter_best/gallery.html)\n" in text  # the paper mode wrote no gallery here
+    assert "in pictures: [best](filter_best/gallery.html)\n" in text  # the paper's modes wrote no gallery here
     assert "gate 1 [PASS]" in text and "AUC 0.930" in text and "the pool needs a reference" in text
     assert "| best | sgd | ensemble on `score` | 60 |" in text and "| 3 | 2 | +0.000 |" in text  # 0.7 - max(0.7, 0.6)
-    assert "| paper | grad-mimic | paper rule (binarize w) | 70 |" in text and "| 9 | 11 | -0.020 |" in text
+    assert "| paper-top30 | grad-mimic | paper DataComp: top 30% by `score` | 70 |" in text and "| 9 | 11 | -0.020 |" in text
+    assert ("| paper-clip30-minus15 | grad-mimic | paper DataComp: CLIPScore (L/14) top 30% minus `score` bottom 15% | 25 |"
+            in text) and "| 1 | 0 | n/a |" in text
+    assert "| simulation | grad-mimic | label-noise simulation rule (binarize w) | 31 |" in text
     assert "| CLIPScore, same size as best |" in text
-    assert "| paper mode | 31 | not trained: kept 31 samples, fewer than one batch of 128 |" in text
+    assert "| simulation mode | 31 | not trained: kept 31 samples, fewer than one batch of 128 |" in text
     assert (tmp_path / "models.png").exists()
 
 
@@ -73,8 +80,12 @@ def test_quickstart_modes_and_bad_settings():
     cfg = QuickstartConfig(stage1_weighting="sgd", filter_score_column="aligned")
     modes = cfg.mode_settings()
     assert modes["best"] == {"weighting": "sgd", "filter": {"method": "ensemble", "feature": "step_z", "score_column": "aligned"}}
-    assert modes["paper"] == {"weighting": "grad-mimic", "filter": {"method": "ensemble", "paper_rule": True}}
+    assert list(modes) == ["best", "paper-top30", "paper-clip30-minus15"]
+    assert modes["paper-top30"] == {"weighting": "grad-mimic", "filter": {"paper_datacomp": "top30"}}
+    assert modes["paper-clip30-minus15"] == {"weighting": "grad-mimic", "filter": {"paper_datacomp": "clip30-minus15"}}
     assert list(QuickstartConfig(paper_mode=False).mode_settings()) == ["best"]
+    with pytest.raises(ValueError, match="paper_rules \\['top50'\\] unknown"):
+        QuickstartConfig(paper_rules=["top30", "top50"])
     assert QuickstartConfig(seed=3).reference_seed == 4 and QuickstartConfig(seed=3, reference_init="same").reference_seed == 3
     with pytest.raises(ValueError, match="noise \\+ relabel"):
         QuickstartConfig(noise=0.6, relabel=0.5)

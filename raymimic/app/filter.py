@@ -19,9 +19,13 @@ examples:
   raymimic filter --scores RUN/scores --output OUT                       # GMM, defaults
   raymimic filter --scores RUN/scores --output OUT --method ensemble --rule all
   raymimic filter --scores RUN/scores --output OUT --method top-fraction --fraction 0.3
-  # the paper's best DataComp filter: CLIP-score top 30% minus mimic bottom 20%
+  # the paper's DataComp Stage 2 by name: top 30% by mimic score; CLIP-score top 30% minus mimic bottom 20%
+  raymimic filter --scores RUN/scores --output OUT --paper-datacomp top30
+  raymimic filter --scores RUN/scores --pool POOL --output OUT --paper-datacomp clip30-minus20
+  # the same as the last, spelled out
   raymimic filter --scores RUN/scores --pool POOL --output OUT --method top-fraction --fraction 0.8 --clip-top 0.3
-  raymimic filter --scores RUN/scores --output OUT --method ensemble --paper-rule        # the paper's rule: binarize w_i
+  # the paper's label-noise simulation rule (binarize w_i), not its DataComp procedure
+  raymimic filter --scores RUN/scores --output OUT --method ensemble --paper-rule
   raymimic filter --scores RUN/scores --output OUT --score-column zero                  # filter on the zero control instead
   raymimic filter --scores RUN/scores --output OUT --ground-truth POOL/ground_truth.parquet --report   # reference lift
 """
@@ -29,8 +33,8 @@ examples:
 
 _NAMES = "raymimic.select.names"  # the names of the choices
 OPTIONS = ("scores", "output", "pool", "method", "feature", "rule", "fraction", "fit_sample", "seed", "nan", "duplicates", "missing",
-           "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report", "score_column", "paper_rule", "ground_truth",
-           "gallery", "overwrite")
+           "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report", "score_column", "paper_rule",
+           "paper_datacomp", "ground_truth", "gallery", "overwrite")
 
 
 def _default(name: str):
@@ -66,8 +70,13 @@ def register(subparsers) -> None:
                   "table (a control direction or a baseline, higher = keep) or a bare control name (zero = score_zero); weight "
                   "features are refused for any column but score (default: %(config_default)s)")
     p.add_argument("--paper-rule", action="store_true", default=None,
-                   help="the paper's Stage-2 rule: every binarizer on the weight w_i (threshold at 1/B, i.e. B*w > 1; GMM and "
-                        "k-means on B*w); refused on a table recorded under uniform weights")
+                   help="the paper's label-noise simulation rule (binarize w): every binarizer on the weight w_i (threshold at "
+                        "1/B, i.e. B*w > 1; GMM and k-means on B*w); not its DataComp procedure (--paper-datacomp); refused "
+                        "on a table recorded under uniform weights")
+    p.add_argument("--paper-datacomp", choices=Names(_NAMES, "PAPER_DATACOMP_RULES"), metavar="RULE",
+                   help="the paper's DataComp Stage 2, one of %(choices)s: topN keeps the top N%% of uids by aggregated mimic "
+                        "score (--method top-fraction --fraction 0.N); clip30-minusM keeps the pool's CLIP-score top 30%% "
+                        "minus the mimic score's bottom M%% (--fraction 1-0.M --clip-top 0.3, needs --pool)")
     p.add_argument("--ground-truth", metavar="PATH",
                    help="parquet with uid and a boolean is_noisy (a toy pool's ground_truth.parquet): adds ROC-AUC, F1 and the "
                         "reference lift (AUC of score minus the best control's) to summary.json and the report")
@@ -115,7 +124,11 @@ def run(args) -> int:
     from raymimic.app.options import build, fail, given, print_config
     from raymimic.select.pipeline import FilterConfig, check_inputs, run_filter
 
-    cfg = build(args.parser, FilterConfig, **given(args, OPTIONS))
+    options = given(args, OPTIONS)
+    if "paper_datacomp" in options and {"method", "fraction"} & set(options):
+        fail(args.parser, f"--paper-datacomp {options['paper_datacomp']} sets --method top-fraction and --fraction itself: "
+                          "drop --method/--fraction")
+    cfg = build(args.parser, FilterConfig, **options)
     if args.print_config:
         return print_config(cfg)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from raymimic.select.names import DUPLICATE_HANDLING, FEATURES, MIMIC_METHODS, MISSING_HANDLING, NAN_HANDLING
+from raymimic.select.names import DUPLICATE_HANDLING, FEATURES, MIMIC_METHODS, MISSING_HANDLING, NAN_HANDLING, PAPER_DATACOMP_RULES
 
 
 @dataclass
@@ -37,7 +37,10 @@ class FilterConfig:
     report: bool = False  # also write report.md with histograms
     # the column in the raw score's role: score, score_<name> or a bare control name (zero -> score_zero)
     score_column: str = "score"
-    paper_rule: bool = False  # the paper's Stage-2 rule: every binarizer on w_i (threshold B*w > 1, GMM/k-means on B*w)
+    # the paper's label-noise simulation rule: every binarizer on w_i (threshold B*w > 1, GMM/k-means on B*w)
+    paper_rule: bool = False
+    # one of PAPER_DATACOMP_RULES, the paper's DataComp Stage 2: sets method top-fraction, fraction and clip_top
+    paper_datacomp: str | None = None
     ground_truth: str | None = None  # parquet with uid and boolean is_noisy: ROC-AUC, F1 and the reference lift in summary.json
     gallery: bool = False  # also write gallery.html: thumbnails of dropped, borderline and kept samples from the pool
     overwrite: bool = False  # start afresh even when --output holds an unfinished run of other inputs or settings
@@ -49,6 +52,8 @@ class FilterConfig:
         for name in ("scores", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required")
+        if self.paper_datacomp is not None:
+            self._apply_paper_datacomp()
         if self.method not in MIMIC_METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(MIMIC_METHODS)}")
         if self.feature is not None and self.feature not in FEATURES:
@@ -70,6 +75,21 @@ class FilterConfig:
             raise ValueError("--clip-top, --min-clip-score and --basic read the pool's metadata: give --pool")
         if self.gallery and self.pool is None:
             raise ValueError("--gallery shows the pool's images: give --pool")
+
+    def _apply_paper_datacomp(self) -> None:
+        """Expand the named rule of the paper's DataComp Stage 2 into method, fraction and clip_top."""
+        if self.paper_datacomp not in PAPER_DATACOMP_RULES:
+            raise ValueError(f"unknown paper_datacomp rule {self.paper_datacomp!r}; choose one of {list(PAPER_DATACOMP_RULES)}")
+        if self.paper_rule:
+            raise ValueError("--paper-datacomp (the paper's DataComp rules) and --paper-rule (its label-noise simulation rule) "
+                             "are two different rules: give one")
+        fraction, clip_top = PAPER_DATACOMP_RULES[self.paper_datacomp]
+        if clip_top is not None and self.pool is None:
+            raise ValueError(f"--paper-datacomp {self.paper_datacomp} keeps the pool's CLIP-score top {clip_top:.0%}: give --pool")
+        if self.clip_top is not None and self.clip_top != clip_top:
+            raise ValueError(f"--paper-datacomp {self.paper_datacomp} sets the CLIP-score rule itself "
+                             f"({'none' if clip_top is None else clip_top}): drop --clip-top {self.clip_top}")
+        self.method, self.fraction, self.clip_top = "top-fraction", fraction, clip_top
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
