@@ -7,7 +7,8 @@ HELP = """Runs everything offline on a toy pool with known noise: random caption
 systematic noise (one class consistently captioned as another, which only a reference that
 learnt the classes elsewhere can flag). Writes the pool, trains a reference on a separate clean
 pool from another initialisation, runs Stage 1 and Stage 2 in two modes side by side (the
-paper's: Grad-Mimic re-weighting and its rule of binarizing the weights; the best: the
+paper's DataComp procedure: Grad-Mimic re-weighting, then the top 30% by mimic score and
+CLIPScore's top 30% minus the mimic bottom 15%; the best: the
 measured choice of weighting and score column), trains the same model on the whole pool, on
 each mode's subset and on a CLIPScore-filtered one, evaluates them on a held-out clean split,
 checks that the pool needs a reference (the reference's own loss flags the relabelled samples,
@@ -37,7 +38,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the best mode's Stage-2 score column: score or a control/baseline name "
                              f"(default: {dflt('filter_score_column')})")
     parser.add_argument("--no-paper-mode", dest="paper_mode", action="store_false", default=None,
-                        help="skip the paper's mode (one Stage-1 run and one training fewer)")
+                        help="skip the paper's mode (one Stage-1 run and two trainings fewer)")
     parser.add_argument("--epochs", type=int, help=f"epochs of every training run (default: {dflt('epochs')})")
     parser.add_argument("--tau", type=float, help=f"Grad-Mimic softmax temperature, > 0 (default: {dflt('tau')})")
     parser.add_argument("--method", choices=MIMIC_METHODS, metavar="METHOD",
