@@ -27,7 +27,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import pandas as pd
 
 
@@ -58,19 +57,6 @@ def timed(fn) -> tuple[object, float, float]:
     return result, time.perf_counter() - wall, tree_cpu_seconds() - cpu
 
 
-def score_rows(uids: np.ndarray, noisy: np.ndarray, epochs: int = 2, batch: int = 100, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    steps = len(uids) // batch
-    rows = []
-    for epoch in range(epochs):
-        order = rng.permutation(len(uids))
-        for s in range(steps):
-            idx = order[s * batch:(s + 1) * batch]
-            score = np.where(noisy[idx], -1.0, 1.0) + 0.8 * rng.standard_normal(len(idx))
-            rows.append(pd.DataFrame({"uid": uids[idx], "step": np.int64(epoch * steps + s), "epoch": np.int32(epoch), "rank": np.int32(0),
-                                      "score": score.astype(np.float32), "weight": np.float32(1 / batch), "batch_size": np.int32(batch),
-                                      "score_zero": rng.standard_normal(len(idx)).astype(np.float32)}))
-    return pd.concat(rows, ignore_index=True)
 
 
 def full_scan(pool: str, uids: list[str], size: int) -> int:
@@ -97,7 +83,7 @@ def main() -> None:
     from raymimic.data.pool import shard_files
     from raymimic.select.gallery import THUMBNAIL_FOLDER, write_filter_gallery
     from raymimic.select.pipeline import FilterConfig, run_filter
-    from raymimic_experiments.toy_pool import make_toy_pool
+    from raymimic_experiments.toy_pool import make_toy_pool, toy_score_table
 
     work = args.workdir or tempfile.mkdtemp(prefix="raymimic-gallery-bench-")
     pool, scores, out = f"{work}/pool", f"{work}/scores", f"{work}/filter"
@@ -105,7 +91,7 @@ def main() -> None:
     make_toy_pool(pool, samples=args.samples, noise=0.3, seed=0, shard_size=args.shard_size, eval_samples=0, workers=1)
     truth = pd.read_parquet(f"{pool}/ground_truth.parquet")
     os.makedirs(scores, exist_ok=True)
-    score_rows(truth["uid"].to_numpy(), truth["is_noisy"].to_numpy(bool)).to_parquet(f"{scores}/00000.parquet", index=False)
+    toy_score_table(truth["uid"].to_numpy(), truth["is_noisy"].to_numpy(bool), batch=100).to_parquet(f"{scores}/00000.parquet", index=False)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     truth_path = f"{pool}/ground_truth.parquet"

@@ -671,3 +671,22 @@ class ToyPoolConfig:
     def write(self) -> dict:
         """Write the pool (:func:`make_toy_pool`); return its summary."""
         return make_toy_pool(**self.to_dict())
+
+
+def toy_score_table(uids: np.ndarray, noisy: np.ndarray, epochs: int = 2, batch: int = 50, seed: int = 0):
+    """A score table (the Stage-1 contract's columns) for a toy pool's uids, without training: ``score`` separates the
+    noisy samples with overlap, ``score_zero`` is noise. For exercising Stage 2 on a pool whose images exist."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    steps = len(uids) // batch
+    rows = []
+    for epoch in range(epochs):
+        order = rng.permutation(len(uids))
+        for s in range(steps):
+            idx = order[s * batch:(s + 1) * batch]
+            score = np.where(noisy[idx], -1.0, 1.0) + 0.8 * rng.standard_normal(len(idx))
+            rows.append(pd.DataFrame({"uid": uids[idx], "step": np.int64(epoch * steps + s), "epoch": np.int32(epoch), "rank": np.int32(0),
+                                      "score": score.astype(np.float32), "weight": np.float32(1 / batch), "batch_size": np.int32(batch),
+                                      "score_zero": rng.standard_normal(len(idx)).astype(np.float32)}))
+    return pd.concat(rows, ignore_index=True)

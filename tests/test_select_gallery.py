@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from raymimic.select.gallery import BANDS, merge_sketches, pick_samples, sketch_block
+from raymimic_experiments.toy_pool import toy_score_table
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 PER_ROW = 24
@@ -92,20 +93,6 @@ def test_bad_decisions_are_refused_before_any_read(tmp_path):
 # ----------------------------------------------------------------------------- pools and runs
 
 
-def score_rows(uids: np.ndarray, noisy: np.ndarray, epochs: int = 2, batch: int = 50, seed: int = 0) -> pd.DataFrame:
-    """A score table for a pool's uids: ``score`` separates the noisy ones (with overlap), ``score_zero`` is noise."""
-    rng = np.random.default_rng(seed)
-    steps = len(uids) // batch
-    rows = []
-    for epoch in range(epochs):
-        order = rng.permutation(len(uids))
-        for s in range(steps):
-            idx = order[s * batch:(s + 1) * batch]
-            score = np.where(noisy[idx], -1.0, 1.0) + 0.8 * rng.standard_normal(len(idx))
-            rows.append(pd.DataFrame({"uid": uids[idx], "step": np.int64(epoch * steps + s), "epoch": np.int32(epoch), "rank": np.int32(0),
-                                      "score": score.astype(np.float32), "weight": np.float32(1 / batch), "batch_size": np.int32(batch),
-                                      "score_zero": rng.standard_normal(len(idx)).astype(np.float32)}))
-    return pd.concat(rows, ignore_index=True)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +112,7 @@ def filtered(ray_session, toy_pool, tmp_path_factory):
     root = tmp_path_factory.mktemp("gallery-run")
     truth = pd.read_parquet(toy_pool / "ground_truth.parquet")
     (root / "scores").mkdir()
-    score_rows(truth["uid"].to_numpy(), truth["is_noisy"].to_numpy(bool)).to_parquet(root / "scores" / "00000.parquet", index=False)
+    toy_score_table(truth["uid"].to_numpy(), truth["is_noisy"].to_numpy(bool)).to_parquet(root / "scores" / "00000.parquet", index=False)
     out = root / "out"
     argv = ["filter", "--scores", str(root / "scores"), "--pool", str(toy_pool), "--output", str(out), "--method", "gmm",
             "--ground-truth", str(toy_pool / "ground_truth.parquet"), "--report", "--gallery"]
