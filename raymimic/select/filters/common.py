@@ -143,8 +143,11 @@ def score_stage(ds, score_frame: Callable, state, kwargs: dict, rows_per_call: i
         actors = gpu_actors(num_gpus)
     extra = {"num_gpus": num_gpus} if num_gpus else {}
     if actors:
+        from ray.data import ActorPoolStrategy
+
+        pool = ActorPoolStrategy(min_size=actors[0], max_size=actors[1]) if isinstance(actors, tuple) else ActorPoolStrategy(size=actors)
         return ds.map_batches(StreamedScorer, fn_constructor_args=(score_frame, state, kwargs), batch_format="pandas",
-                              batch_size=rows_per_call, concurrency=actors, **extra)
+                              batch_size=rows_per_call, compute=pool, **extra)
     return ds.map_batches(score_frame, fn_args=(state,), fn_kwargs=kwargs, batch_format="pandas", batch_size=rows_per_call, **extra)
 
 
