@@ -19,9 +19,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from conftest import lift_table
 
 import raymimic
 
@@ -138,32 +138,13 @@ def test_trainer_options_are_quiet(ray_session, tmp_path):
 
 
 # -- Stage 2 on the local pandas path, and its report -------------------------------------------
-def _score_table(n=120, batch=20, epochs=2, seed=0):
-    rng = np.random.default_rng(seed)
-    uids = np.array([f"{i:032x}" for i in range(n)])
-    noisy = rng.random(n) < 0.4
-    steps = n // batch
-    rows = []
-    for epoch in range(epochs):
-        order = rng.permutation(n)
-        for s in range(steps):
-            idx = order[s * batch:(s + 1) * batch]
-            score = np.where(noisy[idx], -1.0, 1.0) + 0.2 * rng.standard_normal(len(idx))
-            weight = np.exp(score - score.max()) / np.exp(score - score.max()).sum()
-            rows.append(pd.DataFrame({
-                "uid": uids[idx], "step": np.int64(epoch * steps + s), "epoch": np.int32(epoch), "rank": np.int32(0),
-                "score": score.astype(np.float32), "weight": weight.astype(np.float32), "batch_size": np.int32(batch),
-                "score_zero": rng.standard_normal(len(idx)).astype(np.float32)}))
-    return pd.concat(rows, ignore_index=True), pd.DataFrame({"uid": uids, "is_noisy": noisy})
-
-
 @pytest.mark.parametrize("method", ["ensemble", "top-fraction"])
 def test_local_mimic_filter_and_report_are_quiet(tmp_path, method):
     from raymimic.select.mimic_filter import MimicFilter
     from raymimic.select.pipeline import _write_fit_sample
     from raymimic.select.report import write_report
 
-    table, truth = _score_table()
+    table, truth = lift_table(n_samples=120, batch=20, tau=1.0)
     out = str(tmp_path)
     with quiet():
         mimic = MimicFilter(table, method=method, fraction=0.6).fit()
