@@ -14,7 +14,9 @@ each process tree's own):
   on the uids and a ``bincount`` majority vote; a sorted ``u8,u8`` keep.npy;
 - ``ray_before`` (with ``--before-code``): the same command on an earlier version of the package;
 - ``pandas``: the same pass grouping per uid with a pandas ``groupby`` on the uid strings and
-  writing a decisions table too (slower and larger: kept as a second row).
+  writing a decisions table too (slower and larger: kept as a second row);
+- ``scan``: a bare scan of the same columns (pyarrow reads ``uid, step, score`` one file at a time
+  and touches every value), the floor any pass over the table pays: it writes no keep list.
 
 The single-process passes hold the whole table in memory, so they are skipped above
 ``--baseline-max-rows``. Wall time is the child process's, from its start to its exit; CPU time is
@@ -134,6 +136,23 @@ def run_pandas(scores: str, output: str, fit_sample: int = 100_000) -> None:
     write_subset(f"{output}/keep.npy", per_uid.index[keep])
 
 
+def run_scan(scores: str, output: str) -> None:
+    """The floor: read ``uid, step, score`` of every file and touch every value, nothing else."""
+    import glob
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in sorted(glob.glob(f"{scores}/*.parquet")):
+        table = pq.read_table(path, columns=["uid", "step", "score"])
+        total += int(pc.sum(table["step"]).as_py()) + len(table["uid"].chunks) + int(pc.count(table["score"]).as_py())
+        total += int(pc.sum(pc.binary_length(table["uid"])).as_py())
+    os.makedirs(output, exist_ok=True)
+    with open(f"{output}/scanned.txt", "w") as f:
+        f.write(str(total))
+
+
 def command(mode: str, scores: str, output: str) -> list[str]:
     if mode in ("ray", "ray_before"):
         return [sys.executable, "-m", "raymimic.app.cli", "filter", "--scores", scores, "--output", output, "--method", "gmm"]
@@ -202,7 +221,7 @@ def f1_dropped(output: str, noisy_path: str) -> float:
     return float(detection_metrics(kept, noisy)["f1"])
 
 
-MODES = ("lean", "pandas", "ray", "ray_before")
+MODES = ("lean", "pandas", "ray", "ray_before", "scan")
 
 
 def bench_rows(rows: int, workdir: str, epochs: int, baseline_max_rows: int, modes=MODES, before_code: str | None = None) -> dict:
@@ -222,13 +241,16 @@ def bench_rows(rows: int, workdir: str, epochs: int, baseline_max_rows: int, mod
         r = measure(mode, scores, out, before_code)
         r["rows_per_s"] = rows / r["seconds"]
         r["cpu_us_per_row"] = 1e6 * r["cpu_seconds"] / rows
-        r["f1_dropped"] = f1_dropped(out, f"{base}/noisy.npy")
+        r["f1_dropped"] = None if mode == "scan" else f1_dropped(out, f"{base}/noisy.npy")
         entry[mode] = r
     for ray in ("ray", "ray_before"):
         if "seconds" in entry.get("lean", {}) and "seconds" in entry.get(ray, {}):
             r, lean = entry[ray], entry["lean"]
             entry[f"{ray}_over_lean"] = {"time": r["seconds"] / lean["seconds"], "cpu": r["cpu_seconds"] / lean["cpu_seconds"],
                                          "memory": r["peak_rss_mb"] / lean["peak_rss_mb"]}
+        if "seconds" in entry.get("scan", {}) and "seconds" in entry.get(ray, {}):
+            entry[f"{ray}_over_scan"] = {"time": entry[ray]["seconds"] / entry["scan"]["seconds"],
+                                         "cpu": entry[ray]["cpu_seconds"] / entry["scan"]["cpu_seconds"]}
     return entry
 
 
@@ -237,18 +259,20 @@ def line(entry: dict) -> str:
         r = entry.get(name)
         if r is None or "seconds" not in r:
             return f"{name} skipped"
-        return (f"{name} {r['seconds']:6.1f}s {r['cpu_us_per_row']:5.2f} cpu-us/row {r['peak_rss_mb']:6.0f} MB "
-                f"F1 {r['f1_dropped']:.3f}")
+        f1 = "" if r["f1_dropped"] is None else f" F1 {r['f1_dropped']:.3f}"
+        return f"{name} {r['seconds']:6.1f}s {r['cpu_us_per_row']:5.2f} cpu-us/row {r['peak_rss_mb']:6.0f} MB{f1}"
 
     ratios = "".join(f" | {ray}/lean time x{r['time']:.2f} cpu x{r['cpu']:.2f} mem x{r['memory']:.2f}"
                      for ray in ("ray", "ray_before") if (r := entry.get(f"{ray}_over_lean")))
+    ratios += "".join(f" | {ray}/scan time x{r['time']:.2f} cpu x{r['cpu']:.2f}"
+                      for ray in ("ray", "ray_before") if (r := entry.get(f"{ray}_over_scan")))
     return f"{entry['rows']:>11,d} rows | " + " | ".join(mode(m) for m in MODES if m in entry) + ratios
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
         mode, scores, output = sys.argv[2:5]
-        (run_lean if mode == "lean" else run_pandas)(scores, output)
+        {"lean": run_lean, "pandas": run_pandas, "scan": run_scan}[mode](scores, output)
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000], help="score-table rows to benchmark (e.g. 1000000 10000000)")

@@ -356,6 +356,36 @@ def test_direction_fixed_scores_against_the_initial_weight(setup):
     assert not torch.allclose(result.scores, result.extra["score_current"])
 
 
+@pytest.mark.parametrize("control", ["zero", "init", "random", "aligned"])
+def test_a_control_can_be_the_primary_direction_of_the_reweighting(setup, control):
+    """Grad-Mimic re-weights along the control: score = the control's column = brute force, weights = softmax of it."""
+    model, reference, name = setup
+    model = copy.deepcopy(model)
+    w_ref = get_parameter(reference, name).detach()
+    w_0 = get_parameter(_model(2), name).detach()  # another start than the model's, so that init's W_0 - W_t is not 0
+    step = MimicStep(model, name, "grad-mimic", tau=0.5, reference_weight=w_ref, reference_model=reference, direction=control,
+                     initial_weight=w_0, seed=3, align_every=1)
+    assert step.extra_names == [control]
+    for seed in (1, 2):  # the second step runs at moved weights
+        images, texts = _batch(seed=seed)
+        per_sample = _brute_mimic(model, name, images, texts)
+        w_t = get_parameter(model, name).detach().clone()
+        model.zero_grad()
+        result = step(images, texts)
+        expected = _expected_score(per_sample, step.controls[control].direction(w_t), "proj")
+        torch.testing.assert_close(result.scores, expected, rtol=2e-4, atol=1e-6)
+        assert torch.equal(result.scores, result.extra[f"score_{control}"])
+        torch.testing.assert_close(result.weights, softmax_weights(result.scores, 0.5))
+        torch.testing.assert_close(get_parameter(model, name).grad, torch.einsum("i,ijk->jk", result.weights, per_sample),
+                                   rtol=2e-4, atol=1e-6)
+        with torch.no_grad():
+            get_parameter(model, name).sub_(0.5 * get_parameter(model, name).grad)
+    current = _expected_score(per_sample, w_ref - w_t, "proj")
+    assert not torch.allclose(result.scores, current, rtol=1e-3, atol=1e-5)  # not the reference's own direction
+    with pytest.raises(ValueError, match="not one of"):
+        MimicStep(copy.deepcopy(model), name, "grad-mimic", reference_weight=w_ref, direction="sideways")
+
+
 def test_baselines_match_direct_losses_and_reference_cosines(setup):
     model, reference, name = setup
     model = copy.deepcopy(model)

@@ -25,6 +25,11 @@ that matches the target's batch similarity distributions to the reference's) is 
 primary score's ``V`` (``direction="function"``) or a column ``score_function``; the step then
 runs the reference's forward and, before the batch loss's backward, one partial backward of
 ``D`` down to the mimic layer, all-reduced over workers.
+
+A control can also be the primary direction (``direction="aligned"``, ``"zero"``, ``"init"`` or
+``"random"``): Grad-Mimic then re-weights along the aligned reference, or along a direction that
+holds no reference at all (the control experiment of the re-weighting itself). The control's
+column is recorded too and equals ``score``.
 """
 from __future__ import annotations
 
@@ -53,9 +58,13 @@ from raymimic.mimic import (
     reweighted_grad,
     weighting_stats,
 )
-from raymimic.score_table.columns import ALIGNED, FUNCTION
+from raymimic.score_table.columns import ALIGNED, CONTROLS, FUNCTION
 from raymimic.score_table.columns import BASELINES as BASELINE_NAMES
 from raymimic.score_table.columns import REFERENCE_BASELINES as _REFERENCE_BASELINES  # need the reference model's forward
+
+CONTROL_DIRECTIONS = (ALIGNED, *CONTROLS)
+"""Controls that can also be the primary score's direction (the step then records the control's column as well)."""
+STEP_DIRECTIONS = ("current", "fixed", FUNCTION, *CONTROL_DIRECTIONS)
 
 
 def world() -> tuple[int, int]:
@@ -107,6 +116,7 @@ class MimicStep:
     ``reference_weight`` is ``W_ref`` of the mimic layer; ``direction`` says the primary score's
     ``V``: ``"current"`` recomputes ``V_t = W_ref - W_t`` every call (the paper), ``"fixed"`` keeps
     ``W_ref - W_0``, ``"function"`` takes ``V_fn = -dD/dW`` of this batch (needs ``reference_model``).
+    ``"aligned"``, ``"zero"``, ``"init"`` or ``"random"`` take that control's direction (added to ``controls`` when absent).
     ``initial_weight`` is ``W_0`` (default: the mimic weight when the step is built; a resumed run
     passes the one of its first attempt). ``reference_model`` is only needed
     by ``rho`` and the reference baselines. With ``weighting="sgd"``, no reference and no controls
@@ -150,8 +160,10 @@ class MimicStep:
         self.reference_model = reference_model
         self.autocast = autocast or contextlib.nullcontext()
         self.parameter = get_parameter(model, mimic_name)
-        if direction not in ("current", "fixed", FUNCTION):
-            raise ValueError(f"direction {direction!r} is not 'current', 'fixed' or 'function'")
+        if direction not in STEP_DIRECTIONS:
+            raise ValueError(f"direction {direction!r} is not one of {STEP_DIRECTIONS}")
+        if direction in CONTROL_DIRECTIONS and direction not in [c if isinstance(c, str) else c.name for c in controls]:
+            controls = [*controls, direction]
         if direction == "fixed" and reference_weight is None:
             raise ValueError("direction 'fixed' (W_ref - W_0) needs reference_weight")
         if FUNCTION in (direction, *controls) and reference_model is None:
@@ -234,8 +246,12 @@ class MimicStep:
             loss.backward()
 
         scale = grad_scale()
+        # controls come from the same probe, before any second backward; they never touch the weights
+        directions = control_directions(self.controls, self.parameter)
         if self.direction_kind == FUNCTION:
             direction = function_v
+        elif self.direction_kind in CONTROL_DIRECTIONS:
+            direction = directions[self.direction_kind]
         else:
             direction = self.direction() if self.reference_weight is not None else None
         stats, mean_grad = weighting_stats(
@@ -245,8 +261,6 @@ class MimicStep:
         )
         if mean_grad is not None:
             self.previous_mean_grad = mean_grad
-        # controls from the same probe, before any second backward; they never touch the weights
-        directions = control_directions(self.controls, self.parameter)
         if self.function_control:
             directions[FUNCTION] = function_v
         controls = direction_scores(self.probe, directions, batch, self.score_kind, scale)
@@ -372,7 +386,7 @@ def build_mimic_step(
     reference_weight, reference_model = None, None
     entries = [(entry, None) if isinstance(entry, str) else tuple(entry) for entry in controls]
     needs_forward = ("ref_loss" in make_weighting(weighting).needs or any(b in _REFERENCE_BASELINES for b in baselines)
-                     or (ALIGNED, None) in entries or FUNCTION == direction
+                     or (ALIGNED, None) in entries or direction in (FUNCTION, ALIGNED)
                      or (FUNCTION, None) in entries)
     if reference is not None:
         loaded = load_reference(reference, model_name, device=device)
