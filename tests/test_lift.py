@@ -76,7 +76,7 @@ def test_a_small_run_records_scores_controls_alignment_and_filters(tmp_path):
 
     from raymimic.select.quality import detection_metrics
     from raymimic_experiments.reference_lift.data import load_split
-    from raymimic_experiments.reference_lift.metrics import filter_detection, zero_shot_top1
+    from raymimic_experiments.reference_lift.metrics import evaluate_model, filter_detection
     from raymimic_experiments.reference_lift.score import score_checkpoints
     from raymimic_experiments.reference_lift.train import RunSpec, new_model, train
     from raymimic_experiments.toy_pool import make_toy_pool
@@ -103,6 +103,7 @@ def test_a_small_run_records_scores_controls_alignment_and_filters(tmp_path):
     noisy = (truth["kind"] != "clean").to_numpy()
     assert result["keep"].shape == (256,) and result["kept"] == int(result["keep"].sum())
     assert result["f1"] == pytest.approx(detection_metrics(result["keep"], noisy)["f1"])  # the dropped uids, scored against the truth
-    # one class name: every image is predicted class 0, so the accuracy is the share of label 0
-    top1 = zero_shot_top1(run.model, "raymimic-tiny", evaluation, ["red circle"], ["a {}."])
-    assert top1 == pytest.approx(np.mean(evaluation.labels == 0))
+    # one class name: every image is predicted class 0, so the accuracy is the share of label 0 (top-5 too)
+    scores = evaluate_model(run.model, "raymimic-tiny", evaluation, ["red circle"], ["a {}."])
+    assert scores["top1"] == scores["top5"] == pytest.approx(np.mean(evaluation.labels == 0))
+    assert 0 <= scores["image_to_text_r5"] <= 1 and 0 <= scores["text_to_image_r5"] <= 1

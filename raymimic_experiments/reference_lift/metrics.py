@@ -104,19 +104,42 @@ def filter_detection(rows: pd.DataFrame, truth: pd.DataFrame, score_column: str 
     return {**metrics, "kept": int(keep.sum()), "keep": keep}
 
 
-def zero_shot_top1(model, model_name: str, data, classnames: list[str], templates: list[str]) -> float:
-    """Zero-shot top-1 accuracy of ``model`` on ``data`` (a labelled :class:`~.data.PoolTensors`)."""
+def evaluate_model(model, model_name: str, data, classnames: list[str], templates: list[str], batch: int = 256) -> dict[str, float]:
+    """Zero-shot top-1 / top-5 accuracy and image<->text retrieval recall@5 of ``model`` on ``data`` (a labelled, captioned
+    :class:`~.data.PoolTensors`, e.g. the pool's clean held-out split). Retrieval pairs each image with its own caption."""
     import torch
 
     from raymimic.clip.embed import ClipEmbedder
     from raymimic.clip.models import get_tokenizer
+    from raymimic.evaluate import retrieval_recall
 
     embedder = ClipEmbedder(model, get_tokenizer(model_name))  # the trained model in place of a loaded one
     try:
         classes = embedder.embed_classes(classnames, templates)
         with torch.no_grad():
-            images = model.encode_image(data.images, normalize=True)
-        predicted = (images @ classes.t()).argmax(1).numpy()
+            images = torch.cat([model.encode_image(data.images[s:s + batch], normalize=True) for s in range(0, len(data), batch)])
+            texts = torch.cat([model.encode_text(data.texts[s:s + batch], normalize=True) for s in range(0, len(data), batch)])
+        logits = images @ classes.t()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.numpy()
     finally:
         model.train()
-    return float((predicted == data.labels).mean())
+    labels = np.asarray(data.labels)
+    recall = retrieval_recall(images.numpy(), texts.numpy(), ks=(5,))
+    return {"top1": float((top[:, 0] == labels).mean()), "top5": float((top == labels[:, None]).any(axis=1).mean()),
+            "image_to_text_r5": recall["image_to_text_recall@5"], "text_to_image_r5": recall["text_to_image_recall@5"]}
+
+
+def steps_to_reach(curve: list[dict], target: float, metric: str = "top1") -> int | None:
+    """The first evaluated step of ``curve`` (``[{"step": s, metric: v, ...}]``) whose ``metric`` reaches ``target``; None if none does."""
+    for point in sorted(curve, key=lambda p: p["step"]):
+        if point[metric] >= target:
+            return int(point["step"])
+    return None
+
+
+def seen_aucs(values: pd.DataFrame, seen_uids: set[str]) -> dict[str, float]:
+    """Per column of ``values`` (per uid, higher = keep), the AUC of telling the uids a reference was trained on from the rest."""
+    from raymimic.select.quality import drop_auc
+
+    unseen = ~values.index.isin(list(seen_uids))  # drop_auc scores how well a LOW value flags the positives
+    return {column: drop_auc(values[column].to_numpy(), unseen) for column in values.columns}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,7 @@ class TrainedRun:
     rows: pd.DataFrame  # score-table rows (empty when nothing was scored)
     initial_state: dict  # the model's weights at step 0
     checkpoints: list[tuple[int, dict]] = field(default_factory=list)  # (epoch, state dict)
+    curve: list[dict] = field(default_factory=list)  # {"step": s, **evaluate(model)} every eval_every steps and at the end
 
 
 def new_model(name: str, seed: int) -> nn.Module:
@@ -59,9 +61,15 @@ def new_model(name: str, seed: int) -> nn.Module:
     return create_model(name)[0]
 
 
-def train(spec: RunSpec, data: PoolTensors, reference: nn.Module | None = None, initial_state: dict | None = None) -> TrainedRun:
-    """Train ``spec.model`` on ``data``; with a reference (or controls) every step scores its samples."""
-    from raymimic.train.config import TrainConfig
+def train(spec: RunSpec, data: PoolTensors, reference: nn.Module | None = None, initial_state: dict | None = None, *,
+          evaluate: Callable[[nn.Module], dict] | None = None, eval_every: int = 0, align_every: int | None = None) -> TrainedRun:
+    """Train ``spec.model`` on ``data``; with a reference (or controls) every step scores its samples.
+
+    ``evaluate(model)`` (metrics of the model as it is) runs every ``eval_every`` steps (0: only
+    at the end) and after the last step; ``align_every``: steps between re-fits of the
+    ``aligned`` control or direction.
+    """
+    from raymimic.train.config import TrainConfig, parse_control
     from raymimic.train.loop import build_optimizer, learning_rate
     from raymimic.train.step import build_mimic_step
 
@@ -78,10 +86,10 @@ def train(spec: RunSpec, data: PoolTensors, reference: nn.Module | None = None, 
     step_fn = None
     if scored:
         step_fn, _ = build_mimic_step(model, spec.model, mimic_layer=spec.mimic_layer, reference=reference, weighting=spec.weighting,
-                                      tau=spec.tau, direction=spec.direction, controls=list(spec.controls),
-                                      baselines=list(spec.baselines), seed=spec.seed)
+                                      tau=spec.tau, direction=spec.direction, controls=[parse_control(c) for c in spec.controls],
+                                      baselines=list(spec.baselines), seed=spec.seed, align_every=align_every)
     keep_at = _checkpoint_epochs(spec)
-    rows, checkpoints, step = [], [], 0
+    rows, checkpoints, curve, step = [], [], [], 0
     generator = np.random.default_rng([spec.seed, 5])
     for epoch in range(spec.epochs):
         order = generator.permutation(len(data))
@@ -100,10 +108,12 @@ def train(spec: RunSpec, data: PoolTensors, reference: nn.Module | None = None, 
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             step += 1
+            if evaluate is not None and (step == total or (eval_every > 0 and step % eval_every == 0)):
+                curve.append({"step": step, **evaluate(model)})
         if epoch + 1 in keep_at:
             checkpoints.append((epoch + 1, copy.deepcopy(model.state_dict())))
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-    return TrainedRun(model, table, start, checkpoints)
+    return TrainedRun(model, table, start, checkpoints, curve)
 
 
 def _checkpoint_epochs(spec: RunSpec) -> set[int]:
