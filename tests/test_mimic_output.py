@@ -191,6 +191,29 @@ def test_output_is_a_reference_variant_that_runs_and_settings_take_by_name(capsy
     assert json.loads(capsys.readouterr().out)["controls"] == ["zero", OUTPUT]
 
 
+def test_the_score_only_pass_writes_the_column_beside_unchanged_ones(tmp_path):
+    """A checkpoint scored with controls zero and output: score_output beside the columns a run without it writes, bit for bit."""
+    import numpy as np
+
+    from raymimic.clip import save_checkpoint
+    from raymimic.train.score_only import MimicScorer
+
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(create_model(MODEL)[0], str(tmp_path / "model.pt"), MODEL, step=3, epoch=0)
+    torch.manual_seed(1)
+    reference = save_checkpoint(create_model(MODEL)[0], str(tmp_path / "ref.pt"), MODEL)
+    rng = np.random.default_rng(0)
+    rows = {"uid": np.asarray([f"{i:032x}" for i in range(6)], dtype=object),
+            "image": rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8), "text": rng.integers(1, 400, (6, 16)).astype(np.int64)}
+    plain = MimicScorer(MODEL, checkpoint, reference, controls=["zero"])(rows)
+    scored = MimicScorer(MODEL, checkpoint, reference, controls=["zero", OUTPUT])(rows)
+    assert set(scored) == {*plain, "score_output"}
+    for column, values in plain.items():
+        np.testing.assert_array_equal(scored[column], values, err_msg=column)
+    output = scored["score_output"]
+    assert output.dtype == np.float32 and np.isfinite(output).all() and output.std() > 0
+
+
 def _ddp_worker(rank, world, init_file, model, reference, images, texts, out):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
