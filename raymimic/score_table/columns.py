@@ -11,7 +11,7 @@ column was computed with the reference's knowledge:
 
 - ``reference``: ``score`` (``W_ref - W_t``, or ``W_ref - W_0``) -- uses the reference;
 - ``control``: ``zero``, ``init``, ``random`` -- do not (``random`` takes only the reference's norm);
-- ``reference variant``: ``fixed``, ``current``, ``aligned`` -- use it;
+- ``reference variant``: ``fixed``, ``current``, ``aligned``, ``function``, ``output`` -- use it;
 - ``baseline``: ``loss`` (``-loss``, the target's own) does not; ``ref_loss``, ``rho``,
   ``ref_clipscore`` run the reference forward and use it;
 - ``other reference``: any other name (another reference model) -- uses that reference.
@@ -42,9 +42,11 @@ ALIGNED = "aligned"
 """The reference variant that needs both models' activations (Stage 1 builds it, :mod:`raymimic.clip.align`)."""
 FUNCTION = "function"
 """The function-space direction ``V_fn = -dD/dW`` (D: the distillation loss towards the reference's batch similarities)."""
-REFERENCE_VARIANTS = ("fixed", "current", ALIGNED, FUNCTION)
-"""Directions derived from the reference: ``W_ref - W_0``, ``W_ref - W_t``, the reference brought into the target's basis,
-the direction that makes the target behave like the reference on the batch."""
+OUTPUT = "output"
+"""The output-space score: the function direction's question asked of the batch's logits, the identity in place of the layer's kernel."""
+REFERENCE_VARIANTS = ("fixed", "current", ALIGNED, FUNCTION, OUTPUT)
+"""Scores derived from the reference: ``W_ref - W_0``, ``W_ref - W_t``, the reference brought into the target's basis,
+the direction that makes the target behave like the reference on the batch, the same in the batch's logits."""
 BUILTIN_CONTROLS = (*CONTROLS, *REFERENCE_VARIANTS)
 """Every direction Stage 1 records by name beside the score (``NAME=SPEC`` adds another reference)."""
 TARGET_BASELINES = ("loss",)

@@ -30,6 +30,11 @@ A control can also be the primary direction (``direction="aligned"``, ``"zero"``
 ``"random"``): Grad-Mimic then re-weights along the aligned reference, or along a direction that
 holds no reference at all (the control experiment of the re-weighting itself). The control's
 column is recorded too and equals ``score``.
+
+The *output-space* score (:func:`raymimic.mimic.output_scores`: the same question asked of the
+batch's logits, the identity in place of the layer's kernel) is a column ``score_output`` only:
+it has no weight-space vector to re-weight by. It needs the reference's forward (shared with
+the function direction and the reference baselines) and no backward at all.
 """
 from __future__ import annotations
 
@@ -54,11 +59,12 @@ from raymimic.mimic import (
     make_control,
     make_weighting,
     output_grads,
+    output_scores,
     reweighted_backward,
     reweighted_grad,
     weighting_stats,
 )
-from raymimic.score_table.columns import ALIGNED, CONTROLS, FUNCTION
+from raymimic.score_table.columns import ALIGNED, CONTROLS, FUNCTION, OUTPUT
 from raymimic.score_table.columns import BASELINES as BASELINE_NAMES
 from raymimic.score_table.columns import REFERENCE_BASELINES as _REFERENCE_BASELINES  # need the reference model's forward
 
@@ -125,8 +131,9 @@ class MimicStep:
     tensors the features do not reach (the logit scale) keep the plain one.
 
     ``controls``: built-in control names (``zero``, ``init``, ``random``, ``fixed``, ``current``,
-    built here from ``reference_weight``, ``initial_weight`` and ``seed``; ``function``: ``V_fn``, from
-    ``reference_model``) or ready :class:`~raymimic.mimic.controls.Control` objects (another reference); each adds a column
+    built here from ``reference_weight``, ``initial_weight`` and ``seed``; ``function``: ``V_fn``, and
+    ``output``: the output-space score, both from ``reference_model``) or ready
+    :class:`~raymimic.mimic.controls.Control` objects (another reference); each adds a column
     ``score_<name>`` of the same score kind. ``baselines``: ``loss`` (``score_loss = -loss``),
     ``ref_loss`` (``-ref_loss``), ``rho`` (``loss - ref_loss``), ``ref_clipscore`` (cosine of the
     reference's image and text embeddings); higher always means more likely to keep.
@@ -160,6 +167,9 @@ class MimicStep:
         self.reference_model = reference_model
         self.autocast = autocast or contextlib.nullcontext()
         self.parameter = get_parameter(model, mimic_name)
+        if direction == OUTPUT:
+            raise ValueError(f"direction {OUTPUT!r} has no weight-space vector to score or re-weight by: record it as a column "
+                             f"with controls=[..., {OUTPUT!r}]; direction is one of {STEP_DIRECTIONS}")
         if direction not in STEP_DIRECTIONS:
             raise ValueError(f"direction {direction!r} is not one of {STEP_DIRECTIONS}")
         if direction in CONTROL_DIRECTIONS and direction not in [c if isinstance(c, str) else c.name for c in controls]:
@@ -168,6 +178,8 @@ class MimicStep:
             raise ValueError("direction 'fixed' (W_ref - W_0) needs reference_weight")
         if FUNCTION in (direction, *controls) and reference_model is None:
             raise ValueError("the function direction (V_fn = -dD/dW) needs the reference model's forward: pass reference_model")
+        if OUTPUT in controls and reference_model is None:
+            raise ValueError("the output-space score (control 'output') needs the reference model's forward: pass reference_model")
         self.direction_kind = direction
         unknown = [b for b in baselines if b not in BASELINE_NAMES]
         if unknown:
@@ -179,15 +191,16 @@ class MimicStep:
             initial_weight = self.parameter.detach().float().clone()
         self.initial_weight = initial_weight.detach().float() if needs_initial else None  # W_0: saved in checkpoints
         self.controls: dict[str, Control] = {}
-        # FUNCTION is not a Control (it needs the batch's outputs): its column follows the others
+        # FUNCTION and OUTPUT are not Controls (they need the batch's outputs): their columns follow the others
         self.function_control = any(isinstance(c, str) and c == FUNCTION for c in controls)
+        self.output_control = any(isinstance(c, str) and c == OUTPUT for c in controls)
         # the step refits "aligned" itself only when asked by name; a ready Control of that name stays as given
         self.align_every, self.alignment, self._calls, self._aligning = align_every, None, 0, False
         self.batch_dim = batch_dim
         for control in controls:
-            if control == FUNCTION:
-                if sum(1 for c in controls if isinstance(c, str) and c == FUNCTION) > 1:
-                    raise ValueError(f"control {FUNCTION!r} given twice")
+            if control in (FUNCTION, OUTPUT):
+                if sum(1 for c in controls if isinstance(c, str) and c == control) > 1:
+                    raise ValueError(f"control {control!r} given twice")
                 continue
             if control == ALIGNED:
                 if reference_weight is None or reference_model is None:
@@ -198,7 +211,7 @@ class MimicStep:
                 self._aligning = True
             if isinstance(control, str):
                 control = make_control(control, reference=reference_weight, initial=self.initial_weight, seed=seed)
-            if control.name in self.controls or control.name == FUNCTION:
+            if control.name in self.controls or control.name in (FUNCTION, OUTPUT):
                 raise ValueError(f"control {control.name!r} given twice")
             self.controls[control.name] = control
         self._fixed_direction = (reference_weight.float() - self.initial_weight.to(reference_weight.device)
@@ -216,7 +229,8 @@ class MimicStep:
     @property
     def extra_names(self) -> list[str]:
         """The names of the ``score_<name>`` columns this step returns: controls, then baselines."""
-        return [*self.controls, *([FUNCTION] if self.function_control else []), *self.baselines]
+        return [*self.controls, *([FUNCTION] if self.function_control else []), *([OUTPUT] if self.output_control else []),
+                *self.baselines]
 
     # -- the step -----------------------------------------------------------------------
     def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> StepResult:
@@ -234,11 +248,12 @@ class MimicStep:
             loss = losses.mean()
         # before any backward of the batch loss: the probe keeps the output gradient of the latest backward
         function_v = self._function_direction(outputs, images, texts) if self._needs_function(self.direction_kind) else None
+        output_column = {OUTPUT: self._output_scores(outputs, images, texts)} if self.output_control else {}  # no backward
         if self.plain:
             loss.backward()
             uniform = torch.full((local,), 1.0 / batch, device=images.device)
             nan = torch.full((local,), float("nan"), device=images.device)
-            local_extra, extra = self._extra({}, losses.detach(), images, texts)
+            local_extra, extra = self._extra(output_column, losses.detach(), images, texts)
             return StepResult(loss.detach(), nan, uniform, gather_global(nan), gather_global(uniform), batch, local_extra, extra)
         if self.reweight_all:
             grads = output_grads(loss, outputs, through=[self.parameter])
@@ -263,7 +278,7 @@ class MimicStep:
             self.previous_mean_grad = mean_grad
         if self.function_control:
             directions[FUNCTION] = function_v
-        controls = direction_scores(self.probe, directions, batch, self.score_kind, scale)
+        controls = {**direction_scores(self.probe, directions, batch, self.score_kind, scale), **output_column}
         local_extra, extra = self._extra(controls, losses.detach(), images, texts)
         weights, local_weights = batch_weights(self.weighting, stats, rank, local, gather_global)
         # before any second backward: it would overwrite the output gradient the probe keeps
@@ -319,6 +334,11 @@ class MimicStep:
         """``V_fn = -dD/dW`` of the mimic layer on the global batch (:mod:`raymimic.mimic.function`), the same on every rank."""
         losses = distillation_losses(tuple(outputs), self._reference_forward(images, texts)[0], gather=gather_with_grad)
         return function_direction(losses, self.parameter, grad_scale(), all_reduce_sum)
+
+    def _output_scores(self, outputs, images, texts) -> torch.Tensor:
+        """The output-space score of the local samples (:func:`raymimic.mimic.output_scores`); no backward, no ``.grad``."""
+        return output_scores(tuple(outputs), self._reference_forward(images, texts)[0], first_index=world()[0] * images.shape[0],
+                             kind=self.score_kind, gather=gather_global, all_reduce=all_reduce_sum)
 
     def _reference_losses(self, images, texts) -> torch.Tensor:
         return self._reference_outputs(images, texts)[0]
@@ -387,7 +407,7 @@ def build_mimic_step(
     entries = [(entry, None) if isinstance(entry, str) else tuple(entry) for entry in controls]
     needs_forward = ("ref_loss" in make_weighting(weighting).needs or any(b in _REFERENCE_BASELINES for b in baselines)
                      or (ALIGNED, None) in entries or direction in (FUNCTION, ALIGNED)
-                     or (FUNCTION, None) in entries)
+                     or (FUNCTION, None) in entries or (OUTPUT, None) in entries)
     if reference is not None:
         loaded = load_reference(reference, model_name, device=device)
         reference_weight = get_parameter(loaded, name).detach().clone()
