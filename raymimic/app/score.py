@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     parser.add_argument("--controls", metavar="LIST",
                         help="comma-separated control directions, one column score_<name> each: zero (V = -W_ckpt), random "
                              "(R - W_ckpt, R seeded with the reference's norm), function (V_fn = -dD/dW, how the layer must move for the "
-                             "checkpoint's batch similarities to match the reference's; runs the reference forward), NAME=SPEC "
+                             "checkpoint's batch similarities to match the reference's; runs the reference forward), output (the same "
+                             "question asked of the batch's logits, no backward; runs the reference forward), NAME=SPEC "
                              "(another reference); init, fixed and "
                              "current are refused here (at a fixed checkpoint W_0 = W_ckpt); 'none' for no controls "
                              f"(default: {','.join(dflt('controls'))}, fixed left out)")
