@@ -55,7 +55,8 @@ CONTROLS_HELP = (
     "--align-every steps; it runs the reference forward then), function (V_fn = -dD/dW: how the layer must move for the "
     "target's batch similarity distributions to match the reference's; the reference forward and a backward of D down to the "
     "layer), output (the same question asked of the batch's logits directly, no layer and no backward: does descending the "
-    "sample's loss move the logits the way matching the reference would; the reference forward), or NAME=SPEC (W_ref' - W_t for another reference, SPEC as "
+    "sample's loss move the logits the way matching the reference would; the reference forward), or "
+    "NAME=SPEC (W_ref' - W_t for another reference, SPEC as "
     "--reference takes); 'none' for no controls (default: {default}; "
     "without --reference none, and fixed is left out under --direction fixed)"
 )
