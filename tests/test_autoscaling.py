@@ -529,20 +529,25 @@ def _attempts(attempts: str, since: float = 0.0) -> dict[str, list[str]]:
 
 
 def _kill_a_node_mid_map(attempts: str, summaries: Path, done, report: dict) -> None:
-    """As soon as a map task runs on a trainer node, lose that node: SIGKILL its raylet and every process under it (its
-    workers: a worker whose raylet alone died would finish its task and return the result). A task counts as running
-    there when its attempt started less than half its wait ago (and has not committed): it is still waiting."""
+    """Once a trainer node runs two map tasks (or one, a second later), lose that node: SIGKILL its raylet and every
+    process under it (its workers: a worker whose raylet alone died would finish its task and return the result). A task
+    counts as running there when its attempt started less than half its wait ago (and has not committed): it still waits."""
     import ray
 
-    in_flight: dict[str, list[str]] = {}
-    while not in_flight:
+    first_seen = None
+    while True:
         if done.is_set():
             report["killed"] = {"error": "the map round ended before a task was caught in flight"}
             return
         committed = {path.name.removesuffix(".pkl") for path in summaries.glob("t*.bin.pkl")}  # kept until the run ends
+        in_flight: dict[str, list[str]] = {}
         for task, nodes in _attempts(attempts, since=time.time() - MAP_SECONDS / 2).items():
             if task not in committed:
                 in_flight.setdefault(nodes[-1], []).append(task)
+        if in_flight:  # wait a little for a node running two (as many as it hosts), to lose more work
+            first_seen = first_seen or time.time()
+            if max(map(len, in_flight.values())) >= 2 or time.time() - first_seen > MAP_SECONDS / 5:
+                break
         time.sleep(0.05)
     victim = max(in_flight, key=lambda node: len(in_flight[node]))
     pid, nodes = _raylet_pid(victim), _trainer_nodes()
