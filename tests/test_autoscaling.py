@@ -3,11 +3,14 @@
 The head (1 CPU, no ``trainer_slot``) cannot host a training worker. The autoscaler adds
 ``trainer_node``s (2 CPUs and 1 ``trainer_slot``, standing in for a GPU; 0 to 2 of them) when
 Stage 1 asks for its workers with ``TrainConfig(resources_per_worker={"trainer_slot": 1})``.
-One module-scoped cluster serves two drivers, each running this file in a subprocess: a Stage 1
+One module-scoped cluster serves three drivers, each running this file in a subprocess: a Stage 1
 run on autoscaled nodes during which one trainer node's raylet is killed (it resumes on a
 replacement node from its last checkpoint, and must end with exactly one score row per
 (uid, step)); Stage 2 on its scores, which also checks, while the trainer nodes are still up,
-that pool reads keep their ledger actor on the driver's node.
+that pool reads keep their ledger actor on the driver's node; Stage 2 on Ray tasks that only
+trainer nodes can host (``task_resources``), over a table of 8 files, during whose map round a
+trainer node is lost (its raylet and every process under it killed) while it runs map tasks: Ray
+reruns them elsewhere, and the outputs are those of an uninterrupted run.
 
 The cluster starts as ``ray.cluster_utils.AutoscalingCluster(autoscaler_v2=True).start`` does (``ray start
 --head --autoscaling-config`` with ``RAY_FAKE_CLUSTER=1``, fake multi-node provider), except that it
@@ -40,6 +43,8 @@ NODE_TYPE = "trainer_node"
 POOL_SAMPLES, BATCH = 48, 8
 STEPS = 16  # 6 steps an epoch: every uid is scored, and 12 steps after the step-4 checkpoint leave time to kill a node
 LEDGERS = 6  # pool reads whose ledgers must all land on the driver's node
+MAP_FILES = 8  # files of the Stage 2 table, one map task each
+MAP_SECONDS = 5.0  # how long each map task attempt waits before its work: a node's tasks are caught mid-flight
 
 
 # ----------------------------------------------------------------------------- the cluster
@@ -64,6 +69,16 @@ def _processes() -> dict[int, tuple[int, int]]:
             fields = stat[stat.rindex(")") + 2:].split()
             table[int(entry)] = (int(fields[1]), int(fields[2]))
     return table
+
+
+def _descendants(pids: set[int], table: dict[int, tuple[int, int]]) -> set[int]:
+    """Every process started under ``pids`` (their children, theirs, ...), from ``table`` (:func:`_processes`)."""
+    found = set(pids)
+    while True:
+        children = {pid for pid, (parent, _) in table.items() if parent in found} - found
+        if not children:
+            return found - set(pids)
+        found |= children
 
 
 def _cmdline(pid: int) -> str:
@@ -148,11 +163,7 @@ class FakeAutoscalingCluster:
         table = _processes()
         mine = {pid for pid, (_, group) in table.items() if group == self.pgid}
         mine |= {pid for pid in table if self.temp_dir in _cmdline(pid)}
-        while True:
-            children = {pid for pid, (parent, _) in table.items() if parent in mine} - mine
-            if not children:
-                return mine - {os.getpid()}
-            mine |= children
+        return (mine | _descendants(mine, table)) - {os.getpid()}
 
     def stop(self) -> None:
         for _ in range(3):  # processes may still start while others die
@@ -293,6 +304,49 @@ def test_pool_ledgers_stay_on_the_drivers_node_while_worker_nodes_are_up(stage2)
     ledgers = stage2["ledgers"]
     assert len(ledgers["trainer_nodes"]) == 2, f"the trainer nodes were gone, the check means nothing: {ledgers}"
     assert ledgers["nodes"] == [ledgers["head"]] * LEDGERS, f"ledgers off the driver's node {ledgers['head']}: {ledgers}"
+
+
+@pytest.mark.timeout(600)
+def test_stage2_survives_a_node_lost_in_its_map_round(cluster, tmp_path):
+    import pandas as pd
+    from conftest import synthetic_scores
+    from test_select_stream import spread_uids, write_files
+
+    from raymimic.select.pipeline import FilterConfig, run_filter
+
+    table, _ = synthetic_scores(n_samples=4000, batch=200, epochs=2)
+    scores = write_files(spread_uids(table), tmp_path / "scores", parts=MAP_FILES)
+    reference = tmp_path / "reference"
+    run_filter(FilterConfig(scores, str(reference), method="ensemble"))  # uninterrupted, in this process (a small table)
+    job = {"phase": "stage2_node_loss", "scores": scores, "output": str(tmp_path / "out"), "attempts": str(tmp_path / "attempts"),
+           "result": str(tmp_path / "node_loss.json")}
+    os.makedirs(job["attempts"])
+    result = _drive(cluster, job, timeout=420)
+
+    killed = result["killed"]
+    assert killed is not None and "error" not in killed, f"no trainer node was killed mid-map: {killed}"
+    assert killed["in_flight"], f"the killed node ran no map task: {killed}"
+    assert killed["dead_after_s"] is not None, f"the GCS never marked the killed node dead: {killed}"
+    attempts = result["attempts"]  # task -> the nodes its attempts started on
+    assert sorted(attempts) == [f"t{i:05d}.bin" for i in range(MAP_FILES)]
+    assert result["head"] not in {node for nodes in attempts.values() for node in nodes}, "a map task ran on the head"
+    for task in killed["in_flight"]:  # each task the node was running started again, and ended elsewhere
+        assert killed["node"] in attempts[task][:-1], f"{task} was not re-run after the kill: {attempts[task]}"
+    rerun = sum(len(nodes) - 1 for nodes in attempts.values())
+    print(f"node lost in the map round: {len(killed['in_flight'])} map tasks in flight on it, {rerun} of {MAP_FILES} re-run "
+          f"(Ray attempts {sum(map(len, attempts.values()))}); node dead after {killed['dead_after_s']} s; "
+          f"driver {result['driver_seconds']:.0f} s")
+
+    stage2 = result["summary"]["mimic"]["stage2_tasks"]
+    assert not stage2["in_process"]
+    assert stage2["rounds"]["map"] == {"tasks": MAP_FILES, "run": MAP_FILES, "committed_before": 0}  # one run, Ray did the retries
+    out = Path(job["output"])
+    assert (out / "keep.npy").read_bytes() == (reference / "keep.npy").read_bytes()
+    decisions, expected = pd.read_parquet(out / "decisions.parquet"), pd.read_parquet(reference / "decisions.parquet")
+    assert decisions["uid"].is_unique and len(decisions) == result["summary"]["n_decisions"] == 4000
+    # the rows' order follows the partition count, which is the cluster's CPU count here and 1 in process
+    pd.testing.assert_frame_equal(decisions.sort_values("uid", ignore_index=True), expected.sort_values("uid", ignore_index=True))
+    assert not (out / "_stage2_tmp").exists()
 
 
 # ----------------------------------------------------------------------------- the drivers (subprocesses)
@@ -446,12 +500,110 @@ def _stage2(job: dict) -> dict:
             "kept": mimic.apply().count(), "ledgers": ledgers}
 
 
+def _recording(attempts: str, seconds: float):
+    """``tasks.map_files`` that first records its attempt (a file ``<task>+<node>+<id>`` in ``attempts``, its time the
+    start), then waits ``seconds``; pickled by value into the workers, where the module is not patched."""
+    def map_files(*args):
+        import uuid
+
+        import ray
+
+        from raymimic.select.executors import tasks
+
+        started = f"{Path(args[5]).name}+{ray.get_runtime_context().get_node_id()}+{uuid.uuid4().hex}"
+        Path(attempts, started).touch()
+        time.sleep(seconds)
+        return tasks.map_files(*args)
+
+    return map_files
+
+
+def _attempts(attempts: str, since: float = 0.0) -> dict[str, list[str]]:
+    """Map task -> the nodes its attempts started on (after ``since``, a time), in the order they started."""
+    started = sorted((path.stat().st_mtime, *path.name.split("+")[:2]) for path in Path(attempts).iterdir())
+    nodes: dict[str, list[str]] = {}
+    for at, task, node in started:
+        if at > since:
+            nodes.setdefault(task, []).append(node)
+    return nodes
+
+
+def _kill_a_node_mid_map(attempts: str, summaries: Path, done, report: dict) -> None:
+    """Once a trainer node runs two map tasks (or one, a second later), lose that node: SIGKILL its raylet and every
+    process under it (its workers: a worker whose raylet alone died would finish its task and return the result). A task
+    counts as running there when its attempt started less than half its wait ago (and has not committed): it still waits."""
+    import ray
+
+    first_seen = None
+    while True:
+        if done.is_set():
+            report["killed"] = {"error": "the map round ended before a task was caught in flight"}
+            return
+        committed = {path.name.removesuffix(".pkl") for path in summaries.glob("t*.bin.pkl")}  # kept until the run ends
+        in_flight: dict[str, list[str]] = {}
+        for task, nodes in _attempts(attempts, since=time.time() - MAP_SECONDS / 2).items():
+            if task not in committed:
+                in_flight.setdefault(nodes[-1], []).append(task)
+        if in_flight:  # wait a little for a node running two (as many as it hosts), to lose more work
+            first_seen = first_seen or time.time()
+            if max(map(len, in_flight.values())) >= 2 or time.time() - first_seen > MAP_SECONDS / 5:
+                break
+        time.sleep(0.05)
+    victim = max(in_flight, key=lambda node: len(in_flight[node]))
+    pid, nodes = _raylet_pid(victim), _trainer_nodes()
+    if pid is None:
+        report["killed"] = {"error": f"no raylet to kill for node {victim} among {nodes}"}
+        return
+    processes = [pid, *_descendants({pid}, _processes())]
+    for process in processes:
+        try:
+            os.kill(process, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed = report["killed"] = {"node": victim, "processes": processes, "in_flight": sorted(in_flight[victim]), "trainer_nodes": nodes,
+                                 "at": time.time(), "dead_after_s": None}
+    print(f"killed the raylet (pid {pid}) of node {victim} and its {len(processes) - 1} processes while it ran "
+          f"{killed['in_flight']}", flush=True)
+    while time.time() - killed["at"] < 120:
+        if not any(n["NodeID"] == victim and n.get("Alive") for n in ray.nodes()):
+            killed["dead_after_s"] = round(time.time() - killed["at"], 1)
+            break
+        time.sleep(0.5)
+
+
+def _stage2_node_loss(job: dict) -> dict:
+    """Stage 2 on Ray tasks that need half a trainer slot (so only trainer nodes host them, two at a time), one map task per
+    file, each attempt recorded and slowed; a trainer node is lost while it runs map tasks."""
+    import threading
+
+    import ray
+
+    from raymimic.select.executors import tasks
+    from raymimic.select.pipeline import FilterConfig, run_filter
+
+    tasks.LOCAL_ROWS = 0  # Ray tasks even for this small table
+    tasks.ROWS_PER_TASK = 1  # one map task per file
+    tasks.map_files = _recording(job["attempts"], MAP_SECONDS)
+    report: dict = {"head": ray.get_runtime_context().get_node_id(), "killed": None}
+    done = threading.Event()
+    killer = threading.Thread(target=_kill_a_node_mid_map, daemon=True,
+                              args=(job["attempts"], Path(job["output"], "_stage2_tmp", "summaries"), done, report))
+    killer.start()
+    try:
+        summary = run_filter(FilterConfig(job["scores"], job["output"], method="ensemble", task_resources={SLOT: 0.5}))
+    finally:
+        done.set()
+    killer.join(timeout=150)
+    report.update(summary=summary, attempts=_attempts(job["attempts"]), trainer_nodes_after=_trainer_nodes())
+    return report
+
+
 def _main(job: dict) -> None:
     import ray
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    result = {"stage1": _stage1, "stage2": _stage2}[job["phase"]](job)
+    result = {"stage1": _stage1, "stage2": _stage2, "stage2_node_loss": _stage2_node_loss}[job["phase"]](job)
     Path(job["result"]).write_text(json.dumps(result, default=str))
 
 

@@ -65,6 +65,16 @@ def test_train_cluster_settings_are_config_fields_and_no_test_hook_is(config_of,
     assert "may not set 'GPU'" in error_of("train", *TRAIN_IO, "--resources-per-worker", "GPU=1", "--print-config")
 
 
+def test_filter_task_resources_are_a_config_field(config_of, error_of):
+    cfg = config_of("filter", "--scores", "S", "--output", "O", "--task-resources", "cpu_node=1,ssd=0.5")
+    assert cfg["task_resources"] == {"cpu_node": 1.0, "ssd": 0.5}
+    assert config_of("filter", "--scores", "S", "--output", "O")["task_resources"] is None
+    assert "NAME=AMOUNT" in error_of("filter", "--scores", "S", "--output", "O", "--task-resources", "cpu_node", "--print-config",
+                                     one_line=False)
+    assert "may not set 'CPU'" in error_of("filter", "--scores", "S", "--output", "O", "--task-resources", "CPU=1", "--print-config")
+    assert "amount > 0" in error_of("filter", "--scores", "S", "--output", "O", "--task-resources", "cpu_node=0", "--print-config")
+
+
 def test_train_preset_override_that_breaks_the_preset_is_an_error(error_of):
     line = error_of("train", "--preset", "tiny", "--model", "ViT-B-32", "--global-batch", "4096", *TRAIN_IO, "--print-config")
     assert "samples_seen" in line and "global_batch" in line

@@ -34,7 +34,7 @@ examples:
 _NAMES = "raymimic.select.names"  # the names of the choices
 OPTIONS = ("scores", "output", "pool", "method", "feature", "rule", "fraction", "fit_sample", "seed", "nan", "duplicates", "missing",
            "clip_top", "min_clip_score", "clip_column", "basic", "language_model", "report", "score_column", "paper_rule",
-           "paper_datacomp", "ground_truth", "gallery", "overwrite")
+           "paper_datacomp", "ground_truth", "gallery", "overwrite", "task_resources")
 
 
 def _default(name: str):
@@ -45,7 +45,7 @@ def _default(name: str):
 
 
 def register(subparsers) -> None:
-    from raymimic.app.options import FEATURES, MIMIC_METHODS, VOTE_RULES, Names, add_lazy, add_print_config
+    from raymimic.app.options import FEATURES, MIMIC_METHODS, VOTE_RULES, Names, add_lazy, add_print_config, resources_option
 
     p = subparsers.add_parser("filter", help="Stage 2: turn mimic score tables into a DataComp keep list",
                               description="Fit a binarizer (GMM, k-means, threshold) on a random sample of the Stage 1 score tables, "
@@ -113,6 +113,9 @@ def register(subparsers) -> None:
                    help="start afresh when --output holds an unfinished run of other inputs or settings (by default a rerun with the "
                         "same inputs and settings resumes it, skipping the work it committed, and one with others is refused)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
+    p.add_argument("--task-resources", type=resources_option, metavar="NAME=AMOUNT[,...]",
+                   help="custom Ray resources each Ray task asks for besides its CPU, e.g. cpu_node=1 to keep the filter on the "
+                        "nodes that advertise cpu_node (off the GPU nodes); a table filtered in process ignores it")
     add_print_config(p)
     p.set_defaults(func=run, parser=p)
 

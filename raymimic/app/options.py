@@ -80,6 +80,20 @@ def add_lazy(group, *flags: str, names: Names | None = None, config_default: Any
     return action
 
 
+def resources_option(text: str) -> dict[str, float]:
+    """``NAME=AMOUNT[,NAME=AMOUNT...]`` -> ``{NAME: AMOUNT}`` (argparse reports a bad one as an error, exit 2)."""
+    resources = {}
+    for entry in text.split(","):
+        name, sep, amount = entry.partition("=")
+        try:
+            resources[name.strip()] = float(amount)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"{entry!r} is not NAME=AMOUNT (a Ray resource name and a number)")
+    return resources
+
+
 def add_print_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true",
                         help="print the fully resolved configuration as JSON and exit (starts nothing, writes nothing)")

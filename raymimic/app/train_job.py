@@ -25,6 +25,7 @@ from raymimic.app.options import (
     fail,
     given,
     print_config,
+    resources_option,
 )
 from raymimic.train.config import BASELINES, BUILTIN_CONTROLS, DIRECTIONS, PRECISIONS, PRESETS, SCORE_KINDS, TrainConfig
 
@@ -140,7 +141,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, preset: str, preset_is_
     cluster.add_argument("--collective-timeout-s", type=float,
                          help="seconds a worker may wait in a collective (e.g. for a dead peer) before the run fails "
                               f"(default: {_default('collective_timeout_s')})")
-    cluster.add_argument("--resources-per-worker", type=_resources_option, metavar="NAME=AMOUNT[,...]",
+    cluster.add_argument("--resources-per-worker", type=resources_option, metavar="NAME=AMOUNT[,...]",
                          help="custom Ray resources each training worker asks for besides CPU and GPU, e.g. trainer_slot=1 "
                               "to place workers on one node type (default: none)")
     cluster.add_argument("--seed", type=int, help=f"initialisation and shuffle seed (default: {_default('seed')})")
@@ -152,20 +153,6 @@ def add_train_arguments(parser: argparse.ArgumentParser, preset: str, preset_is_
                         "<output>/toy_pool, 2 local CPU workers, a random reference unless --reference is given: checks the whole path "
                         "quickly; options given still override")
     add_print_config(parser)
-
-
-def _resources_option(text: str) -> dict[str, float]:
-    """``NAME=AMOUNT[,NAME=AMOUNT...]`` -> ``{NAME: AMOUNT}`` (argparse reports a bad one as an error, exit 2)."""
-    resources = {}
-    for entry in text.split(","):
-        name, sep, amount = entry.partition("=")
-        try:
-            resources[name.strip()] = float(amount)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise argparse.ArgumentTypeError(f"{entry!r} is not NAME=AMOUNT (a Ray resource name and a number)")
-    return resources
 
 
 def resolve_config(parser: argparse.ArgumentParser, args: argparse.Namespace, preset: str) -> TrainConfig:

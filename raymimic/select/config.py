@@ -44,10 +44,12 @@ class FilterConfig:
     ground_truth: str | None = None  # parquet with uid and boolean is_noisy: ROC-AUC, F1 and the reference lift in summary.json
     gallery: bool = False  # also write gallery.html: thumbnails of dropped, borderline and kept samples from the pool
     overwrite: bool = False  # start afresh even when --output holds an unfinished run of other inputs or settings
+    # custom Ray resources each Ray task of Stage 2 asks for besides its CPU, e.g. {"cpu_node": 1}: the nodes it may run on
+    task_resources: dict[str, float] | None = None
 
     def __post_init__(self):
         from raymimic.select.ensemble import check_rule
-        from raymimic.select.mimic_filter import check_feature_choice, resolve_score_column
+        from raymimic.select.mimic_filter import check_feature_choice, check_task_resources, resolve_score_column
 
         for name in ("scores", "output"):
             if not getattr(self, name):
@@ -61,6 +63,7 @@ class FilterConfig:
         self.score_column = resolve_score_column(self.score_column)
         check_feature_choice(self.method, self.feature, self.score_column, self.paper_rule)
         self.rule = check_rule(self.rule)
+        self.task_resources = check_task_resources(self.task_resources)
         if self.method == "top-fraction" and not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1] for top-fraction, got {self.fraction}")
         if self.fit_sample < 2:

@@ -64,7 +64,7 @@ LIFT_MAX_UIDS = 1_000_000
 """The reference-lift metrics are computed on the driver over a seeded sample of at most this many uids."""
 
 __all__ = ["ENSEMBLE_METHODS", "LIFT_MAX_UIDS", "MIMIC_METHODS", "MimicFilter", "check_feature_choice", "check_truth",
-           "lift_value_column", "resolve_score_column", "score_columns"]
+           "check_task_resources", "lift_value_column", "resolve_score_column", "score_columns"]
 
 
 def resolve_score_column(name: str) -> str:
@@ -76,6 +76,22 @@ def resolve_score_column(name: str) -> str:
     except ValueError:
         raise ValueError(f"score column {name!r} is not valid: give score, a score_<name> column or a bare control name "
                          "(lower-case letters, digits and '_', e.g. zero for score_zero)") from None
+
+
+def check_task_resources(resources) -> dict[str, float] | None:
+    """Custom Ray resources for Stage 2's tasks as ``{name: amount}`` (None when none); ``ValueError`` naming a bad entry."""
+    if resources is None:
+        return None
+    if not isinstance(resources, dict):
+        raise ValueError(f"task_resources must be a dict of Ray resource name -> amount per task, got {resources!r}")
+    checked = {}
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"task_resources may not set {name!r}: a Stage 2 task runs on one CPU and no GPU; give custom resources")
+        if not isinstance(name, str) or not name or isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+            raise ValueError(f"task_resources needs Ray resource name -> amount > 0 per task, got {name!r}: {amount!r}")
+        checked[name] = float(amount)
+    return checked or None
 
 
 def score_columns(names) -> list[str]:
@@ -113,6 +129,10 @@ class MimicFilter(FilterStage):
     multi-node cluster a folder every node can reach. A given folder survives a killed run: a
     rerun with the same table and settings skips every task that committed, and one with other
     inputs or settings is refused. :meth:`close` removes it once the decisions are consumed.
+    ``task_resources``: custom Ray resources (name -> amount > 0) that each of the task
+    executor's Ray tasks asks for besides its one CPU, e.g. ``{"cpu_node": 1}`` for a resource
+    only the CPU nodes have: Stage 2 then stays off the GPU nodes (or runs on the nodes given).
+    A table small enough to run in the driver's process ignores it.
     """
 
     name = "mimic"
@@ -121,7 +141,7 @@ class MimicFilter(FilterStage):
                  rule: str | float = "majority", fit_sample: int = 100_000, seed: int = 0, nan: str = "drop", duplicates: str = "error",
                  missing: str = "drop", methods: list[str] | None = None, num_partitions: int | None = None, drop: bool = True,
                  unfit: str = "error", score_column: str = "score", paper_rule: bool = False, lift: bool | None = None,
-                 spill_dir: str | None = None):
+                 spill_dir: str | None = None, task_resources: dict[str, float] | None = None):
         super().__init__(drop)
         if method not in MIMIC_METHODS:
             raise ValueError(f"unknown mimic method {method!r}; choose one of {list(MIMIC_METHODS)}")
@@ -144,6 +164,7 @@ class MimicFilter(FilterStage):
         self.feature, self.score_feature, self.rule = feature, score_feature, check_rule(rule)
         self.fit_sample, self.seed, self.nan, self.duplicates, self.missing = fit_sample, seed, nan, duplicates, missing
         self.num_partitions, self.unfit, self.spill_dir = num_partitions, unfit, spill_dir
+        self.task_resources = check_task_resources(task_resources)
         self._spill = None
         self.decision_parts = None  # streaming path: the decisions' parquet parts, readable on the driver without Ray Data
         if method == "ensemble":

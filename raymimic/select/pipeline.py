@@ -26,7 +26,7 @@ def run_filter(cfg: FilterConfig) -> dict:
     mimic = MimicFilter(scores, method=method, fraction=cfg.fraction, feature=cfg.feature, rule=cfg.rule, fit_sample=cfg.fit_sample,
                         seed=cfg.seed, nan=cfg.nan, duplicates=cfg.duplicates, missing=cfg.missing, drop=False,
                         score_column=cfg.score_column, paper_rule=cfg.paper_rule, lift=True if truth is not None else None,
-                        spill_dir=work).fit()
+                        spill_dir=work, task_resources=cfg.task_resources).fit()
     lift = mimic.reference_lift(truth)
     if lift is not None and cfg.ground_truth:
         lift["ground_truth_path"] = cfg.ground_truth

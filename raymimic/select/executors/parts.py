@@ -22,9 +22,11 @@ class DecisionParts:
     there directly saves starting a Ray Data execution for it.
     """
 
-    def __init__(self, fs, paths: list[str], columns: list[str] | None = None, renames: dict | None = None, in_process: bool = True):
+    def __init__(self, fs, paths: list[str], columns: list[str] | None = None, renames: dict | None = None, in_process: bool = True,
+                 task_resources: dict[str, float] | None = None):
         self.fs, self.paths, self.columns, self.renames = fs, list(paths), columns, dict(renames or {})
         self.in_process = in_process  # whether tasks over the parts run in this process (a small table) or on Ray
+        self.task_resources = task_resources  # the custom Ray resources each of those Ray tasks asks for
 
     def _source_names(self) -> list[str]:
         with self.fs.open(self.paths[0], "rb") as f:
@@ -45,10 +47,10 @@ class DecisionParts:
     def rename_columns(self, renames: dict) -> DecisionParts:
         if self.columns is not None:
             raise ValueError("rename before selecting columns")
-        return DecisionParts(self.fs, self.paths, None, {**self.renames, **renames}, self.in_process)
+        return DecisionParts(self.fs, self.paths, None, {**self.renames, **renames}, self.in_process, self.task_resources)
 
     def select_columns(self, columns: list[str]) -> DecisionParts:
-        return DecisionParts(self.fs, self.paths, list(columns), self.renames, self.in_process)
+        return DecisionParts(self.fs, self.paths, list(columns), self.renames, self.in_process, self.task_resources)
 
     def iter_batches(self, batch_format: str = "pyarrow", batch_size: int = 65_536):
         if batch_format != "pyarrow":

@@ -325,15 +325,19 @@ def cpu_count() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
 
 
-def run_tasks(fn, calls: list[tuple], local: bool) -> list:
-    """``fn`` over every argument tuple of ``calls``: in this process (``local``) or as one Ray task each, results in order."""
+def run_tasks(fn, calls: list[tuple], local: bool, resources: dict[str, float] | None = None) -> list:
+    """``fn`` over every argument tuple of ``calls``: in this process (``local``) or as one Ray task each, results in order.
+
+    A Ray task asks for one CPU and ``resources`` (custom Ray resources, e.g. a label of the nodes it may run on).
+    """
     if local:
         return [releasing(fn, *args) for args in calls]
     import ray
 
     # a worker or node that dies mid-task is retried (the task's output is only committed by rename, so a retry rewrites
     # it whole); an error raised by the task itself (bad input, a full disk) is not: it would fail again
-    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(releasing).options(name=fn.__name__)
+    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(releasing).options(name=fn.__name__,
+                                                                                                     resources=resources or None)
     try:
         return ray.get([task.remote(fn, *args) for args in calls])
     except ray.exceptions.RayTaskError as err:  # bad input or a full disk: the task's own error, not a remote traceback
@@ -407,11 +411,11 @@ def _committed_part(fs, path: str) -> dict | None:
         return None
 
 
-def _resume(calls: dict, committed, fn, local: bool, counts: dict, name: str) -> dict:
+def _resume(calls: dict, committed, fn, local: bool, resources: dict | None, counts: dict, name: str) -> dict:
     """Run ``fn`` for every key of ``calls`` whose output has not committed (``committed(key)`` is None); every key's result."""
     done = {key: committed(key) for key in calls}
     pending = [key for key, value in done.items() if value is None]
-    for key, result in zip(pending, run_tasks(fn, [calls[key] for key in pending], local)):
+    for key, result in zip(pending, run_tasks(fn, [calls[key] for key in pending], local, resources)):
         done[key] = result
     counts[name] = {"tasks": len(calls), "run": len(pending), "committed_before": len(calls) - len(pending)}
     return done
@@ -434,6 +438,7 @@ def run(mimic, files: ScoreFiles) -> Outcome:
     plan = _plan(spill, fingerprint(files, names, mimic.settings()), files.groups(n_cpus),
                  mimic.num_partitions or partition_count(files.n_rows, n_cpus), local)
     groups, n_partitions, local, fs, counts = plan["groups"], plan["n_partitions"], plan["local"], spill.fs, {}
+    resources = mimic.task_resources
 
     summary_kwargs = mimic.summary_kwargs(files.n_rows)
     spill_columns = ["step", "weight", "batch_size", *dict.fromkeys([mimic.score_column, *mimic.lift_columns])]
@@ -445,7 +450,7 @@ def run(mimic, files: ScoreFiles) -> Outcome:
         counts["map"] = {"tasks": len(groups), "run": 0, "committed_before": len(groups)}
     else:
         maps = _resume({p: (fs, group, names, summary_kwargs, spill_columns, p, n_partitions) for p, group in zip(map_paths, groups)},
-                       lambda path: _committed_map(fs, path), map_files, local, counts, "map")
+                       lambda path: _committed_map(fs, path), map_files, local, resources, counts, "map")
     mimic.absorb([s for _, summaries in maps.values() for s in summaries], files.n_rows)
     mimic.fit_binarizers()
 
@@ -457,7 +462,7 @@ def run(mimic, files: ScoreFiles) -> Outcome:
             for p, columns in marker["layout"].items():
                 by_partition[int(p)].append((marker["path"], columns))
         merged = _resume({path: (fs, by_partition[p], mimic.vote_kwargs(), mimic.methods, vote, path) for p, path in enumerate(part_paths)},
-                         lambda path: _committed_part(fs, path), merge_partition, local, counts, "merge")
+                         lambda path: _committed_part(fs, path), merge_partition, local, resources, counts, "merge")
     else:
         counts["merge"] = {"tasks": n_partitions, "run": 0, "committed_before": n_partitions}
     spill.remove_rows()
@@ -467,15 +472,15 @@ def run(mimic, files: ScoreFiles) -> Outcome:
     threshold = None
     if mimic.method == "top-fraction":
         def histogram(edges: np.ndarray) -> np.ndarray:
-            return np.sum(run_tasks(histogram_part, [(fs, p, edges) for p in paths], local), axis=0)
+            return np.sum(run_tasks(histogram_part, [(fs, p, edges) for p in paths], local, resources), axis=0)
 
         threshold = histogram_quantile([t["range"] for t in merged], histogram, 1 - mimic.fraction)
         voted = _resume({p.replace("/part-", "/voted-"): (fs, p, mimic.methods, mimic.rule, threshold, p.replace("/part-", "/voted-"))
-                         for p in paths}, lambda path: _committed_part(fs, path), vote_part, local, counts, "vote")
+                         for p in paths}, lambda path: _committed_part(fs, path), vote_part, local, resources, counts, "vote")
         paths = list(voted)
     stats = {"stage2_tasks": {"in_process": local, "map_tasks": len(groups), "partitions": n_partitions, "rounds": counts}}
     stats["fingerprint"] = plan["fingerprint"]
-    return Outcome(None, threshold, stats, DecisionParts(fs, paths, in_process=local), spill)
+    return Outcome(None, threshold, stats, DecisionParts(fs, paths, in_process=local, task_resources=resources), spill)
 
 
 def publish_part(fs, path: str, renames: dict, columns: list[str], keep_column: str, quality_column: str, out_fs, out_part: str,
@@ -515,7 +520,7 @@ def write_part_outputs(decisions: DecisionParts, output: str, keep_column: str =
     fs.makedirs(folder, exist_ok=True)
     calls = [(decisions.fs, path, decisions.renames, chosen, keep_column, quality_column, fs, f"{folder}/part-{i:05d}.parquet",
               f"{root}/{TEMPORARY_PREFIX}keep-{i:05d}.bin") for i, path in enumerate(decisions.paths)]
-    published = run_tasks(publish_part, calls, decisions.in_process)
+    published = run_tasks(publish_part, calls, decisions.in_process, decisions.task_resources)
     sink = DecisionSink(quality_column)
     sink.n_rows = sum(p["n_rows"] for p in published)
     if not sink.n_rows:
