@@ -68,7 +68,7 @@ class QuickstartConfig:
     # Stage 2 (names of raymimic.select.names.PAPER_DATACOMP_RULES)
     paper_mode: bool = True
     paper_rules: list[str] = field(default_factory=lambda: ["top30", "clip30-minus15"])
-    controls: list[str] = field(default_factory=lambda: ["zero", "init", "random", "fixed", "aligned"])
+    controls: list[str] = field(default_factory=lambda: ["zero", "init", "random", "fixed", "aligned", "output"])
     baselines: list[str] = field(default_factory=lambda: ["loss", "ref_loss", "ref_clipscore"])
     seed: int = 0
     extra: dict = field(default_factory=dict)
