@@ -5,7 +5,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raymimic_experiments.reference_lift.metrics import detection_aucs, format_gates, gate_checks, lift, per_uid, question_masks
+from raymimic_experiments.reference_lift.metrics import (
+    detection_aucs,
+    format_gates,
+    gate_checks,
+    lift,
+    per_uid,
+    question_masks,
+    seen_aucs,
+    steps_to_reach,
+)
 
 
 def _truth() -> pd.DataFrame:
@@ -107,3 +116,42 @@ def test_a_small_run_records_scores_controls_alignment_and_filters(tmp_path):
     scores = evaluate_model(run.model, "raymimic-tiny", evaluation, ["red circle"], ["a {}."])
     assert scores["top1"] == scores["top5"] == pytest.approx(np.mean(evaluation.labels == 0))
     assert 0 <= scores["image_to_text_r5"] <= 1 and 0 <= scores["text_to_image_r5"] <= 1
+
+
+def test_seen_aucs_reward_a_column_that_is_higher_on_the_samples_the_reference_saw():
+    values = pd.DataFrame({"knows": [3.0, 2.0, 1.0, 0.0], "inverted": [0.0, 1.0, 2.0, 3.0], "flat": [1.0, 1.0, 1.0, 1.0]},
+                          index=["a", "b", "c", "d"])
+    aucs = seen_aucs(values, {"a", "b"})
+    assert aucs["knows"] == 1.0 and aucs["inverted"] == 0.0 and aucs["flat"] == 0.5
+
+
+def test_steps_to_reach_is_the_first_evaluation_at_or_above_the_target():
+    curve = [{"step": 30, "top1": 0.4}, {"step": 10, "top1": 0.2}, {"step": 20, "top1": 0.5}]
+    assert steps_to_reach(curve, 0.45) == 20 and steps_to_reach(curve, 0.2) == 10
+    assert steps_to_reach(curve, 0.6) is None
+
+
+def test_training_is_evaluated_every_eval_every_steps_and_at_the_end(tmp_path):
+    import torch
+
+    from raymimic_experiments.reference_lift.data import load_split
+    from raymimic_experiments.reference_lift.train import RunSpec, new_model, train
+    from raymimic_experiments.toy_pool import make_toy_pool
+
+    torch.set_num_threads(1)
+    pool = str(tmp_path / "pool")
+    make_toy_pool(pool, samples=128, noise=0.2, seed=2, shard_size=128, eval_samples=0, workers=1)
+    data = load_split(pool, "raymimic-tiny")
+    seen = []
+
+    def evaluate(model):
+        seen.append(model.training)
+        return {"top1": float(len(seen))}
+
+    run = train(RunSpec(epochs=3, batch=32), data, evaluate=evaluate, eval_every=5)  # 4 steps an epoch, 12 in all
+    assert [p["step"] for p in run.curve] == [5, 10, 12] and [p["top1"] for p in run.curve] == [1.0, 2.0, 3.0]
+    assert all(seen)  # the hook sees the model as training left it
+    # Grad-Mimic re-weighting along a control (no reference knowledge) runs through the same harness
+    run = train(RunSpec(epochs=1, batch=32, weighting="grad-mimic", direction="zero"), data, reference=new_model("raymimic-tiny", 7))
+    assert len(run.rows) == 128 and np.allclose(run.rows.groupby("step")["weight"].sum(), 1.0, atol=1e-5)
+    assert np.array_equal(run.rows["score"].to_numpy(), run.rows["score_zero"].to_numpy())
