@@ -12,7 +12,7 @@ For each (model, seed) cell, in one process and without Ray:
    initialisation (for comparison); the gate checks: the reference's own loss must flag the
    relabelled samples, the target's final loss must not;
 3. the target trained on the noisy pool with uniform weights, its Stage-1 step recording
-   online (image-mlp) the score, the controls (zero, init, random, fixed), the same-init
+   online (image-mlp, or ``--online-layer``) the score, the controls (zero, init, random, fixed), the same-init
    reference, the reference variants of ``--online-controls`` (function, aligned, output) and
    the baselines (loss, ref_loss, rho, ref_clipscore); with ``--layers``, checkpoints are then
    scored on those mimic layers against the reference, the same-init one and the reference
@@ -133,7 +133,8 @@ def run_cell(model: str, seed: int, args) -> dict:
 
     _log(f"{model}/{seed}: target, uniform weights, online scores")
     online = (*SCORED_CONTROLS, f"same={same_path}", *args.online_controls)
-    target = train(RunSpec(**base, seed=seed, weighting="sgd", controls=online, baselines=BASELINES, checkpoints=args.checkpoints), data,
+    target = train(RunSpec(**base, seed=seed, weighting="sgd", mimic_layer=args.online_layer, controls=online, baselines=BASELINES,
+                           checkpoints=args.checkpoints), data,
                    reference=other, evaluate=evaluate, eval_every=args.eval_every, align_every=args.align_every)
     losses = {name: per_sample_losses(m, data, args.batch, seed) for name, m in (("reference", other), ("same_init", same),
                                                                                  ("target", target.model))}
@@ -295,7 +296,8 @@ def summarize(workdir: str) -> str:
                    f"| {_mean_sd([c['references']['same init']['top1'] for c in group])} "
                    f"| {_mean_sd([c['curves']['uniform'][-1]['top1'] for c in group])} |")
         out.append("")
-        out += _auc_table(group, lambda c: c["online_uniform"], "Online scores, uniform weights (image-mlp)")
+        layer = group[0]["settings"].get("online_layer", "image-mlp")
+        out += _auc_table(group, lambda c: c["online_uniform"], f"Online scores, uniform weights ({layer})")
         for key in sorted(k for k in group[0] if k.startswith("online_grad-mimic")):
             out += _auc_table(group, lambda c, k=key: c[k], f"Online scores, {key.removeprefix('online_')}")
         for layer in group[0]["layers"]:
@@ -344,6 +346,7 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.05)
     parser.add_argument("--checkpoints", type=int, default=3, help="target checkpoints scored on every layer of --layers")
     parser.add_argument("--layers", nargs="*", default=list(LAYERS), choices=LAYERS, help="layers the checkpoints are scored on")
+    parser.add_argument("--online-layer", default="image-mlp", choices=LAYERS, help="the mimic layer of the uniform run's online scores")
     parser.add_argument("--online-controls", nargs="*", default=["function", "aligned"],
                         help="reference variants the uniform run records beside score, the controls and score_same")
     parser.add_argument("--align-every", type=int, default=47, help="steps between re-fits of the aligned control or direction")
