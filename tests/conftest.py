@@ -1,8 +1,9 @@
 """Shared fixtures and helpers. One local Ray instance serves the whole session: starting Ray and
 TorchTrainer.fit() cost seconds each on a small machine, so tests share it. Test modules import
-the helpers (synthetic score tables) with ``from conftest import ...``."""
+the helpers (synthetic score tables, a spawned worker's gloo group) with ``from conftest import ...``."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -79,3 +80,17 @@ def lift_table(n_samples=400, batch=40, epochs=2, noise=0.4, zero="random", unif
                 "score_fixed": (score + 0.5 * rng.standard_normal(len(idx))).astype(np.float32),
                 "score_zero": zero_score.astype(np.float32)}))
     return pd.concat(rows, ignore_index=True), pd.DataFrame({"uid": uids, "is_noisy": noisy})
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init_file: str):
+    """A ``torch.multiprocessing.spawn`` worker's gloo process group (one torch thread), destroyed on the way out."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

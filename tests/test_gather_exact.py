@@ -7,18 +7,15 @@ import warnings
 
 import pytest
 import torch
+from conftest import gloo_group
 
 
 def _gather_worker(rank, world, init_file, out, reduce_scatter):
-    import torch.distributed as dist
-
     from raymimic.clip import loss
 
-    torch.set_num_threads(1)
     if reduce_scatter:  # run the reduce-scatter backward (NCCL's) on gloo
         loss.REDUCE_SCATTER_BACKENDS = ("gloo",)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         images, texts = _features(world * 3)
         mine = slice(rank * 3, (rank + 1) * 3)
         image, text = images[mine].clone().requires_grad_(True), texts[mine].clone().requires_grad_(True)
@@ -29,8 +26,6 @@ def _gather_worker(rank, world, init_file, out, reduce_scatter):
             local.backward()
         torch.save({"gathered": gathered.detach(), "image_grad": image.grad, "text_grad": text.grad, "loss": local.detach(),
                     "warnings": [f"{w.filename}:{w.lineno}: {w.message}" for w in caught]}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _features(n):

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import gloo_group
 from torch.func import functional_call, grad, vmap
 
 from raymimic.clip import contrastive_loss, create_model, resolve_mimic_layer, sample_dim
@@ -182,15 +183,12 @@ def test_function_direction_needs_the_reference_model(models):
 
 
 def _ddp_worker(rank, world, init_file, model, reference, images, texts, out):
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from raymimic.clip.loss import gather_with_grad, grad_scale
     from raymimic.train.step import all_reduce_sum, build_mimic_step
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         local = len(images) // world
         mine = slice(rank * local, (rank + 1) * local)
         # the maths module on its own: local rows against the gathered batch, all-reduced
@@ -207,8 +205,6 @@ def _ddp_worker(rank, world, init_file, model, reference, images, texts, out):
         result = step(images[mine], texts[mine])
         torch.save({"direction": direction, "scores": result.scores, "weights": result.weights, "extra": result.extra,
                     "grad": get_parameter(model, name).grad}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_function_direction_and_step_under_ddp_with_two_processes(models, tmp_path):

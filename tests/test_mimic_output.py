@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import gloo_group
 
 from raymimic.clip import create_model, per_sample_contrastive_loss, resolve_mimic_layer
 from raymimic.mimic import distillation_losses, get_parameter, output_scores
@@ -215,14 +216,11 @@ def test_the_score_only_pass_writes_the_column_beside_unchanged_ones(tmp_path):
 
 
 def _ddp_worker(rank, world, init_file, model, reference, images, texts, out):
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from raymimic.train.step import all_reduce_sum, build_mimic_step, gather_global
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         local = len(images) // world
         mine = slice(rank * local, (rank + 1) * local)
         with torch.no_grad():
@@ -232,8 +230,6 @@ def _ddp_worker(rank, world, init_file, model, reference, images, texts, out):
         result = step(images[mine], texts[mine])
         torch.save({"bare": bare, "local": result.local_extra["score_output"], "global": result.extra["score_output"],
                     "has_reference_model": step.reference_model is not None}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_output_scores_and_step_under_ddp_with_two_processes_equal_the_single_process_batch(models, tmp_path):

@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import gloo_group
 
 from raymimic.clip import create_model, resolve_mimic_layer
 from raymimic.clip.loss import contrastive_loss
@@ -184,14 +185,11 @@ def test_reweight_all_gives_every_tensor_the_reweighted_per_sample_gradient(setu
 
 
 def _ddp_worker(rank, world, init_file, model, reference, images, texts, out, initial):
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from raymimic.train.step import build_mimic_step
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         step, name = build_mimic_step(model, MODEL, reference=reference, tau=0.05, reweight_all=True, wrap=DistributedDataParallel,
                                       controls=["zero", "init", "random", "fixed", "aligned"],
                                       baselines=["loss", "ref_loss", "rho", "ref_clipscore"], initial_weight=initial, seed=7,
@@ -208,8 +206,6 @@ def _ddp_worker(rank, world, init_file, model, reference, images, texts, out, in
             with torch.no_grad():
                 for p in model.parameters():
                     p -= 1e-3 * p.grad
-    finally:
-        dist.destroy_process_group()
 
 
 def test_reweight_all_under_ddp_with_two_processes(setup, tmp_path):
